@@ -1,0 +1,31 @@
+"""Robust aggregators, one module per rule, registered by name.
+
+Importing this package imports every defense module so the registry is complete::
+
+    from defenses import get_defense
+    agg = get_defense("trimmed_mean", beta=0.1)
+    new_global = agg(updates, masks, global_model, participants=part, mode="reporters")
+"""
+
+from defenses import mean  # noqa: F401  (registers "mean")
+from defenses.base import (
+    Aggregator,
+    CoordinatewiseAggregator,
+    Mode,
+    ParamError,
+    defense_class,
+    get_defense,
+    list_defenses,
+    register_defense,
+)
+
+__all__ = [
+    "Aggregator",
+    "CoordinatewiseAggregator",
+    "Mode",
+    "ParamError",
+    "defense_class",
+    "get_defense",
+    "list_defenses",
+    "register_defense",
+]
