@@ -1,0 +1,193 @@
+"""Reports: the Markdown summary table and PNG plots people can look at."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from experiments.schema import Scenario, SweepPoint
+
+__all__ = ["make_plots", "markdown_table"]
+
+X_PREFERENCE = (
+    "sharing.fraction",
+    "sharing.count",
+    "federation.stepsize",
+    "attack.malicious",
+    "attack.params.sigma",
+    "attack.p_a",
+)
+
+
+def _num(v: Any, digits: int = 2) -> str:
+    if v is None or (isinstance(v, float) and (math.isnan(v))):
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def markdown_table(scenario: Scenario, rows: Sequence[dict[str, Any]]) -> str:
+    """One line per sweep point: swept values, steady-state global/local MSE (dB), theory."""
+    keys = list(scenario.sweep)
+    by_point: dict[int, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for r in rows:
+        by_point[int(r["point"])][str(r["metric"])] = r
+    metrics = sorted({str(r["metric"]) for r in rows})
+    online = any(m.endswith("_mse") for m in metrics)
+    head = [k.split(".", 1)[-1] if k.count(".") <= 1 else k for k in keys]
+    if online:
+        head += ["global MSE (dB)", "95% CI", "theory (dB)", "local MSE (dB)"]
+    else:
+        head += [m for m in metrics]
+    lines = [
+        f"## {scenario.name}: steady state over the last "
+        f"{scenario.get('output.steady_window'):.0%} of the recorded rounds, "
+        f"{scenario.get('runs')} runs",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for idx in sorted(by_point):
+        ms = by_point[idx]
+        first = next(iter(ms.values()))
+        cells = [_num(first.get(k)) if not isinstance(first.get(k), str) else first[k]
+                 for k in keys]
+        if online:
+            g = ms.get("global_mse", {})
+            loc = ms.get("local_mse", {})
+            ci = (f"[{_num(g.get('ci_low_db'))}, {_num(g.get('ci_high_db'))}]"
+                  if g else "–")
+            cells += [_num(g.get("steady_db")), ci, _num(g.get("theory_db")),
+                      _num(loc.get("steady_db"))]
+        else:
+            cells += [_num(ms[m].get("steady"), 4) if m in ms else "–" for m in metrics]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _db(x: float) -> float:
+    return 10 * math.log10(x) if x > 0 else float("nan")
+
+
+def make_plots(
+    scenario: Scenario,
+    points: Sequence[SweepPoint],
+    parts: Sequence[dict[str, Any]],
+    out: Path,
+) -> list[Path]:
+    """Learning curves, steady state vs the swept x (theory overlaid), defense comparison."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files: list[Path] = []
+    keys = list(scenario.sweep)
+    main_metric = "global_mse" if "global_mse" in parts[0]["curves"] else next(
+        iter(parts[0]["curves"])
+    )
+    is_mse = main_metric.endswith("_mse")
+
+    def value(part: dict[str, Any], metric: str) -> float | None:
+        for r in part["summary"]:
+            if r["metric"] == metric:
+                return r.get("steady_db") if is_mse else r.get("steady")
+        return None
+
+    # 1. Learning curves, one panel per value of the first non-x swept key (max 6 panels).
+    x_key = next((k for k in X_PREFERENCE if k in scenario.sweep), keys[0] if keys else None)
+    facet_key = next((k for k in keys if k != x_key and len(scenario.sweep[k]) <= 6), None)
+    facets = scenario.sweep[facet_key] if facet_key else [None]
+    fig, axes = plt.subplots(1, len(facets), figsize=(5 * len(facets), 4), squeeze=False,
+                             sharey=True)
+    for ax, fv in zip(axes[0], facets, strict=True):
+        for p, part in zip(points, parts, strict=True):
+            if facet_key and p.get(facet_key) != fv:
+                continue
+            ys = part["curves"][main_metric]
+            ys = [_db(y) for y in ys] if is_mse else ys
+            label = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in p.values if k != facet_key)
+            ax.plot(part["rounds"], ys, lw=1.2, label=label or "base")
+        ax.set_title(f"{facet_key.split('.')[-1]} = {fv}" if facet_key else scenario.name)
+        ax.set_xlabel("iteration" if is_mse else "round")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"{main_metric} (dB)" if is_mse else main_metric)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if len(labels) <= 16:
+        axes[0][-1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{scenario.name}: learning curves (mean over {scenario.get('runs')} runs)")
+    fig.tight_layout()
+    f1 = out / "learning_curves.png"
+    fig.savefig(f1, dpi=110)
+    plt.close(fig)
+    files.append(f1)
+
+    # 2. Steady state against the x key, one line per combination of the other keys.
+    if x_key is not None:
+        groups: dict[tuple[Any, ...], list[tuple[Any, float | None, float | None]]] = (
+            defaultdict(list)
+        )
+        for p, part in zip(points, parts, strict=True):
+            other = tuple((k, v) for k, v in p.values if k != x_key)
+            theory = next((r.get("theory_db") for r in part["summary"]
+                           if r["metric"] == main_metric), None)
+            groups[other].append((p.get(x_key), value(part, main_metric), theory))
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for i, (other, pts) in enumerate(groups.items()):
+            pts.sort(key=lambda t: t[0])
+            color = f"C{i % 10}"
+            label = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in other) or "simulation"
+            ax.plot([t[0] for t in pts], [t[1] for t in pts], "o-", color=color, label=label)
+            th = [(t[0], t[2]) for t in pts if t[2] is not None]
+            if th:
+                ax.plot([t[0] for t in th], [t[1] for t in th], "x--", color=color, alpha=0.8,
+                        label=f"theory ({label})" if len(groups) <= 4 else None)
+        ax.set_xlabel(x_key)
+        ax.set_ylabel(f"steady-state {main_metric}" + (" (dB)" if is_mse else ""))
+        ax.grid(alpha=0.3)
+        if len(groups) <= 14:
+            ax.legend(fontsize=7)
+        ax.set_title(f"{scenario.name}: steady state vs {x_key.split('.')[-1]}"
+                     + (" (x: theory)" if any(t[2] is not None for g in groups.values()
+                                               for t in g) else ""))
+        fig.tight_layout()
+        f2 = out / f"steady_vs_{x_key.split('.')[-1]}.png"
+        fig.savefig(f2, dpi=110)
+        plt.close(fig)
+        files.append(f2)
+
+    # 3. Per-defense comparison (grouped bars), when defenses are swept.
+    if "defense.name" in scenario.sweep:
+        defs = scenario.sweep["defense.name"]
+        group_key = next((k for k in ("attack.name", x_key) if k in scenario.sweep
+                          and k != "defense.name"), None)
+        gvals = scenario.sweep[group_key] if group_key else [None]
+        fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(gvals) * len(defs) / 2), 4.5))
+        width = 0.8 / len(defs)
+        for j, d in enumerate(defs):
+            ys = []
+            for gv in gvals:
+                vals = [value(part, main_metric) for p, part in zip(points, parts, strict=True)
+                        if p.get("defense.name") == d and (group_key is None
+                                                           or p.get(group_key) == gv)]
+                vals = [v for v in vals if v is not None]
+                ys.append(min(vals) if vals else float("nan"))
+            xs = [i + j * width for i in range(len(gvals))]
+            ax.bar(xs, ys, width=width, label=d)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(gvals))])
+        ax.set_xticklabels([str(g) for g in gvals])
+        ax.set_xlabel(group_key or "")
+        ax.set_ylabel(f"best steady-state {main_metric}" + (" (dB)" if is_mse else ""))
+        ax.set_title(f"{scenario.name}: defenses (best over the other swept keys)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+        fig.tight_layout()
+        f3 = out / "defense_comparison.png"
+        fig.savefig(f3, dpi=110)
+        plt.close(fig)
+        files.append(f3)
+    return files
