@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from experiments.schema import Scenario, ScenarioError, SweepPoint
+from experiments.schema import Scenario, ScenarioError, SweepPoint, check_runnable
 from psfed_robust.core.seeding import stable_seed
 
 __all__ = ["PointResult", "RunOutputs", "run_scenario", "steady_state"]
@@ -181,6 +181,7 @@ def run_scenario(
     """Run every sweep point (resuming finished ones) and write all outputs into ``out_dir``."""
     from tqdm import tqdm
 
+    check_runnable(scenario)
     out = Path(out_dir)
     parts = out / "parts"
     parts.mkdir(parents=True, exist_ok=True)

@@ -1,18 +1,55 @@
-"""Validate attack/defense names and parameters of a scenario against the registries."""
+"""Validate attack/defense names and parameters of a scenario against the registries.
+
+When a sweep varies ``attack.name`` (or ``defense.name``), the shared ``params`` table may hold
+parameters of several of them: each point passes an attack only the keys it accepts, and a key that
+no attack of the scenario accepts is an error (so a typo never passes silently).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 
-def attack_params(name: str, params: dict[str, Any], p_a: float) -> dict[str, Any]:
-    """The attack's parameters, with the scenario's ``attack.p_a`` added when it takes one."""
-    from attacks import attack_class
+def _accepted(kind: str, name: str) -> tuple[str, ...]:
+    if kind == "attack":
+        from attacks import attack_class
 
-    out = dict(params)
-    if "p_a" in attack_class(name).param_names() and "p_a" not in out:
+        return tuple(attack_class(name).param_names())
+    from defenses import defense_class
+
+    cls = defense_class(name)
+    return tuple(cls.param_names()) if hasattr(cls, "param_names") else ()
+
+
+def attack_params(name: str, params: dict[str, Any], p_a: float) -> dict[str, Any]:
+    """The parameters of attack ``name``: the accepted keys of ``params`` plus ``attack.p_a``."""
+    acc = _accepted("attack", name)
+    out = {k: v for k, v in params.items() if k in acc}
+    if "p_a" in acc and "p_a" not in out:
         out["p_a"] = p_a
     return out
+
+
+def defense_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    acc = _accepted("defense", name)
+    return {k: v for k, v in params.items() if k in acc}
+
+
+def check_param_keys(kind: str, names: Iterable[str], params: dict[str, Any]) -> None:
+    """Every key of ``params`` must be accepted by at least one of ``names``."""
+    from experiments.schema import ScenarioError
+
+    names = [n for n in names if n != "none"]
+    if not names or not params:
+        return
+    accepted = set().union(*(set(_accepted(kind, n)) for n in names))
+    for key in params:
+        if key not in accepted:
+            raise ScenarioError(
+                f"{kind}.params.{key}: not a parameter of {', '.join(repr(n) for n in names)}; "
+                f"allowed: {', '.join(sorted(accepted)) or '(none)'}"
+            )
 
 
 def check_attack(name: str, params: dict[str, Any], p_a: float, where: str) -> None:
@@ -21,8 +58,6 @@ def check_attack(name: str, params: dict[str, Any], p_a: float, where: str) -> N
     from experiments.schema import ScenarioError
 
     if name == "none":
-        if params:
-            raise ScenarioError(f"{where}: attack.params given but attack.name is 'none'")
         return
     allowed = list_attacks()
     if name not in allowed:
@@ -48,6 +83,6 @@ def check_defense(name: str, params: dict[str, Any], where: str) -> None:
             f"{', '.join(repr(a) for a in allowed)}"
         )
     try:
-        get_defense(name, **params)
+        get_defense(name, **defense_params(name, params))
     except (ValueError, TypeError) as exc:
         raise ScenarioError(f"{where}: defense.params: {exc}") from exc

@@ -340,12 +340,21 @@ def _check_consistency(cfg: Mapping[str, Mapping[str, Any]], where: str = "scena
         raise ScenarioError(
             f"{where}: sharing.count ({share['count']}) must be <= task.dim ({task['dim']})"
         )
-    if task["kind"] in ("mnist", "fashion_mnist", "cifar10") and not task["data_dir"]:
-        raise ScenarioError(
-            f"{where}: task.kind {task['kind']!r} needs task.data_dir (a folder with the "
-            "torchvision dataset; nothing is downloaded)"
-        )
     _check_registries(cfg, where)
+
+
+def check_runnable(scenario: Scenario) -> None:
+    """Checks that need the machine (data folders): run before any work starts."""
+    for p in scenario.points():
+        task = p.config["task"]
+        if task["kind"] in ("mnist", "fashion_mnist", "cifar10"):
+            d = task["data_dir"]
+            if not d or not Path(d).is_dir():
+                raise ScenarioError(
+                    f"sweep point {p.index}: task.kind {task['kind']!r} needs task.data_dir, an "
+                    f"existing folder with the torchvision dataset (nothing is downloaded); got "
+                    f"{d!r} — e.g. --set task.data_dir=/path/to/data"
+                )
 
 
 def _check_registries(cfg: Mapping[str, Mapping[str, Any]], where: str) -> None:
@@ -406,7 +415,15 @@ def parse_scenario(raw: Mapping[str, Any], source: str = "<dict>") -> Scenario:
         sweep[key] = list(values)
     scen = Scenario(cfg, sweep, source)
     _check_consistency(cfg)
-    scen.points()  # every combination is consistent
+    pts = scen.points()  # every combination is consistent
+    from experiments.registry_check import check_param_keys
+
+    for kind in ("attack", "defense"):
+        names = {p.get(f"{kind}.name") for p in pts}
+        params: dict[str, Any] = {}
+        for p in pts:
+            params.update(p.get(f"{kind}.params"))
+        check_param_keys(kind, sorted(names), params)
     return scen
 
 
