@@ -71,7 +71,7 @@ def _db(x: float) -> float:
 def steady_state(values: np.ndarray, window: float) -> np.ndarray:
     """Per-run mean over the final ``window`` fraction of the recorded points: ``[R]``."""
     t = values.shape[-1]
-    n = max(1, int(math.ceil(window * t)))
+    n = max(1, math.ceil(window * t))
     return np.asarray(values[..., t - n :].mean(axis=-1))
 
 

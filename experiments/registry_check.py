@@ -54,7 +54,6 @@ def check_param_keys(kind: str, names: Iterable[str], params: dict[str, Any]) ->
 
 def check_attack(name: str, params: dict[str, Any], p_a: float, where: str) -> None:
     from attacks import get_attack, list_attacks
-
     from experiments.schema import ScenarioError
 
     if name == "none":
@@ -73,7 +72,6 @@ def check_attack(name: str, params: dict[str, Any], p_a: float, where: str) -> N
 
 def check_defense(name: str, params: dict[str, Any], where: str) -> None:
     from defenses import get_defense, list_defenses
-
     from experiments.schema import ScenarioError
 
     allowed = list_defenses()

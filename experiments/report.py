@@ -116,7 +116,7 @@ def make_plots(
         ax.set_xlabel("iteration" if is_mse else "round")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(f"{main_metric} (dB)" if is_mse else main_metric)
-    handles, labels = axes[0][0].get_legend_handles_labels()
+    _handles, labels = axes[0][0].get_legend_handles_labels()
     if len(labels) <= 16:
         axes[0][-1].legend(fontsize=7, loc="best")
     fig.suptitle(f"{scenario.name}: learning curves (mean over {scenario.get('runs')} runs)")

@@ -53,7 +53,8 @@ def _env(hashseed: str) -> dict[str, str]:
 def _cli(args: list[str], hashseed: str = "0", **kw: object) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "experiments.cli", *args],
-        cwd=ROOT, env=_env(hashseed), stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw,  # type: ignore[arg-type]
+        cwd=ROOT, env=_env(hashseed), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        **kw,  # type: ignore[arg-type]
     )
 
 
@@ -90,9 +91,9 @@ def test_same_scenario_two_processes_byte_identical(tmp_path: Path) -> None:
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err.decode()
-    a, b = (tmp_path / "o1" / "summary.csv").read_bytes(), (tmp_path / "o2" / "summary.csv").read_bytes()
-    assert a == b
-    assert (tmp_path / "o1" / "tidy.csv").read_bytes() == (tmp_path / "o2" / "tidy.csv").read_bytes()
+    for name in ("summary.csv", "tidy.csv"):
+        a = (tmp_path / "o1" / name).read_bytes()
+        assert a == (tmp_path / "o2" / name).read_bytes(), name
 
 
 SLOW = TINY.replace("rounds = 120", "rounds = 3000").replace(
@@ -155,7 +156,9 @@ def test_list_commands(capsys: pytest.CaptureFixture[str]) -> None:
     assert "RandomMaskSelector" in out
 
 
-def test_bad_scenario_fails_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_scenario_fails_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text(TINY.replace('kind = "linear"', 'kind = "linear"\ndimension = 3'))
     out = tmp_path / "never"

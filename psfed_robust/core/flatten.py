@@ -141,13 +141,15 @@ class FlattenedModel:
 
     # ------------------------------------------------------------------ flatten / unflatten
     def flatten(self, dtype: torch.dtype | None = None, device: Any = None) -> Tensor:
-        """A new 1-D tensor with every tensor's values (cast to ``dtype``, default ``self.dtype``)."""
+        """A new 1-D tensor of every tensor's values (cast to ``dtype``, default ``self.dtype``)."""
         dt = dtype or self.dtype
         dev = torch.device(device) if device is not None else self.device
         if not self._tensors:
             return torch.zeros(0, dtype=dt, device=dev)
         with torch.no_grad():
-            return torch.cat([t.detach().reshape(-1).to(device=dev, dtype=dt) for t in self._tensors])
+            return torch.cat(
+                [t.detach().reshape(-1).to(device=dev, dtype=dt) for t in self._tensors]
+            )
 
     def flatten_numpy(self) -> np.ndarray:
         """The flat vector as numpy (bf16 is widened to float32: numpy has no bfloat16)."""
@@ -162,7 +164,9 @@ class FlattenedModel:
         elif isinstance(values, np.ndarray | list | tuple):
             t = torch.as_tensor(np.asarray(values))
         else:
-            raise TypeError(f"{what} must be a torch tensor or numpy array, got {type(values).__name__}")
+            raise TypeError(
+                f"{what} must be a torch tensor or numpy array, got {type(values).__name__}"
+            )
         if t.dim() != 1:
             raise ValueError(f"{what} must be 1-D, got shape {tuple(t.shape)}")
         return t
@@ -176,7 +180,8 @@ class FlattenedModel:
             raise ValueError("flat vector contains NaN or Inf")
         with torch.no_grad():
             for info, p in zip(self._infos, self._tensors, strict=True):
-                p.copy_(t[info.start : info.end].view(info.shape).to(device=p.device, dtype=p.dtype))
+                chunk = t[info.start : info.end].view(info.shape)
+                p.copy_(chunk.to(device=p.device, dtype=p.dtype))
 
     # ------------------------------------------------------------------ partial access
     def _check_mask(self, mask: Mask) -> None:
@@ -195,7 +200,8 @@ class FlattenedModel:
             return out
         bounds = np.searchsorted(idx, self._offsets)
         with torch.no_grad():
-            for info, p, lo, hi in zip(self._infos, self._tensors, bounds[:-1], bounds[1:], strict=True):
+            spans = zip(self._infos, self._tensors, bounds[:-1], bounds[1:], strict=True)
+            for info, p, lo, hi in spans:
                 if hi > lo:
                     local = torch.from_numpy(idx[lo:hi] - info.start).to(p.device)
                     out[lo:hi] = p.detach().reshape(-1)[local].to(device=out.device, dtype=dt)
@@ -217,7 +223,8 @@ class FlattenedModel:
             return
         bounds = np.searchsorted(idx, self._offsets)
         with torch.no_grad():
-            for info, p, lo, hi in zip(self._infos, self._tensors, bounds[:-1], bounds[1:], strict=True):
+            spans = zip(self._infos, self._tensors, bounds[:-1], bounds[1:], strict=True)
+            for info, p, lo, hi in spans:
                 if hi > lo:
                     local = torch.from_numpy(idx[lo:hi] - info.start).to(p.device)
                     flat_view = p.view(-1) if p.is_contiguous() else None

@@ -84,7 +84,13 @@ class SeedSpec:
         if self.aux_seed < 0 or self.aux_seed >= 1 << 64:
             raise ValueError(f"SeedSpec.aux_seed must be in [0, 2**64), got {self.aux_seed}")
         if not 0 <= self.aux_count <= self.count:
-            raise ValueError(f"SeedSpec.aux_count must be in [0, {self.count}], got {self.aux_count}")
+            raise ValueError(
+                f"SeedSpec.aux_count must be in [0, {self.count}], got {self.aux_count}"
+            )
+        if self.kind == "all" and self.count != self.size:
+            raise ValueError(f"SeedSpec kind 'all' needs count == size, got {self.count}")
+        if self.kind == "none" and self.count != 0:
+            raise ValueError(f"SeedSpec kind 'none' needs count == 0, got {self.count}")
 
     def materialize(self) -> Mask:
         """Regenerate the mask this spec describes."""
@@ -125,8 +131,19 @@ class Mask:
         if arr.ndim != 1:
             raise ValueError(f"Mask data must be 1-D, got shape {arr.shape}")
         arr.setflags(write=False)
+        count = int(np.count_nonzero(arr))
+        if seed_spec is not None:
+            # a spec that does not regenerate the data would make the wire codec send a wrong mask
+            if not isinstance(seed_spec, SeedSpec):
+                raise TypeError(f"seed_spec must be a SeedSpec, got {type(seed_spec).__name__}")
+            if (
+                seed_spec.size != arr.shape[0]
+                or seed_spec.count != count
+                or not np.array_equal(seed_spec.materialize()._data, arr)
+            ):
+                raise ValueError("seed_spec does not regenerate the mask data")
         object.__setattr__(self, "_data", arr)
-        object.__setattr__(self, "_count", int(np.count_nonzero(arr)))
+        object.__setattr__(self, "_count", count)
         object.__setattr__(self, "_seed_spec", seed_spec)
 
     @classmethod
@@ -176,9 +193,9 @@ class Mask:
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_indices(cls, indices: Iterable[int] | npt.ArrayLike, size: int) -> Mask:
-        """Mask with ``True`` at ``indices``; rejects out-of-range, duplicate or non-integer ones."""
+        """Mask with ``True`` at ``indices``; rejects out-of-range, duplicate, non-integer ones."""
         size = _check_size(size)
-        idx = np.asarray(list(indices) if not isinstance(indices, np.ndarray) else indices)
+        idx = np.asarray(indices if isinstance(indices, np.ndarray) else list(indices))  # type: ignore[arg-type]
         if idx.size == 0:
             return cls._trusted(np.zeros(size, dtype=bool))
         if idx.ndim != 1:

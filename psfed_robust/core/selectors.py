@@ -183,7 +183,8 @@ class StructuredMaskSelector(MaskSelector):
             )
         if fm.num_parameters != num_parameters:
             raise ValueError(
-                f"flat_model has {fm.num_parameters} parameters but num_parameters is {num_parameters}"
+                f"flat_model has {fm.num_parameters} parameters but num_parameters is "
+                f"{num_parameters}"
             )
         if self.layer_names is not None:
             return fm.get_layer_mask(self.layer_names)

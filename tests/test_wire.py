@@ -1,0 +1,394 @@
+"""Wire codec: round trips for every encoding, auto optimality, corruption always detected."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from psfed_robust.core.mask import Mask, SeedSpec
+from psfed_robust.core.selectors import ClientSpecificMaskSelector, RoundRobinMaskSelector
+from psfed_robust.wire import (
+    ENCODINGS,
+    HEADER_SIZE,
+    EncodedUpdate,
+    WireFormatError,
+    _best_rice,
+    _plan_gap,
+    _rice_cost_bits,
+    _rice_lower_bound_bytes,
+    decode_mask,
+    decode_update,
+    encode_mask,
+    encode_update,
+    encoding_costs,
+)
+
+NP_DTYPES = [np.float16, np.float32, np.float64]
+
+
+# ---------------------------------------------------------------- helpers
+@st.composite
+def masks(draw: st.DrawFn, max_size: int = 5000) -> Mask:
+    size = draw(st.integers(0, max_size))
+    kind = draw(st.sampled_from(["empty", "full", "random", "random", "block", "indices"]))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    if kind == "empty":
+        return Mask.all_false(size) if draw(st.booleans()) else Mask(np.zeros(size, bool))
+    if kind == "full":
+        return Mask.all_true(size) if draw(st.booleans()) else Mask(np.ones(size, bool))
+    if kind == "random":
+        p = draw(st.sampled_from([0.001, 0.01, 0.1, 0.3, 0.5, 0.7, 0.9, 0.99]))
+        return Mask(rng.random(size) < p)
+    if kind == "block":
+        lo = draw(st.integers(0, size))
+        hi = draw(st.integers(lo, size))
+        data = np.zeros(size, bool)
+        data[lo:hi] = True
+        return Mask(data)
+    n = draw(st.integers(0, size))
+    return Mask.from_indices(rng.choice(size, n, replace=False), size)
+
+
+def values_for(mask: Mask, dtype: object, seed: int = 0) -> np.ndarray | torch.Tensor:
+    rng = np.random.default_rng(seed)
+    v = rng.standard_normal(mask.count) * 100
+    if dtype == "bf16":
+        return torch.from_numpy(v).to(torch.bfloat16)
+    if dtype == "torch32":
+        return torch.from_numpy(v.astype(np.float32))
+    return v.astype(dtype)
+
+
+def same_bits(a: object, b: object) -> bool:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype
+        return bool(torch.equal(a.view(torch.int16), b.view(torch.int16)))
+    assert isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.dtype == b.dtype
+    return bool(np.array_equal(a.view(np.uint8), b.view(np.uint8)))
+
+
+def expected_values(v: object) -> object:
+    if isinstance(v, torch.Tensor) and v.dtype != torch.bfloat16:
+        return v.numpy()
+    return v
+
+
+def applicable(mask: Mask) -> list[str]:
+    out = ["bitmap", "gap"]
+    if mask.count == mask.size:
+        out.append("dense")
+    if mask.seed_spec is not None:
+        out.append("seeded")
+    return out
+
+
+def resign(payload: bytes | bytearray) -> bytes:
+    """Recompute the CRC so that only the structural checks can catch a change."""
+    p = bytearray(payload)
+    crc = zlib.crc32(bytes(p[HEADER_SIZE:]), zlib.crc32(bytes(p[:24])))
+    p[24:28] = struct.pack("<I", crc)
+    return bytes(p)
+
+
+# ---------------------------------------------------------------- round trips
+@given(masks(), st.sampled_from([*NP_DTYPES, "bf16", "torch32"]), st.data())
+def test_roundtrip_every_encoding(mask: Mask, dtype: object, data: st.DataObject) -> None:
+    vals = values_for(mask, dtype, seed=mask.count)
+    for enc in ["auto", *applicable(mask)]:
+        e = encode_update(mask, vals, encoding=enc)
+        assert isinstance(e, EncodedUpdate)
+        assert e.value_bytes + e.mask_bytes + e.framing_bytes == len(e.payload)
+        assert e.framing_bytes == HEADER_SIZE
+        if enc != "auto":
+            assert e.encoding == enc
+        size = data.draw(st.sampled_from([None, mask.size]))
+        m2, v2 = decode_update(e.payload, expected_size=size)
+        assert m2 == mask and m2.size == mask.size and m2.count == mask.count
+        assert not m2.data.flags.writeable
+        assert same_bits(v2, expected_values(vals))
+        if isinstance(v2, np.ndarray):
+            assert v2.flags.writeable
+        assert decode_mask(e.payload) == mask
+
+
+@given(masks())
+def test_auto_is_never_more_expensive(mask: Mask) -> None:
+    v = np.zeros(mask.count, np.float32)
+    auto = encode_update(mask, v)
+    for enc in applicable(mask):
+        assert len(auto.payload) <= len(encode_update(mask, v, encoding=enc).payload), enc
+    costs = encoding_costs(mask, 4)
+    assert len(auto.payload) == min(costs.values())
+
+
+@given(masks())
+def test_mask_only_roundtrip(mask: Mask) -> None:
+    for enc in ["auto", *applicable(mask)]:
+        e = encode_mask(mask, encoding=enc)
+        assert e.value_bytes == 0
+        assert e.mask_bytes + e.framing_bytes == len(e.payload)
+        assert decode_mask(e.payload, expected_size=mask.size) == mask
+        with pytest.raises(WireFormatError, match="mask only"):
+            decode_update(e.payload)
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [
+        Mask.random(1000, 0.3, seed=5, round_num=2),
+        Mask.random(1000, 0.9, seed=5, round_num=3),
+        Mask.random(0, 0.5, seed=1),
+        Mask.all_true(17),
+        Mask.all_false(17),
+        RoundRobinMaskSelector(0.25).select(103, round_num=7),
+        RoundRobinMaskSelector(0.25, coordinated=False).select(103, 2, client_id="abc"),
+        ClientSpecificMaskSelector(0.4, seed=3, overlap_fraction=0.5).select(500, 4, client_id=9),
+    ],
+    ids=lambda m: repr(m),
+)
+def test_seeded_roundtrip_and_cost(mask: Mask) -> None:
+    assert mask.seed_spec is not None
+    v = torch.randn(mask.count, dtype=torch.float32)
+    e = encode_update(mask, v, encoding="seeded")
+    assert e.mask_bytes <= 1 + 3 * 8
+    m2, v2 = decode_update(e.payload)
+    assert m2 == mask and m2.seed_spec is not None
+    assert m2.seed_spec.materialize() == mask
+    assert same_bits(v2, v.numpy())
+    auto = encode_update(mask, v)
+    assert len(auto.payload) <= len(e.payload)
+    if mask.count != mask.size:
+        assert auto.encoding == "seeded" or mask.size <= 8
+
+
+def test_seed_spec_argument_is_checked() -> None:
+    m = Mask(np.arange(50) % 3 == 0)
+    spec = Mask.random(50, 0.2, seed=1).seed_spec
+    assert spec is not None
+    with pytest.raises(ValueError, match="does not regenerate"):
+        encode_mask(m, seed_spec=spec)
+    good = Mask.random(50, 0.2, seed=1)
+    plain = Mask(good.data)  # same data, no spec
+    e = encode_mask(plain, encoding="seeded", seed_spec=spec)
+    assert decode_mask(e.payload) == plain
+
+
+def test_known_layout_and_costs() -> None:
+    m = Mask.from_indices([1, 3, 8], size=10)
+    e = encode_update(m, np.array([1.0, 2.0, 3.0], np.float32), encoding="bitmap")
+    assert e.payload[:4] == b"PSFW" and e.payload[4] == 1
+    assert e.payload[5] == ENCODINGS.index("bitmap") and e.payload[6] == 2
+    assert struct.unpack_from("<QQ", e.payload, 8) == (10, 3)
+    assert e.mask_bytes == 2 and e.payload[28:30] == bytes([0b00001010, 0b00000001])
+    assert e.value_bytes == 12 and len(e.payload) == 28 + 2 + 12
+    # gap: indices 1,3,8 -> gaps 1,1,4; Rice k=1: remainders 1,1,0 (3 bits) + quotients 0,0,2
+    g = encode_update(m, np.array([1.0, 2.0, 3.0], np.float32), encoding="gap")
+    assert g.payload[28:30] == bytes([0, 1])  # not complemented, k = 1
+    assert g.payload[30] == 0b11000000  # remainders 1,1,0
+    assert g.payload[31] == 0b11001000  # unary: 1 | 1 | 001
+    dense = encode_update(Mask.all_true(4), np.ones(4, np.float64))
+    assert dense.encoding == "dense" and dense.mask_bytes == 0 and len(dense.payload) == 28 + 32
+
+
+@given(st.lists(st.integers(0, 5000), min_size=1, max_size=300))
+def test_rice_parameter_is_optimal(gaps: list[int]) -> None:
+    g = np.array(gaps, dtype=np.int64)
+    k, bits = _best_rice(g)
+    brute = min(_rice_cost_bits(g, kk) for kk in range(40))
+    assert bits == brute == _rice_cost_bits(g, k)
+
+
+@given(masks(max_size=3000))
+def test_gap_lower_bound_is_a_lower_bound(mask: Mask) -> None:
+    complement = mask.count * 2 > mask.size
+    m = mask.size - mask.count if complement else mask.count
+    if m == 0:
+        return
+    plan = _plan_gap(mask, None)
+    assert plan is not None
+    assert _rice_lower_bound_bytes(mask, complement, m) <= plan.nbytes
+
+
+def test_gap_uses_complement_for_dense_masks() -> None:
+    m = Mask(np.random.default_rng(0).random(10_000) < 0.95)
+    e = encode_mask(m, encoding="gap")
+    assert e.payload[HEADER_SIZE] == 1  # complement flag
+    assert e.mask_bytes < (10_000 - m.count) * 7 / 8  # < 7 bits per complement member
+    assert decode_mask(e.payload) == m
+
+
+def test_values_big_endian_and_torch_variants() -> None:
+    m = Mask.from_indices([0, 2], 3)
+    _, v = decode_update(encode_update(m, np.array([1.5, -2.0], ">f4")).payload)
+    assert v.dtype == np.float32 and v.tolist() == [1.5, -2.0]
+    t = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    _, v = decode_update(encode_update(m, t).payload)
+    assert v.dtype == np.float64 and v.tolist() == [1.0, 2.0]
+    _, v = decode_update(encode_update(m, torch.tensor([1.0, 3.0])[::1]).payload)
+    assert v.tolist() == [1.0, 3.0]
+    nonfinite = np.array([np.nan, np.inf], np.float32)
+    _, v = decode_update(encode_update(m, nonfinite).payload)
+    assert same_bits(v, nonfinite)
+
+
+def test_encode_argument_errors() -> None:
+    m = Mask.from_indices([0, 2], 3)
+    with pytest.raises(ValueError, match="selects 2"):
+        encode_update(m, np.zeros(3, np.float32))
+    with pytest.raises(TypeError, match="dtype"):
+        encode_update(m, np.zeros(2, np.int32))
+    with pytest.raises(TypeError, match="dtype"):
+        encode_update(m, torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="1-D"):
+        encode_update(m, np.zeros((2, 1), np.float32))
+    with pytest.raises(TypeError, match="numpy array or torch tensor"):
+        encode_update(m, [1.0, 2.0])
+    with pytest.raises(ValueError, match="full mask"):
+        encode_update(m, np.zeros(2, np.float32), encoding="dense")
+    with pytest.raises(ValueError, match="SeedSpec"):
+        encode_update(m, np.zeros(2, np.float32), encoding="seeded")
+    with pytest.raises(ValueError, match="unknown encoding"):
+        encode_update(m, np.zeros(2, np.float32), encoding="zip")
+    with pytest.raises(TypeError, match="Mask"):
+        encode_update(np.ones(3, bool), np.zeros(3, np.float32))  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- corruption
+SMALL = [
+    (Mask.from_indices([1, 3, 8], 10), "bitmap"),
+    (Mask.from_indices([1, 3, 8], 10), "gap"),
+    (Mask(np.arange(40) % 7 != 0), "gap"),
+    (Mask.all_true(5), "dense"),
+    (Mask.random(64, 0.25, seed=3), "seeded"),
+    (ClientSpecificMaskSelector(0.5, seed=1).select(40, 1, client_id=2), "seeded"),
+    (Mask.all_false(9), "gap"),
+]
+
+
+@pytest.mark.parametrize(("mask", "enc"), SMALL, ids=[f"{e}-{m.count}" for m, e in SMALL])
+def test_every_single_byte_corruption_and_truncation_is_rejected(mask: Mask, enc: str) -> None:
+    v = np.arange(mask.count, dtype=np.float16)
+    payload = encode_update(mask, v, encoding=enc).payload
+    for i in range(len(payload)):
+        for flip in (0x01, 0x80, 0xFF, 0x5A):
+            bad = bytearray(payload)
+            bad[i] ^= flip
+            with pytest.raises(WireFormatError):
+                decode_update(bytes(bad))
+            with pytest.raises(WireFormatError):
+                decode_mask(bytes(bad))
+    for n in range(len(payload)):
+        with pytest.raises(WireFormatError):
+            decode_update(payload[:n])
+    for extra in (b"\x00", b"\x01\x02"):
+        with pytest.raises(WireFormatError):
+            decode_update(payload + extra)
+
+
+@given(masks(max_size=2000), st.data())
+def test_random_corruptions_are_rejected(mask: Mask, data: st.DataObject) -> None:
+    payload = encode_update(mask, values_for(mask, np.float32)).payload
+    i = data.draw(st.integers(0, len(payload) - 1))
+    flip = data.draw(st.integers(1, 255))
+    bad = bytearray(payload)
+    bad[i] ^= flip
+    with pytest.raises(WireFormatError):
+        decode_update(bytes(bad))
+    cut = data.draw(st.integers(0, len(payload) - 1))
+    with pytest.raises(WireFormatError):
+        decode_update(payload[:cut])
+
+
+def test_structural_checks_behind_a_valid_crc() -> None:
+    """Payloads with a recomputed CRC still never decode to a wrong mask."""
+    m = Mask.from_indices([1, 3, 8], 10)
+    v = np.ones(3, np.float32)
+    bitmap = bytearray(encode_update(m, v, encoding="bitmap").payload)
+    bad = bytearray(bitmap)
+    bad[29] |= 0b00000100  # padding bit beyond size 10
+    with pytest.raises(WireFormatError, match="padding"):
+        decode_update(resign(bad))
+    bad = bytearray(bitmap)
+    bad[28] |= 0b00100000  # an extra member: popcount 4 != count 3
+    with pytest.raises(WireFormatError):
+        decode_update(resign(bad))
+    bad = bytearray(bitmap)
+    bad[5] = 9  # unknown encoding id
+    with pytest.raises(WireFormatError, match="encoding id"):
+        decode_update(resign(bad))
+    bad = bytearray(bitmap)
+    bad[7] = 1  # reserved byte
+    with pytest.raises(WireFormatError):
+        decode_update(resign(bad))
+    bad = bytearray(bitmap)
+    struct.pack_into("<Q", bad, 16, 11)  # count > size
+    with pytest.raises(WireFormatError):
+        decode_update(resign(bad))
+    gap = bytearray(encode_update(m, v, encoding="gap").payload)
+    bad = bytearray(gap)
+    bad[31] = 0b11000011  # last quotient 2 -> 6 (index 16 out of range), same length
+    with pytest.raises(WireFormatError, match=r"range|unary"):
+        decode_update(resign(bad))
+    bad = bytearray(gap)
+    bad[28] = 1  # complement flag inconsistent with the count
+    with pytest.raises(WireFormatError, match="complement"):
+        decode_update(resign(bad))
+    bad = bytearray(gap)
+    bad[29] = 63  # Rice parameter out of range
+    with pytest.raises(WireFormatError):
+        decode_update(resign(bad))
+    dense = bytearray(encode_update(Mask.all_true(3), v, encoding="dense").payload)
+    struct.pack_into("<Q", dense, 8, 4)  # size 4, count 3, no mask bytes
+    with pytest.raises(WireFormatError, match="dense"):
+        decode_update(resign(dense))
+    seeded = bytearray(encode_update(Mask.random(10, 0.3, seed=1), v, encoding="seeded").payload)
+    bad = bytearray(seeded)
+    bad[28] = 17  # unknown seed kind
+    with pytest.raises(WireFormatError, match="seed kind"):
+        decode_update(resign(bad))
+    bad = bytearray(seeded)
+    struct.pack_into("<Q", bad, 8, 2)  # spec size 2 < count 3
+    with pytest.raises(WireFormatError):
+        decode_update(resign(bad))
+
+
+def test_header_errors_and_expected_size() -> None:
+    m = Mask.from_indices([0], 4)
+    p = encode_update(m, np.ones(1, np.float32)).payload
+    with pytest.raises(WireFormatError, match="expected 5"):
+        decode_update(p, expected_size=5)
+    with pytest.raises(WireFormatError, match="expected 5"):
+        decode_update(p, 5)  # the contract's positional ``size``
+    with pytest.raises(WireFormatError, match="expected 3"):
+        decode_mask(p, expected_size=3)
+    assert decode_update(p, 4)[0] == m
+    with pytest.raises(ValueError, match="disagree"):
+        decode_update(p, 4, expected_size=5)
+    with pytest.raises(WireFormatError, match="magic"):
+        decode_update(b"XXXX" + p[4:])
+    with pytest.raises(WireFormatError, match="version"):
+        decode_update(resign(p[:4] + b"\x02" + p[5:]))
+    with pytest.raises(WireFormatError, match="too short"):
+        decode_update(b"")
+    with pytest.raises(TypeError):
+        decode_update("not bytes")  # type: ignore[arg-type]
+    assert decode_update(bytearray(p))[0] == m
+    assert decode_update(memoryview(p))[0] == m
+
+
+def test_wire_error_is_a_value_error() -> None:
+    assert issubclass(WireFormatError, ValueError)
+
+
+def test_seedspec_all_none_counts_are_validated() -> None:
+    with pytest.raises(ValueError):
+        SeedSpec("all", 10, 3)
+    with pytest.raises(ValueError):
+        SeedSpec("none", 10, 3)
