@@ -87,20 +87,27 @@ def _device(point: SweepPoint) -> str:
 
 
 def theory_for_point(point: SweepPoint) -> dict[str, float] | None:
-    """Theory prediction for a batched point, when the analysis covers its configuration."""
+    """Theory prediction for a batched point, when the analysis covers its configuration.
+
+    Covered (psfed_robust.engine.theory.check_supported): linear task, random uncoordinated
+    selection, uplink same/independent, Gaussian transmit-only or no attack, mean in fill mode.
+    """
     if point.get("engine") != "batched":
         return None
-    try:
-        from psfed_robust.engine import theory
-    except ImportError:  # pragma: no cover - theory module missing
-        return None
+    import math
+
+    from psfed_robust.engine import theory
+
     cfg = online_config(point, seed=0, runs=1)
-    covered = getattr(theory, "covers", None)
-    if covered is None or not covered(cfg):
+    try:
+        theory.check_supported(cfg)
+    except ValueError:
         return None
+    steady = theory.steady_state(cfg)
+    mu_opt, _ = theory.optimal_stepsize(cfg)
     return {
-        "steady_db": float(theory.steady_state_mse_db(cfg)),
-        "mu_opt": float(theory.optimal_stepsize(cfg)),
+        "steady_db": 10 * math.log10(steady) if math.isfinite(steady) else math.inf,
+        "mu_opt": float(mu_opt),
     }
 
 

@@ -141,7 +141,8 @@ def make_plots(
             pts.sort(key=lambda t: t[0])
             color = f"C{i % 10}"
             label = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in other) or "simulation"
-            ax.plot([t[0] for t in pts], [t[1] for t in pts], "o-", color=color, label=label)
+            ax.plot([t[0] for t in pts], [math.nan if t[1] is None else t[1] for t in pts], "o-",
+                    color=color, label=label)
             th = [(t[0], t[2]) for t in pts if t[2] is not None]
             if th:
                 ax.plot([t[0] for t in th], [t[1] for t in th], "x--", color=color, alpha=0.8,
@@ -174,8 +175,8 @@ def make_plots(
                 vals = [value(part, main_metric) for p, part in zip(points, parts, strict=True)
                         if p.get("defense.name") == d and (group_key is None
                                                            or p.get(group_key) == gv)]
-                vals = [v for v in vals if v is not None]
-                ys.append(min(vals) if vals else float("nan"))
+                found = [float(v) for v in vals if v is not None]
+                ys.append(min(found) if found else float("nan"))
             xs = [i + j * width for i in range(len(gvals))]
             ax.bar(xs, ys, width=width, label=d)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(gvals))])

@@ -366,7 +366,7 @@ def _check_registries(cfg: Mapping[str, Mapping[str, Any]], where: str) -> None:
 
 
 def parse_value(text: str) -> Any:
-    """Parse an override value as TOML (``0.5``, ``true``, ``[1, 2]``); bare words are strings."""
+    """Parse an override value as TOML (``0.5``, ``true``, ``[1, 2]``); bare words: strings."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:

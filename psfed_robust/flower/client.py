@@ -1,0 +1,502 @@
+"""Client side of psfed: :class:`PSFedClient` and the ClientApp builder.
+
+A ClientApp is rebuilt for every message (a fresh process per message in deployment), so the
+client's **full local model lives in** ``context.state`` as one flat ArrayRecord
+(``state["psfed.local"]["theta"]``, the model's dtype) and is restored on every message.
+
+``train.psfed``: restore the local model (or, on first contact, take the dense global the server
+sends) → merge the received global values on the downlink mask → ``train_local`` → apply the
+client-side attack seam (malicious clients only) → derive the uplink mask (the downlink mask by
+default) → store the local model → reply with the wire-encoded values on the uplink mask.
+
+``evaluate.psfed`` evaluates, **in a copy**, the local model with the global values of the
+evaluation mask merged in (``"merged"``, default), the pure local model (``"local"``) or the dense
+global model (``"global"``); the stored local model is never changed by evaluation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from torch import nn
+
+from psfed_robust.core.flatten import FlattenedModel
+from psfed_robust.core.mask import Mask, count_for_fraction
+from psfed_robust.core.seeding import torch_generator
+from psfed_robust.flower import _wire
+from psfed_robust.flower.protocol import (
+    CFG_EVAL_MODEL,
+    CFG_MODEL_SIZE,
+    CFG_SEND_SCORES,
+    CFG_SERVER_ROUND,
+    CFG_UPLINK,
+    CFG_UPLINK_ENCODING,
+    CFG_UPLINK_FRACTION,
+    KEY_ATTACK,
+    KEY_CONFIG,
+    KEY_DOWN,
+    KEY_INIT,
+    KEY_META,
+    KEY_METRICS,
+    KEY_UPDATE,
+    META_CLIENT_ID,
+    META_FRESH_STATE,
+    META_HAS_LOCAL,
+    METRIC_NUM_EXAMPLES,
+    MSG_EVALUATE,
+    MSG_QUERY,
+    MSG_TRAIN,
+    PAYLOAD,
+    SCORES,
+    STATE_LOCAL,
+    STATE_META,
+    STATE_THETA,
+)
+from psfed_robust.flower.validation import ClientId
+
+__all__ = [
+    "AttackSpec",
+    "ConfigDict",
+    "FunctionClient",
+    "PSFedClient",
+    "make_client_app",
+    "register_psfed_handlers",
+    "resolve_attack_spec",
+    "resolve_client_id",
+]
+
+ConfigDict = dict[str, Any]
+#: ``evaluate_fn(model, config, context) -> (loss, num_examples, metrics)``
+EvaluateFn = Callable[[nn.Module, ConfigDict, Context], tuple[float, int, Mapping[str, float]]]
+#: ``(attack name, params, seed)`` of a client-side attack
+AttackSpec = tuple[str, dict[str, Any], int]
+
+
+def resolve_client_id(context: Context) -> ClientId:
+    """The client's stable id: ``node_config["client-id"]``, else ``node_config["partition-id"]``.
+
+    Never the random ``context.node_id``. Deployment: start each SuperNode with
+    ``--node-config "partition-id=3"`` (or ``client-id=...``).
+    """
+    nc = context.node_config
+    for key in ("client-id", "partition-id"):
+        if key in nc:
+            v = nc[key]
+            if isinstance(v, bool) or not isinstance(v, int | str):
+                raise ValueError(f"node_config[{key!r}] must be an int or str, got {v!r}")
+            if isinstance(v, str) and v.strip().isdigit():
+                return int(v)
+            return v
+    raise ValueError(
+        "psfed needs a stable client id: set node_config 'partition-id' (simulation sets it) or "
+        "'client-id' (deployment: flower-supernode --node-config \"partition-id=0\")"
+    )
+
+
+def _payload(content: RecordDict, key: str) -> bytes:
+    """The ``payload`` bytes of ArrayRecord ``content[key]`` (ValueError if malformed)."""
+    rec = content[key]
+    if not isinstance(rec, ArrayRecord) or PAYLOAD not in rec:
+        raise ValueError(f"record {key!r} is not an ArrayRecord with a {PAYLOAD!r} array")
+    return bytes(rec[PAYLOAD].numpy().tobytes())
+
+
+def _config(content: RecordDict, key: str) -> ConfigRecord | None:
+    rec = content[key] if key in content else None
+    return rec if isinstance(rec, ConfigRecord) else None
+
+
+def _truthy(v: Any) -> bool:
+    if isinstance(v, str):
+        return v.strip().lower() in ("1", "true", "yes", "on")
+    return bool(v)
+
+
+def _listed(cid: ClientId, spec: Any) -> bool:
+    if isinstance(spec, bool):
+        return False
+    if isinstance(spec, int):
+        return cid == spec
+    if isinstance(spec, str):
+        items = [s.strip() for s in spec.replace(";", ",").split(",") if s.strip()]
+        return str(cid) in items
+    return False
+
+
+def resolve_attack_spec(
+    context: Context, cid: ClientId, server_attack: ConfigRecord | None
+) -> AttackSpec | None:
+    """Which attack (if any) this client runs, by priority:
+
+    1. the server-assigned ``psfed.attack`` record in the message (``{"name", <params>, "seed"}``);
+    2. ``node_config["malicious"]`` true → ``attack`` name and ``attack.<param>`` entries from
+       node_config, falling back to run_config;
+    3. ``run_config["malicious-clients"]`` (``"0,3,7"``) lists this client id → same keys.
+    """
+    if server_attack is not None:
+        sparams = {k: v for k, v in server_attack.items() if k not in ("name", "seed")}
+        sseed = server_attack.get("seed", 0)
+        return str(server_attack["name"]), sparams, sseed if isinstance(sseed, int) else 0
+    nc, rc = context.node_config, context.run_config
+    malicious = _truthy(nc.get("malicious", False)) or _listed(cid, rc.get("malicious-clients"))
+    if not malicious:
+        return None
+    name = nc.get("attack", rc.get("attack"))
+    if not isinstance(name, str) or not name:
+        raise ValueError("malicious client without an 'attack' name in node_config or run_config")
+    params: dict[str, Any] = {}
+    for src in (rc, nc):  # node_config overrides run_config
+        for k, v in src.items():
+            if k.startswith("attack."):
+                params[k.removeprefix("attack.")] = v
+    seed = nc.get("attack-seed", rc.get("attack-seed", 0))
+    return name, params, int(seed) if isinstance(seed, int | float) else 0
+
+
+class PSFedClient:
+    """Base client: subclass and implement :meth:`train_local` (and :meth:`evaluate_local`).
+
+    Both operate on ``self.model`` in place; the library handles restoring and storing the local
+    model, merging shared values, masks, attacks and the wire. During a call, ``self.context``
+    is the Flower Context, ``self.client_id`` the stable id, ``self.current_mask`` the downlink
+    mask, ``self.server_round`` the round and ``self.attack`` the attack this client runs (or
+    None). ``self.train_metrics`` may be filled by ``train_local`` (finite floats) and is sent to
+    the server with the update.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        include_buffers: bool = False,
+        trainable_only: bool = False,
+    ) -> None:
+        self.model = model
+        self.flat_model = FlattenedModel(
+            model, include_buffers=include_buffers, trainable_only=trainable_only
+        )
+        self.current_mask: Mask | None = None
+        self.context: Context | None = None
+        self.client_id: ClientId | None = None
+        self.server_round: int = 0
+        self.attack: Any = None
+        self.attack_generator: torch.Generator | None = None
+        self.train_metrics: dict[str, float] = {}
+        self.reference: npt.NDArray[Any] | None = None
+
+    # ------------------------------------------------------------------ user hooks
+    @property
+    def num_parameters(self) -> int:
+        return self.flat_model.num_parameters
+
+    def train_local(self, config: ConfigDict) -> int:
+        """Train ``self.model`` in place; return the number of training examples (> 0)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement train_local(config)")
+
+    def evaluate_local(self, config: ConfigDict) -> tuple[float, int, dict[str, float]]:
+        """Evaluate ``self.model``: ``(loss, num_examples, metrics)``; default: nothing."""
+        return 0.0, 0, {}
+
+    def compute_scores(self, config: ConfigDict) -> npt.NDArray[Any]:
+        """Per-coordinate scores for the gradient-based selector (length D).
+
+        Default: ``|grad|`` left in the parameters by the last backward of ``train_local``;
+        coordinates without a gradient fall back to ``|local_after − reference|``.
+        """
+        flat = self.flat_model.flatten_numpy()
+        ref = self.reference if self.reference is not None else flat
+        out = np.abs(np.asarray(flat, dtype=np.float64) - np.asarray(ref, dtype=np.float64))
+        for info, p in zip(self.flat_model.tensor_infos, self.flat_model._tensors, strict=True):
+            g = getattr(p, "grad", None)
+            if g is not None:
+                out[info.start : info.end] = g.detach().abs().double().reshape(-1).cpu().numpy()
+        return out
+
+    def poison_labels(self, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """Apply a data attack (``kind == "data"``, e.g. label flipping) to labels, if any."""
+        atk = self.attack
+        if atk is None or getattr(atk, "kind", "model") != "data":
+            return y
+        gen = self.attack_generator or torch.Generator().manual_seed(0)
+        out: torch.Tensor = atk.poison_labels(y, num_classes, gen)
+        return out
+
+    # ------------------------------------------------------------------ state
+    def _restore(self, context: Context, size: int) -> npt.NDArray[Any] | None:
+        rec = context.state.get(STATE_LOCAL) if STATE_LOCAL in context.state else None
+        if not isinstance(rec, ArrayRecord) or STATE_THETA not in rec:
+            return None
+        theta = rec[STATE_THETA].numpy()
+        if theta.shape != (size,):
+            raise ValueError(f"stored local model has shape {theta.shape}, model size is {size}")
+        return np.array(theta, copy=True)
+
+    def _store(self, context: Context, theta: npt.NDArray[Any], server_round: int) -> None:
+        context.state[STATE_LOCAL] = ArrayRecord({STATE_THETA: Array(np.ascontiguousarray(theta))})
+        meta = context.state.get(STATE_META) if STATE_META in context.state else None
+        trained = 0
+        if isinstance(meta, ConfigRecord):
+            t = meta.get("rounds-trained", 0)
+            trained = t if isinstance(t, int) else 0
+        context.state[STATE_META] = ConfigRecord(
+            {"rounds-trained": trained + 1, "last-round": int(server_round)}
+        )
+        if self.client_id is not None:
+            meta_rec = context.state[STATE_META]
+            assert isinstance(meta_rec, ConfigRecord)
+            meta_rec[META_CLIENT_ID] = self.client_id
+
+    def _local_dtype(self) -> np.dtype[Any]:
+        return self.flat_model.flatten_numpy()[:0].dtype
+
+    def _decode_down(self, content: RecordDict, size: int) -> tuple[Mask, npt.NDArray[Any]] | None:
+        if KEY_DOWN not in content:
+            return None
+        mask, values = _wire.decode(_payload(content, KEY_DOWN), size)
+        if mask.size != size or values.shape != (mask.count,):
+            raise ValueError(f"downlink payload: mask size {mask.size}, {values.shape} values")
+        return mask, values
+
+    def _begin(self, msg: Message, context: Context) -> tuple[ConfigDict, int, npt.NDArray[Any],
+                                                              bool, Mask | None,
+                                                              npt.NDArray[Any] | None]:
+        self.context = context
+        self.client_id = resolve_client_id(context)
+        crec = _config(msg.content, KEY_CONFIG)
+        cfg: ConfigDict = dict(crec.items()) if crec is not None else {}
+        size = int(cfg.get(CFG_MODEL_SIZE, self.num_parameters))
+        if size != self.num_parameters:
+            raise ValueError(
+                f"server model has {size} parameters, the client model {self.num_parameters} "
+                "(build the initial ArrayRecord with psfed_robust.flower.arrays_from_model)"
+            )
+        self.server_round = int(cfg.get(CFG_SERVER_ROUND, 0))
+        local = self._restore(context, size)
+        fresh = local is None
+        if KEY_INIT in msg.content:  # first contact / re-sync: the dense global model
+            init_mask, init_values = _wire.decode(_payload(msg.content, KEY_INIT), size)
+            if init_mask.count != size or init_values.shape != (size,):
+                raise ValueError("init payload is not a dense model of the right size")
+            local = init_values.astype(self._local_dtype(), copy=True)
+            fresh = False
+        elif local is None:
+            local = self.flat_model.flatten_numpy()
+        down = self._decode_down(msg.content, size)
+        mask = values = None
+        if down is not None:
+            mask, values = down
+        return cfg, size, local, fresh, mask, values
+
+    # ------------------------------------------------------------------ handlers
+    def handle_train(self, msg: Message, context: Context) -> Message:
+        """Run one ``train.psfed`` round (see the module docstring)."""
+        cfg, size, local, fresh, mask, values = self._begin(msg, context)
+        if mask is None or values is None:
+            raise ValueError("train message without a downlink payload")
+        dtype = local.dtype
+        local[mask.data] = values.astype(dtype, copy=False)
+        reference = local.copy()
+        self.reference = reference
+        self.current_mask = mask
+        self.flat_model.unflatten(torch.from_numpy(local))
+
+        spec = resolve_attack_spec(
+            context, self.client_id if self.client_id is not None else 0,
+            _config(msg.content, KEY_ATTACK),
+        )
+        if spec is not None:
+            import attacks
+
+            name, params, seed = spec
+            self.attack = attacks.get_attack(name, **params)
+            self.attack_generator = torch_generator(
+                "flower.client-attack", seed, str(self.client_id), self.server_round
+            )
+        self.train_metrics = {}
+        user_cfg = {k: v for k, v in cfg.items() if not k.startswith("psfed-")}
+        n = self.train_local(user_cfg)
+        after = self.flat_model.flatten_numpy().astype(dtype, copy=False)
+
+        # uplink mask
+        uplink = str(cfg.get(CFG_UPLINK, "downlink"))
+        if uplink == "client":
+            frac = float(cfg.get(CFG_UPLINK_FRACTION, mask.fraction))
+            k_up = count_for_fraction(size, frac)
+            score = np.abs(after.astype(np.float64) - reference.astype(np.float64))
+            data = np.zeros(size, dtype=bool)
+            if k_up >= size:
+                data[:] = True
+            elif k_up > 0:
+                data[np.argpartition(-score, k_up - 1)[:k_up]] = True
+            up_mask = Mask(data)
+        else:
+            up_mask = mask
+
+        sent = after
+        new_local = after
+        if self.attack is not None and getattr(self.attack, "kind", "model") == "model":
+            sent, new_local = self._apply_attack(after, reference, up_mask)
+
+        scores = None
+        if bool(cfg.get(CFG_SEND_SCORES, False)):
+            scores = np.asarray(self.compute_scores(user_cfg), dtype=np.float32).reshape(-1)
+            if scores.shape != (size,):
+                raise ValueError(
+                    f"compute_scores returned shape {scores.shape}, expected ({size},)"
+                )
+
+        self._store(context, new_local, self.server_round)
+        enc = _wire.encode(
+            up_mask, np.ascontiguousarray(sent[up_mask.data]),
+            str(cfg.get(CFG_UPLINK_ENCODING, "auto")),
+        )
+        payload = np.frombuffer(enc.payload, dtype=np.uint8).copy()
+        arrays: dict[str, Array] = {PAYLOAD: Array(payload)}
+        if scores is not None:
+            arrays[SCORES] = Array(scores)
+        metrics = MetricRecord({METRIC_NUM_EXAMPLES: int(n)})
+        for k, v in self.train_metrics.items():
+            if k != METRIC_NUM_EXAMPLES:
+                metrics[k] = float(v)
+        meta = ConfigRecord({META_CLIENT_ID: self._id_for_record(), META_FRESH_STATE: fresh})
+        content = RecordDict({KEY_UPDATE: ArrayRecord(arrays), KEY_METRICS: metrics,
+                              KEY_META: meta})
+        return Message(content, reply_to=msg)
+
+    def _apply_attack(
+        self, after: npt.NDArray[Any], reference: npt.NDArray[Any], up_mask: Mask
+    ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
+        """Attack seam: the attack maps this client's delta (vs. the merged reference)."""
+        from attacks import AttackContext
+
+        ref_t = torch.from_numpy(reference.copy())
+        delta = (torch.from_numpy(after.copy()) - ref_t).unsqueeze(0)
+        assert self.attack_generator is not None
+        ctx = AttackContext(
+            round=self.server_round,
+            generator=self.attack_generator,
+            reference=ref_t,
+            masks=up_mask.to_torch().unsqueeze(0),
+            malicious=torch.ones(1, dtype=torch.bool),
+            participants=None,
+        )
+        attacked = self.attack(delta, ctx)[0]
+        sent = (ref_t + attacked.to(ref_t.dtype)).numpy()
+        new_local = sent if bool(getattr(self.attack, "persistent", False)) else after
+        return sent, new_local
+
+    def _id_for_record(self) -> int | str:
+        cid = self.client_id
+        return cid if isinstance(cid, int | str) else str(cid)
+
+    def handle_evaluate(self, msg: Message, context: Context) -> Message:
+        """Evaluate in a copy (the stored local model is never modified)."""
+        cfg, _size, local, _fresh, mask, values = self._begin(msg, context)
+        model_kind = str(cfg.get(CFG_EVAL_MODEL, "merged"))
+        theta = local.copy()
+        if mask is not None and values is not None and model_kind != "local":
+            theta[mask.data] = values.astype(theta.dtype, copy=False)
+        self.current_mask = mask
+        self.flat_model.unflatten(torch.from_numpy(theta))
+        user_cfg = {k: v for k, v in cfg.items() if not k.startswith("psfed-")}
+        loss, n, extra = self.evaluate_local(user_cfg)
+        metrics = MetricRecord({"loss": float(loss), METRIC_NUM_EXAMPLES: int(n)})
+        for k, v in (extra or {}).items():
+            if k not in ("loss", METRIC_NUM_EXAMPLES):
+                metrics[k] = float(v)
+        meta = ConfigRecord({META_CLIENT_ID: self._id_for_record()})
+        return Message(RecordDict({KEY_METRICS: metrics, KEY_META: meta}), reply_to=msg)
+
+    def handle_query(self, msg: Message, context: Context) -> Message:
+        """Identity query: ``{"client-id", "has-local"}``."""
+        self.context = context
+        self.client_id = resolve_client_id(context)
+        has_local = STATE_LOCAL in context.state
+        meta = ConfigRecord({META_CLIENT_ID: self._id_for_record(), META_HAS_LOCAL: has_local})
+        return Message(RecordDict({KEY_META: meta}), reply_to=msg)
+
+
+class FunctionClient(PSFedClient):
+    """A PSFedClient from plain functions ``train_fn(model, config, context) -> num_examples``
+    and ``evaluate_fn(model, config, context) -> (loss, num_examples, metrics)``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_fn: Callable[[nn.Module, ConfigDict, Context], int],
+        evaluate_fn: EvaluateFn | None = None,
+        **flat_kwargs: Any,
+    ) -> None:
+        super().__init__(model, **flat_kwargs)
+        self._train_fn = train_fn
+        self._evaluate_fn = evaluate_fn
+
+    def train_local(self, config: ConfigDict) -> int:
+        assert self.context is not None
+        return int(self._train_fn(self.model, config, self.context))
+
+    def evaluate_local(self, config: ConfigDict) -> tuple[float, int, dict[str, float]]:
+        if self._evaluate_fn is None:
+            return 0.0, 0, {}
+        assert self.context is not None
+        loss, n, metrics = self._evaluate_fn(self.model, config, self.context)
+        return float(loss), int(n), dict(metrics)
+
+
+ClientFn = Callable[[Context], PSFedClient]
+
+
+def register_psfed_handlers(app: ClientApp, client_fn: ClientFn) -> ClientApp:
+    """Register the ``train.psfed``/``evaluate.psfed``/``query.psfed`` handlers on ``app``."""
+    action = MSG_TRAIN.split(".")[1]
+
+    @app.train(action)
+    def _train(msg: Message, context: Context) -> Message:
+        return client_fn(context).handle_train(msg, context)
+
+    @app.evaluate(action)
+    def _evaluate(msg: Message, context: Context) -> Message:
+        return client_fn(context).handle_evaluate(msg, context)
+
+    @app.query(action)
+    def _query(msg: Message, context: Context) -> Message:
+        return client_fn(context).handle_query(msg, context)
+
+    assert MSG_EVALUATE.endswith(action) and MSG_QUERY.endswith(action)
+    return app
+
+
+def make_client_app(
+    client_fn: ClientFn | None = None,
+    *,
+    model_fn: Callable[[Context], nn.Module] | None = None,
+    train_fn: Callable[[nn.Module, ConfigDict, Context], int] | None = None,
+    evaluate_fn: EvaluateFn | None = None,
+    mods: Sequence[Any] | None = None,
+    include_buffers: bool = False,
+) -> ClientApp:
+    """A ready ClientApp speaking the psfed protocol.
+
+    Either ``client_fn(context) -> PSFedClient`` (a subclass with ``train_local``), or
+    ``model_fn(context) -> nn.Module`` plus ``train_fn(model, config, context) -> num_examples``
+    (and optionally ``evaluate_fn(model, config, context) -> (loss, num_examples, metrics)``).
+    The client object is built anew for every message; its local model lives in context.state.
+    """
+    if client_fn is None:
+        if model_fn is None or train_fn is None:
+            raise ValueError("make_client_app needs client_fn=, or model_fn= and train_fn=")
+        mf, tf, ef = model_fn, train_fn, evaluate_fn
+
+        def client_fn(context: Context) -> PSFedClient:
+            return FunctionClient(mf(context), tf, ef, include_buffers=include_buffers)
+
+    elif model_fn is not None or train_fn is not None:
+        raise ValueError("pass either client_fn= or model_fn=/train_fn=, not both")
+    app = ClientApp(mods=list(mods) if mods else None)
+    return register_psfed_handlers(app, client_fn)

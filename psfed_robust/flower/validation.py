@@ -1,0 +1,342 @@
+"""Validation of client replies: every reply is parsed defensively, never trusted.
+
+``parse_train_reply`` turns a train reply into a :class:`ValidUpdate` or raises
+:class:`ReplyRejected` with one of the :data:`REASONS`. Nothing else escapes: any unexpected
+exception while reading a reply becomes reason ``"malformed"``. The strategy drops a rejected reply,
+logs the reason and counts it in the round's metrics (``rejected-replies``,
+``rejected.<reason>``); the global model never sees it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+
+from psfed_robust.core.mask import Mask
+from psfed_robust.flower import _wire
+from psfed_robust.flower.protocol import (
+    KEY_META,
+    KEY_METRICS,
+    KEY_UPDATE,
+    META_CLIENT_ID,
+    META_FRESH_STATE,
+    META_HAS_LOCAL,
+    METRIC_NUM_EXAMPLES,
+    PAYLOAD,
+    SCORES,
+)
+
+__all__ = [
+    "REASONS",
+    "ClientId",
+    "EvalResult",
+    "ReplyRejected",
+    "ValidUpdate",
+    "check_client_id",
+    "parse_evaluate_reply",
+    "parse_train_reply",
+]
+
+ClientId = int | str
+
+#: every reason a reply can be rejected for (the ``rejected.<reason>`` metric keys)
+REASONS: tuple[str, ...] = (
+    "message-error",  # the reply carries a Flower Error (client crashed, timeout, ...)
+    "unexpected-node",  # no instruction was sent to this node this round
+    "duplicate-reply",  # a second reply from the same node in one round
+    "bad-keys",  # missing/extra records, wrong record types, missing/extra arrays
+    "bad-payload",  # payload is not a 1-D uint8 array, or too large
+    "wire-decode",  # the wire codec rejected the payload (corrupt mask bytes, ...)
+    "size-mismatch",  # the decoded mask's size differs from the model size
+    "length-mismatch",  # number of values differs from the mask's count
+    "bad-dtype",  # values are not floating point
+    "non-finite",  # NaN/Inf values (also after casting to the model dtype)
+    "bad-num-examples",  # missing, non-integer or <= 0
+    "missing-client-id",
+    "bad-client-id",  # not a non-negative int or a short non-empty str
+    "client-id-mismatch",  # differs from the id this node reported before
+    "duplicate-client-id",  # another node already answered with this client id
+    "unknown-client-id",  # not in the strategy's expected_clients
+    "mask-mismatch",  # uplink mask differs from the downlink mask (uplink="downlink")
+    "bad-scores",  # requested |grad| scores missing, wrong length/dtype or non-finite
+    "bad-metrics",  # evaluate: loss missing or non-finite
+    "malformed",  # anything else that could not be read
+)
+
+_MAX_ID_LEN = 256
+
+
+class ReplyRejected(Exception):
+    """A reply that must be dropped; ``reason`` is one of :data:`REASONS`."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class ValidUpdate:
+    """A parsed, validated train reply."""
+
+    node_id: int
+    client_id: ClientId
+    mask: Mask
+    values: npt.NDArray[Any]  # (mask.count,) in the model dtype
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    scores: npt.NDArray[np.float64] | None = None
+    fresh_state: bool = False
+
+
+@dataclass
+class EvalResult:
+    """A parsed, validated evaluate reply."""
+
+    node_id: int
+    client_id: ClientId
+    loss: float
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def check_client_id(value: Any) -> ClientId:
+    """Return a valid client id (int >= 0 or non-empty str <= 256 chars) or raise."""
+    if isinstance(value, bool):
+        raise ReplyRejected("bad-client-id", "bool is not a client id")
+    if isinstance(value, int):
+        if value < 0:
+            raise ReplyRejected("bad-client-id", f"negative id {value}")
+        return value
+    if isinstance(value, str):
+        if not value or len(value) > _MAX_ID_LEN:
+            raise ReplyRejected("bad-client-id", f"str id of length {len(value)}")
+        return value
+    raise ReplyRejected("bad-client-id", f"type {type(value).__name__}")
+
+
+def _record(content: Any, key: str, kind: type) -> Any:
+    if key not in content:
+        raise ReplyRejected("bad-keys", f"missing record {key!r}")
+    rec = content[key]
+    if not isinstance(rec, kind):
+        raise ReplyRejected(
+            "bad-keys", f"record {key!r} is {type(rec).__name__}, not {kind.__name__}"
+        )
+    return rec
+
+
+def _client_id(
+    meta: ConfigRecord,
+    expected_id: ClientId | None,
+    expected_clients: Collection[ClientId] | None,
+) -> ClientId:
+    if META_CLIENT_ID not in meta:
+        raise ReplyRejected("missing-client-id")
+    cid = check_client_id(meta[META_CLIENT_ID])
+    if expected_id is not None and cid != expected_id:
+        raise ReplyRejected("client-id-mismatch", f"got {cid!r}, node reported {expected_id!r}")
+    if expected_clients is not None and cid not in expected_clients:
+        raise ReplyRejected("unknown-client-id", f"{cid!r}")
+    return cid
+
+
+def _num_examples(metrics: MetricRecord, *, allow_zero: bool = False) -> int:
+    if METRIC_NUM_EXAMPLES not in metrics:
+        raise ReplyRejected("bad-num-examples", "missing")
+    n = metrics[METRIC_NUM_EXAMPLES]
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise ReplyRejected("bad-num-examples", f"not an integer: {type(n).__name__}")
+    if n < 0 or (n == 0 and not allow_zero):
+        raise ReplyRejected("bad-num-examples", f"{n}")
+    return n
+
+
+def _user_metrics(metrics: MetricRecord, skip: tuple[str, ...]) -> dict[str, float]:
+    """Finite scalar metrics (others are ignored, never aggregated)."""
+    out: dict[str, float] = {}
+    for k, v in metrics.items():
+        if k in skip or isinstance(v, bool) or not isinstance(v, int | float):
+            continue
+        if math.isfinite(float(v)):
+            out[k] = float(v)
+    return out
+
+
+def parse_train_reply(
+    msg: Message,
+    *,
+    model_size: int,
+    model_dtype: np.dtype[Any],
+    expected_mask: Mask | None = None,
+    expected_id: ClientId | None = None,
+    expected_clients: Collection[ClientId] | None = None,
+    want_scores: bool = False,
+    max_payload_bytes: int | None = None,
+) -> ValidUpdate:
+    """Validate a ``train.psfed`` reply; raise :class:`ReplyRejected` on any defect."""
+    try:
+        return _parse_train(
+            msg,
+            model_size=model_size,
+            model_dtype=np.dtype(model_dtype),
+            expected_mask=expected_mask,
+            expected_id=expected_id,
+            expected_clients=expected_clients,
+            want_scores=want_scores,
+            max_payload_bytes=max_payload_bytes,
+        )
+    except ReplyRejected:
+        raise
+    except _wire.WireFormatError as e:
+        raise ReplyRejected("wire-decode", str(e)[:200]) from None
+    except Exception as e:
+        raise ReplyRejected("malformed", f"{type(e).__name__}: {str(e)[:200]}") from None
+
+
+def _parse_train(
+    msg: Message,
+    *,
+    model_size: int,
+    model_dtype: np.dtype[Any],
+    expected_mask: Mask | None,
+    expected_id: ClientId | None,
+    expected_clients: Collection[ClientId] | None,
+    want_scores: bool,
+    max_payload_bytes: int | None,
+) -> ValidUpdate:
+    if msg.has_error():
+        err = msg.error
+        raise ReplyRejected("message-error", f"code {err.code}: {str(err.reason)[:200]}")
+    if not msg.has_content():
+        raise ReplyRejected("bad-keys", "no content")
+    content = msg.content
+    extra = set(content.keys()) - {KEY_UPDATE, KEY_METRICS, KEY_META}
+    if extra:
+        raise ReplyRejected("bad-keys", f"unexpected records {sorted(extra)}")
+    upd = _record(content, KEY_UPDATE, ArrayRecord)
+    metrics = _record(content, KEY_METRICS, MetricRecord)
+    meta = _record(content, KEY_META, ConfigRecord)
+    allowed = {PAYLOAD, SCORES} if want_scores else {PAYLOAD}
+    keys = set(upd.keys())
+    if PAYLOAD not in keys or not keys <= allowed:
+        raise ReplyRejected("bad-keys", f"update arrays {sorted(keys)}, allowed {sorted(allowed)}")
+    if want_scores and SCORES not in keys:
+        raise ReplyRejected("bad-scores", "scores were requested but not sent")
+
+    cid = _client_id(meta, expected_id, expected_clients)
+    n = _num_examples(metrics)
+
+    arr = upd[PAYLOAD]
+    if arr.dtype != "uint8" or len(arr.shape) != 1:
+        raise ReplyRejected("bad-payload", f"dtype {arr.dtype!r} shape {arr.shape}")
+    if max_payload_bytes is not None and len(arr.data) > max_payload_bytes + 1024:
+        raise ReplyRejected("bad-payload", f"{len(arr.data)} bytes > limit {max_payload_bytes}")
+    payload = arr.numpy().tobytes()
+    mask, values = _wire.decode(payload, model_size)
+    if mask.size != model_size:
+        raise ReplyRejected("size-mismatch", f"mask size {mask.size} != model size {model_size}")
+    values = np.asarray(values)
+    if values.ndim != 1 or values.shape[0] != mask.count:
+        raise ReplyRejected(
+            "length-mismatch", f"{values.shape} values for a mask of count {mask.count}"
+        )
+    if values.dtype.kind != "f":
+        raise ReplyRejected("bad-dtype", f"values dtype {values.dtype}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast = values.astype(model_dtype, copy=False)
+    if not bool(np.isfinite(values).all()) or not bool(np.isfinite(cast).all()):
+        raise ReplyRejected("non-finite", "NaN or Inf in values")
+    if expected_mask is not None and mask != expected_mask:
+        raise ReplyRejected("mask-mismatch", "uplink mask differs from the downlink mask")
+
+    scores = None
+    if want_scores:
+        s = upd[SCORES]
+        if s.dtype not in ("float16", "float32", "float64") or tuple(s.shape) != (model_size,):
+            raise ReplyRejected("bad-scores", f"dtype {s.dtype!r} shape {s.shape}")
+        scores = np.asarray(s.numpy(), dtype=np.float64)
+        if not bool(np.isfinite(scores).all()):
+            raise ReplyRejected("bad-scores", "non-finite scores")
+
+    fresh = meta.get(META_FRESH_STATE, False)
+    return ValidUpdate(
+        node_id=int(msg.metadata.src_node_id),
+        client_id=cid,
+        mask=mask,
+        values=np.array(cast, dtype=model_dtype, copy=True),
+        num_examples=n,
+        metrics=_user_metrics(metrics, (METRIC_NUM_EXAMPLES,)),
+        scores=scores,
+        fresh_state=bool(fresh) if isinstance(fresh, bool) else False,
+    )
+
+
+def parse_evaluate_reply(
+    msg: Message,
+    *,
+    expected_id: ClientId | None = None,
+    expected_clients: Collection[ClientId] | None = None,
+) -> EvalResult:
+    """Validate an ``evaluate.psfed`` reply (``num-examples == 0`` means "nothing evaluated")."""
+    try:
+        if msg.has_error():
+            err = msg.error
+            raise ReplyRejected("message-error", f"code {err.code}: {str(err.reason)[:200]}")
+        if not msg.has_content():
+            raise ReplyRejected("bad-keys", "no content")
+        content = msg.content
+        extra = set(content.keys()) - {KEY_METRICS, KEY_META}
+        if extra:
+            raise ReplyRejected("bad-keys", f"unexpected records {sorted(extra)}")
+        metrics = _record(content, KEY_METRICS, MetricRecord)
+        meta = _record(content, KEY_META, ConfigRecord)
+        cid = _client_id(meta, expected_id, expected_clients)
+        n = _num_examples(metrics, allow_zero=True)
+        loss = metrics.get("loss")
+        if isinstance(loss, bool) or not isinstance(loss, int | float):
+            raise ReplyRejected("bad-metrics", "loss missing or not a number")
+        if not math.isfinite(float(loss)):
+            raise ReplyRejected("bad-metrics", "non-finite loss")
+        return EvalResult(
+            node_id=int(msg.metadata.src_node_id),
+            client_id=cid,
+            loss=float(loss),
+            num_examples=n,
+            metrics=_user_metrics(metrics, (METRIC_NUM_EXAMPLES, "loss")),
+        )
+    except ReplyRejected:
+        raise
+    except Exception as e:
+        raise ReplyRejected("malformed", f"{type(e).__name__}: {str(e)[:200]}") from None
+
+
+def parse_query_reply(msg: Message) -> tuple[ClientId, bool]:
+    """Validate a ``query.psfed`` identity reply: ``(client_id, has_local)``."""
+    try:
+        if msg.has_error():
+            raise ReplyRejected("message-error", str(msg.error.reason)[:200])
+        meta = _record(msg.content, KEY_META, ConfigRecord)
+        cid = check_client_id(meta.get(META_CLIENT_ID)) if META_CLIENT_ID in meta else None
+        if cid is None:
+            raise ReplyRejected("missing-client-id")
+        has_local = meta.get(META_HAS_LOCAL, False)
+        return cid, bool(has_local) if isinstance(has_local, bool) else False
+    except ReplyRejected:
+        raise
+    except Exception as e:
+        raise ReplyRejected("malformed", f"{type(e).__name__}: {str(e)[:200]}") from None
+
+
+def count_reasons(reasons: Mapping[str, int]) -> dict[str, int]:
+    """Metric entries ``{"rejected-replies": n, "rejected.<reason>": n_reason}``."""
+    out = {"rejected-replies": int(sum(reasons.values()))}
+    for r, c in sorted(reasons.items()):
+        out[f"rejected.{r}"] = int(c)
+    return out

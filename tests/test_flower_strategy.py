@@ -1,0 +1,328 @@
+"""PSFedAvg: sampling, selector context, shared payloads, dtype, defenses, adversary, metering,
+dropouts and rejected replies (in-process Grid, no Ray)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from torch import nn
+
+from psfed_robust.core.aggregation import psofed_server_step
+from psfed_robust.core.mask import Mask
+from psfed_robust.core.selectors import (
+    ClientSpecificMaskSelector,
+    GradientBasedSelector,
+    MaskSelector,
+    StructuredMaskSelector,
+    TopKMagnitudeSelector,
+)
+from psfed_robust.flower import (
+    PSFedAvg,
+    PSFedClient,
+    ServerAdversary,
+    arrays_from_model,
+    make_client_app,
+    make_selector,
+)
+from psfed_robust.flower.protocol import KEY_DOWN, KEY_INIT, MSG_QUERY, MSG_TRAIN
+from psfed_robust.flower.testing import LocalGrid, StaticGrid, build_train_reply
+
+D_IN = 6
+
+
+def model_fn() -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(D_IN, 4), nn.Tanh(), nn.Linear(4, 1))
+
+
+def data(cid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(cid)
+    x = torch.randn(20, D_IN, generator=g)
+    return x, x.sum(dim=1, keepdim=True)
+
+
+class Client(PSFedClient):
+    def train_local(self, config: dict[str, Any]) -> int:
+        x, y = data(int(self.client_id))  # type: ignore[arg-type]
+        opt = torch.optim.SGD(self.model.parameters(), lr=0.05)
+        for _ in range(2):
+            opt.zero_grad()
+            loss = ((self.model(x) - y) ** 2).mean()
+            loss.backward()
+            opt.step()
+        self.train_metrics["train-loss"] = float(loss.detach())
+        return 20
+
+    def evaluate_local(self, config: dict[str, Any]) -> tuple[float, int, dict[str, float]]:
+        x, y = data(int(self.client_id))  # type: ignore[arg-type]
+        with torch.no_grad():
+            loss = float(((self.model(x) - y) ** 2).mean())
+        return loss, 20, {"mse": loss}
+
+
+def app() -> Any:
+    return make_client_app(lambda ctx: Client(model_fn()))
+
+
+def strategy(n: int, **kw: Any) -> PSFedAvg:
+    kw.setdefault("mask_fraction", 0.5)
+    kw.setdefault("mask_seed", 1)
+    return PSFedAvg(min_train_nodes=n, min_available_nodes=n, min_evaluate_nodes=n, **kw)
+
+
+class Spy(MaskSelector):
+    """Records the context each select() call gets."""
+
+    def __init__(self, inner: MaskSelector) -> None:
+        super().__init__(inner.fraction)
+        self.inner = inner
+        self.calls: list[dict[str, Any]] = []
+        type(self).required_context = inner.required_context  # type: ignore[misc]
+        type(self).per_client = inner.per_client  # type: ignore[misc]
+
+    def select(self, num_parameters: int, round_num: int, **context: Any) -> Mask:
+        self.calls.append({"round": round_num, **context})
+        return self.inner.select(num_parameters, round_num, **context)
+
+
+# ---------------------------------------------------------------------------- sampling
+def test_waits_for_min_available_nodes_before_sampling() -> None:
+    class GrowingGrid(StaticGrid):
+        def __init__(self) -> None:
+            super().__init__(range(1, 11))
+            self.calls = 0
+
+        def get_node_ids(self) -> list[int]:
+            self.calls += 1
+            return list(range(1, 11))[: min(10, 2 * self.calls)]
+
+    s = PSFedAvg(min_train_nodes=2, min_available_nodes=10, fraction_train=0.5,
+                 poll_interval=0.0)
+    msgs = list(s.configure_train(1, ArrayRecord({"w": Array(np.zeros(8, np.float32))}),
+                                  ConfigRecord(), GrowingGrid()))
+    assert len(msgs) == 5  # 0.5 x 10, not 0.5 x 2 (Flower's round-1 under-sampling)
+
+
+def test_shared_payload_object_and_dtype_float64() -> None:
+    s = strategy(4, mask_strategy="random")
+    g = np.arange(30, dtype=np.float64)
+    arrays = ArrayRecord({"a": Array(g[:10].reshape(2, 5)), "b": Array(g[10:])})
+    msgs = list(s.configure_train(1, arrays, ConfigRecord({"lr": 0.1}), StaticGrid([5, 6, 7, 8])))
+    assert len({id(m.content) for m in msgs}) == 1  # one RecordDict -> uploaded once
+    assert all(m.metadata.message_type == MSG_TRAIN for m in msgs)
+    assert KEY_INIT in msgs[0].content and KEY_DOWN in msgs[0].content
+    replies = [build_train_reply(m, s._sent[m.metadata.dst_node_id].mask,
+                                 np.full(15, 1.5, np.float64), client_id=i, num_examples=3)
+               for i, m in enumerate(msgs)]
+    out, metrics = s.aggregate_train(1, replies)
+    assert out is not None and metrics is not None
+    assert out["a"].dtype == "float64" and tuple(out["a"].shape) == (2, 5)
+    mask = s.current_mask
+    assert mask is not None
+    flat = np.concatenate([out["a"].numpy().ravel(), out["b"].numpy()])
+    np.testing.assert_array_equal(flat[mask.data], 1.5)
+    np.testing.assert_array_equal(flat[~mask.data], g[~mask.data])
+    assert metrics["bytes-down-unique"] < metrics["bytes-down-total"]
+
+
+# ---------------------------------------------------------------------------- selector context
+def test_topk_gets_flat_model_and_structured_gets_layout() -> None:
+    for inner in (TopKMagnitudeSelector(0.25), StructuredMaskSelector(0.5)):
+        spy = Spy(inner)
+        s = strategy(3, mask_selector=spy)
+        arrays = arrays_from_model(model_fn())
+        s.configure_train(1, arrays, ConfigRecord(), StaticGrid([1, 2, 3]))
+        assert len(spy.calls) == 1  # one selection for all clients (client-independent)
+        fm = spy.calls[0]["flat_model"]
+        np.testing.assert_allclose(fm.flatten_numpy(), s.global_flat)
+        assert [i.name for i in fm.tensor_infos] == list(arrays.keys())
+    mask = s.current_mask
+    assert mask is not None and 0 < mask.count < s.num_parameters
+
+
+def test_client_specific_gets_stable_ids_and_masks_differ() -> None:
+    spy = Spy(ClientSpecificMaskSelector(0.4, seed=9))
+    s = strategy(3, mask_selector=spy, evaluation="none")
+    grid = LocalGrid(app(), 3, node_configs=[{"partition-id": p} for p in (7, 8, 9)])
+    s.start(grid, arrays_from_model(model_fn()), num_rounds=2)
+    assert sorted({c["client_id"] for c in spy.calls}) == [7, 8, 9]
+    assert any(m.metadata.message_type == MSG_QUERY for m in grid.sent)  # identity query
+    masks = list(s._last_masks.values())
+    assert masks[0] != masks[1]
+    assert all(h["accepted-replies"] == 3 for h in s.history)
+
+
+def test_gradient_selector_gets_client_scores_after_round_one() -> None:
+    spy = Spy(GradientBasedSelector(0.3))
+    s = strategy(2, mask_selector=spy, evaluation="none")
+    grid = LocalGrid(app(), 2)
+    s.start(grid, arrays_from_model(model_fn()), num_rounds=3)
+    assert spy.calls, "selector never called"
+    assert min(c["round"] for c in spy.calls) == 2  # round 1: documented random fallback
+    for c in spy.calls:
+        assert c["gradients"].shape == (s.num_parameters,)
+        assert np.all(np.isfinite(c["gradients"]))
+    assert all(h["accepted-replies"] == 2 for h in s.history)
+
+
+def test_mask_strategy_strings() -> None:
+    for name in ("random", "topk", "gradient", "structured", "client_specific", "round_robin",
+                 "round_robin_per_client"):
+        assert isinstance(make_selector(name, 0.5, 1), MaskSelector)
+    with pytest.raises(ValueError, match="allowed"):
+        make_selector("nope", 0.5)
+
+
+# ---------------------------------------------------------------------------- aggregation
+def _round_inputs(s: PSFedAvg, n: int = 4) -> tuple[list[Message], np.ndarray]:
+    g0 = np.linspace(-1, 1, 16).astype(np.float32)
+    msgs = list(s.configure_train(1, ArrayRecord({"w": Array(g0)}), ConfigRecord(),
+                                  StaticGrid(range(10, 10 + n), {10 + i: i for i in range(n)})))
+    return msgs, g0
+
+
+@pytest.mark.parametrize("mode", ["fill", "reporters"])
+def test_median_defense_both_modes(mode: str) -> None:
+    s = strategy(5, mask_strategy="client_specific", mask_fraction=0.5, aggregator="median",
+                 aggregation_mode=mode)
+    msgs, g0 = _round_inputs(s, 5)
+    replies, rows, masks = [], [], []
+    for i, m in enumerate(msgs):
+        mask = s._sent[m.metadata.dst_node_id].mask
+        vals = np.full(mask.count, 1.0 if i < 4 else 1e6, np.float32)  # one outlier
+        replies.append(build_train_reply(m, mask, vals, client_id=i, num_examples=1))
+        u = g0.copy()
+        u[mask.data] = vals
+        rows.append(u)
+        masks.append(mask.data)
+    out, _ = s.aggregate_train(1, replies)
+    assert out is not None
+    got = out["w"].numpy()
+    from defenses import get_defense
+
+    ref = get_defense("median")(torch.tensor(np.stack(rows)), torch.tensor(np.stack(masks)),
+                                torch.tensor(g0), mode=mode).numpy()
+    np.testing.assert_allclose(got, ref)
+    reporters = np.stack(masks).sum(axis=0)
+    robust = np.ones_like(reporters, dtype=bool) if mode == "fill" else reporters >= 3
+    assert np.all(np.abs(got[robust]) < 10)  # the outlier never wins a 3+-row median
+
+
+def test_mean_fill_is_psofed_step_with_weighting() -> None:
+    for weighting, w in (("participants", 1 / 4), ("all", 1 / 4), ("expected", 1 / 4)):
+        s = strategy(4, weighting=weighting)
+        msgs, g0 = _round_inputs(s)
+        mask = s._sent[msgs[0].metadata.dst_node_id].mask
+        replies = [build_train_reply(m, mask, np.full(mask.count, float(i), np.float32),
+                                     client_id=i) for i, m in enumerate(msgs)]
+        out, _ = s.aggregate_train(1, replies)
+        assert out is not None
+        u = torch.tensor(g0).repeat(4, 1)
+        for i in range(4):
+            u[i, torch.from_numpy(mask.indices)] = float(i)
+        mk = torch.from_numpy(mask.data.copy()).repeat(4, 1)
+        ref = psofed_server_step(u, mk, torch.tensor(g0), weights=torch.full((4,), w))
+        np.testing.assert_allclose(out["w"].numpy(), ref.numpy(), rtol=1e-6)
+
+
+def test_server_side_omniscient_adversary() -> None:
+    s_honest = strategy(4, evaluation="none")
+    s_attacked = strategy(4, evaluation="none",
+                          adversary=ServerAdversary("ipm", {0, 1}, params={"epsilon": 5.0}))
+    init = arrays_from_model(model_fn())
+    s_honest.start(LocalGrid(app(), 4), init, num_rounds=1)
+    s_attacked.start(LocalGrid(app(), 4), init, num_rounds=1)
+    g0 = np.concatenate([a.numpy().ravel() for a in init.values()])
+    mask = s_honest.current_mask
+    assert mask is not None
+    d_h = s_honest.global_flat - g0
+    d_a = s_attacked.global_flat - g0
+    # IPM with eps=5 from half the clients flips the aggregate step on the shared coordinates
+    assert float(np.dot(d_h[mask.data], d_a[mask.data])) < 0
+    np.testing.assert_array_equal(d_a[~mask.data], 0)
+
+
+# ---------------------------------------------------------------------------- failures
+def test_dropouts_round_completes_and_all_dropped_keeps_model() -> None:
+    s = strategy(4, evaluation="none")
+    dropped = LocalGrid(app(), 4, drop=lambda nid, msg: nid == min(grid_ids))
+    grid_ids = list(dropped.get_node_ids())
+    s.start(dropped, arrays_from_model(model_fn()), num_rounds=2)
+    assert [h["accepted-replies"] for h in s.history] == [3, 3]
+    assert all(h["missing-replies"] == 1 for h in s.history)
+
+    s2 = strategy(3, evaluation="none")
+    init = arrays_from_model(model_fn())
+    s2.start(LocalGrid(app(), 3, drop=lambda nid, msg: True), init, num_rounds=2)
+    g0 = np.concatenate([a.numpy().ravel() for a in init.values()])
+    assert s2.global_flat.tobytes() == g0.tobytes()
+
+
+def test_tampered_replies_rejected_with_reasons_and_accept_failures() -> None:
+    def tamper(nid: int, reply: Message) -> Message:
+        if nid != bad:
+            return reply
+        c = reply.content
+        c["psfed.metrics"]["num-examples"] = 0
+        return Message(RecordDict(dict(c.items())), reply_to=reply_to[nid])
+
+    grid = LocalGrid(app(), 4, tamper=tamper, serialize=False)
+    bad = sorted(grid.get_node_ids())[0]
+    reply_to: dict[int, Message] = {}
+    orig = grid._call
+
+    def call(msg: Message) -> Message | None:
+        reply_to[msg.metadata.dst_node_id] = msg
+        return orig(msg)
+
+    grid._call = call  # type: ignore[method-assign]
+    s = strategy(4, evaluation="none")
+    s.start(grid, arrays_from_model(model_fn()), num_rounds=2)
+    assert all(h["rejected.bad-num-examples"] == 1 for h in s.history)
+    assert all(h["accepted-replies"] == 3 for h in s.history)
+
+    s2 = strategy(4, evaluation="none", accept_failures=False)
+    init = arrays_from_model(model_fn())
+    s2.start(grid, init, num_rounds=1)
+    g0 = np.concatenate([a.numpy().ravel() for a in init.values()])
+    assert s2.global_flat.tobytes() == g0.tobytes()
+
+
+def test_client_exception_becomes_message_error() -> None:
+    s = strategy(2, evaluation="none")
+    grid = LocalGrid(app(), 2, node_configs=[{"partition-id": 0}, {"no-id": 1}])
+    s.start(grid, arrays_from_model(model_fn()), num_rounds=1)
+    assert s.history[0]["rejected.message-error"] == 1
+    assert s.history[0]["accepted-replies"] == 1
+
+
+# ---------------------------------------------------------------------------- metering
+def test_bytes_metrics_present_and_about_fraction_of_dense() -> None:
+    big = nn.Linear(200, 100)  # 20,100 parameters
+
+    class Noop(PSFedClient):
+        def train_local(self, config: dict[str, Any]) -> int:
+            with torch.no_grad():
+                for p in self.model.parameters():
+                    p.add_(0.01)
+            return 1
+
+    for frac in (0.25, 0.5):
+        s = strategy(3, mask_fraction=frac, evaluation="none")
+        grid = LocalGrid(make_client_app(lambda ctx: Noop(nn.Linear(200, 100))), 3)
+        res = s.start(grid, arrays_from_model(big), num_rounds=2)
+        m = res.train_metrics_clientapp[2]  # round 2: no first-contact init
+        dense = m["bytes-dense-per-client"]
+        assert dense > 4 * 20_100
+        for key in ("bytes-down-per-client", "bytes-up-per-client"):
+            ratio = m[key] / dense
+            assert frac - 0.01 < ratio < frac + 0.03, (key, ratio)
+        assert m["bytes-up-floor-per-client"] <= m["bytes-up-per-client"]
+        assert m["bytes-down-floor-per-client"] <= m["bytes-down-per-client"]
+        assert m["bytes-down-unique"] < m["bytes-down-total"]
+        first = res.train_metrics_clientapp[1]
+        assert first["bytes-down-per-client"] > dense  # first contact carries the dense init
