@@ -22,6 +22,16 @@ X_PREFERENCE = (
 )
 
 
+def short_key(key: str) -> str:
+    """``sharing.fraction`` -> ``fraction``; ``attack.name`` -> ``attack``; params keep a prefix."""
+    parts = key.split(".")
+    if parts[-1] == "name":
+        return parts[0]
+    if "params" in parts:
+        return f"{parts[0]}.{parts[-1]}"
+    return parts[-1]
+
+
 def _num(v: Any, digits: int = 2) -> str:
     if v is None or (isinstance(v, float) and (math.isnan(v))):
         return "–"
@@ -38,7 +48,7 @@ def markdown_table(scenario: Scenario, rows: Sequence[dict[str, Any]]) -> str:
         by_point[int(r["point"])][str(r["metric"])] = r
     metrics = sorted({str(r["metric"]) for r in rows})
     online = any(m.endswith("_mse") for m in metrics)
-    head = [k.split(".", 1)[-1] if k.count(".") <= 1 else k for k in keys]
+    head = [short_key(k) for k in keys]
     if online:
         head += ["global MSE (dB)", "95% CI", "theory (dB)", "local MSE (dB)"]
     else:
@@ -110,9 +120,9 @@ def make_plots(
                 continue
             ys = part["curves"][main_metric]
             ys = [_db(y) for y in ys] if is_mse else ys
-            label = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in p.values if k != facet_key)
+            label = ", ".join(f"{short_key(k)}={v}" for k, v in p.values if k != facet_key)
             ax.plot(part["rounds"], ys, lw=1.2, label=label or "base")
-        ax.set_title(f"{facet_key.split('.')[-1]} = {fv}" if facet_key else scenario.name)
+        ax.set_title(f"{short_key(facet_key)} = {fv}" if facet_key else scenario.name)
         ax.set_xlabel("iteration" if is_mse else "round")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(f"{main_metric} (dB)" if is_mse else main_metric)
@@ -140,7 +150,7 @@ def make_plots(
         for i, (other, pts) in enumerate(groups.items()):
             pts.sort(key=lambda t: t[0])
             color = f"C{i % 10}"
-            label = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in other) or "simulation"
+            label = ", ".join(f"{short_key(k)}={v}" for k, v in other) or "simulation"
             ax.plot([t[0] for t in pts], [math.nan if t[1] is None else t[1] for t in pts], "o-",
                     color=color, label=label)
             th = [(t[0], t[2]) for t in pts if t[2] is not None]

@@ -262,7 +262,9 @@ class SweepPoint:
 
     @property
     def label(self) -> str:
-        return ", ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in self.values) or "base"
+        from experiments.report import short_key
+
+        return ", ".join(f"{short_key(k)}={_fmt(v)}" for k, v in self.values) or "base"
 
     def get(self, dotted: str) -> Any:
         return _get(self.config, dotted)
