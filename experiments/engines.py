@@ -101,7 +101,7 @@ def theory_for_point(point: SweepPoint) -> dict[str, float] | None:
     cfg = online_config(point, seed=0, runs=1)
     try:
         theory.check_supported(cfg)
-    except ValueError:
+    except (ValueError, NotImplementedError):
         return None
     steady = theory.steady_state(cfg)
     mu_opt, _ = theory.optimal_stepsize(cfg)

@@ -114,6 +114,10 @@ def make_plots(
     facets = scenario.sweep[facet_key] if facet_key else [None]
     fig, axes = plt.subplots(1, len(facets), figsize=(5 * len(facets), 4), squeeze=False,
                              sharey=True)
+    x_vals = list(scenario.sweep[x_key]) if x_key else []
+    other_keys = [k for k in keys if k not in (x_key, facet_key)]
+    other_combos = sorted({tuple(p.get(k) for k in other_keys) for p in points}, key=str)
+    styles = ["-", "--", ":", "-."]
     for ax, fv in zip(axes[0], facets, strict=True):
         for p, part in zip(points, parts, strict=True):
             if facet_key and p.get(facet_key) != fv:
@@ -121,7 +125,12 @@ def make_plots(
             ys = part["curves"][main_metric]
             ys = [_db(y) for y in ys] if is_mse else ys
             label = ", ".join(f"{short_key(k)}={v}" for k, v in p.values if k != facet_key)
-            ax.plot(part["rounds"], ys, lw=1.2, label=label or "base")
+            ci = x_vals.index(p.get(x_key)) if x_key else 0
+            combo = tuple(p.get(k) for k in other_keys)
+            li = other_combos.index(combo) if combo in other_combos else 0
+            ax.plot(part["rounds"], ys, lw=1.2, label=label or "base", color=f"C{ci % 10}",
+                    linestyle=styles[li % len(styles)],
+                    marker=None if li < len(styles) else ".", markevery=10)
         ax.set_title(f"{short_key(facet_key)} = {fv}" if facet_key else scenario.name)
         ax.set_xlabel("iteration" if is_mse else "round")
         ax.grid(alpha=0.3)
@@ -158,6 +167,11 @@ def make_plots(
                 ax.plot([t[0] for t in th], [t[1] for t in th], "x--", color=color, alpha=0.8,
                         label=f"theory ({label})" if len(groups) <= 4 else None)
         ax.set_xlabel(x_key)
+        xs_all = [t[0] for g in groups.values() for t in g]
+        if x_key in ("sharing.fraction", "sharing.count", "federation.stepsize",
+                     "attack.params.sigma") and all(isinstance(v, int | float) and v > 0
+                                                    for v in xs_all):
+            ax.set_xscale("log", base=2)
         ax.set_ylabel(f"steady-state {main_metric}" + (" (dB)" if is_mse else ""))
         ax.grid(alpha=0.3)
         if len(groups) <= 14:
@@ -179,22 +193,28 @@ def make_plots(
         gvals = scenario.sweep[group_key] if group_key else [None]
         fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(gvals) * len(defs) / 2), 4.5))
         width = 0.8 / len(defs)
-        for j, d in enumerate(defs):
+        table: list[list[float]] = []
+        for d in defs:
             ys = []
             for gv in gvals:
                 vals = [value(part, main_metric) for p, part in zip(points, parts, strict=True)
                         if p.get("defense.name") == d and (group_key is None
                                                            or p.get(group_key) == gv)]
-                found = [float(v) for v in vals if v is not None]
+                found = [float(v) for v in vals if v is not None and math.isfinite(float(v))]
                 ys.append(min(found) if found else float("nan"))
+            table.append(ys)
+        finite = [v for row in table for v in row if math.isfinite(v)]
+        base = (min(finite) - 3.0) if (is_mse and finite) else 0.0
+        for j, (d, ys) in enumerate(zip(defs, table, strict=True)):
             xs = [i + j * width for i in range(len(gvals))]
-            ax.bar(xs, ys, width=width, label=d)
+            ax.bar(xs, [y - base for y in ys], width=width, bottom=base, label=d)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(gvals))])
         ax.set_xticklabels([str(g) for g in gvals])
         ax.set_xlabel(group_key or "")
-        ax.set_ylabel(f"best steady-state {main_metric}" + (" (dB)" if is_mse else ""))
+        ax.set_ylabel(f"best steady-state {main_metric}" + (" (dB, lower is better)" if is_mse
+                                                             else ""))
         ax.set_title(f"{scenario.name}: defenses (best over the other swept keys)")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         ax.grid(alpha=0.3, axis="y")
         fig.tight_layout()
         f3 = out / "defense_comparison.png"
