@@ -4,9 +4,22 @@ Importing this package imports every attack module so the registry is complete::
 
     from attacks import get_attack, list_attacks
     atk = get_attack("alie", z_mode="paper")
+    sent = atk(deltas, ctx)          # deltas [..., K, D], ctx: AttackContext
 """
 
-from attacks import gaussian  # noqa: F401  (registers "gaussian")
+from attacks import (  # noqa: F401  (each import registers its attack)
+    alie,
+    gaussian,
+    ipm,
+    label_flip,
+    mask_aware,
+    min_max,
+    min_sum,
+    random_noise,
+    scaling,
+    sign_flip,
+    zero,
+)
 from attacks._params import ParamError
 from attacks.base import (
     Attack,
@@ -14,8 +27,11 @@ from attacks.base import (
     FunctionAttack,
     attack_class,
     get_attack,
+    honest_statistics,
     list_attacks,
     register_attack,
+    shared_masks,
+    write_shared,
 )
 
 __all__ = [
@@ -25,6 +41,9 @@ __all__ = [
     "ParamError",
     "attack_class",
     "get_attack",
+    "honest_statistics",
     "list_attacks",
     "register_attack",
+    "shared_masks",
+    "write_shared",
 ]

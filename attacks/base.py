@@ -31,8 +31,11 @@ __all__ = [
     "FunctionAttack",
     "ParamError",
     "get_attack",
+    "honest_statistics",
     "list_attacks",
     "register_attack",
+    "shared_masks",
+    "write_shared",
 ]
 
 
@@ -248,3 +251,44 @@ def get_attack(name: str, **params: Any) -> Attack:
     cls = attack_class(name)
     unknown_params(f"attack {name!r}", params, cls.param_names())
     return cls(**params)
+
+
+def shared_masks(deltas: Tensor, ctx: AttackContext) -> Tensor:
+    """``[..., K, D]`` bool uplink masks (all True when ``ctx.masks`` is None)."""
+    if ctx.masks is None:
+        return torch.ones(deltas.shape, dtype=torch.bool, device=deltas.device)
+    return ctx.masks.to(torch.bool).expand(deltas.shape)
+
+
+def honest_statistics(
+    deltas: Tensor, ctx: AttackContext, ddof: int = 0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Mask-aware per-coordinate mean, std and count of the honest deltas ``[..., D]`` each.
+
+    Statistics run over the honest participants (``~malicious & participants``) that *report* the
+    coordinate (``ctx.masks``), never over clients that did not send it. Coordinates with no honest
+    reporter get mean 0, std 0 and count 0; the std is 0 where ``count <= ddof``.
+    """
+    x = Attack.honest_deltas(deltas, ctx)
+    rows = Attack.honest_rows(deltas, ctx)
+    m = shared_masks(deltas, ctx) & rows.unsqueeze(-1)
+    mf = m.to(x.dtype)
+    count = mf.sum(dim=-2)
+    xz = torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    mu = xz.sum(dim=-2) / count.clamp_min(1.0)
+    dev = torch.where(m, x - mu.unsqueeze(-2), torch.zeros((), dtype=x.dtype, device=x.device))
+    var = dev.square().sum(dim=-2) / (count - ddof).clamp_min(1.0)
+    var = torch.where(count > ddof, var, torch.zeros_like(var))
+    return mu, var.sqrt(), count
+
+
+def write_shared(deltas: Tensor, crafted: Tensor, ctx: AttackContext, where: Tensor) -> Tensor:
+    """Write ``crafted`` into active rows on their shared coordinates where ``where`` holds.
+
+    ``where`` is ``[..., D]`` or ``[..., K, D]`` (e.g. "some honest client reported it"). Unshared
+    coordinates never reach the server, so they keep the attacker's own delta.
+    """
+    rows = Attack.active_rows(deltas, ctx).unsqueeze(-1)
+    sel = rows & shared_masks(deltas, ctx)
+    sel = sel & (where.unsqueeze(-2) if where.dim() == deltas.dim() - 1 else where)
+    return torch.where(sel, crafted.to(deltas.dtype).expand_as(deltas), deltas)

@@ -7,7 +7,16 @@ Importing this package imports every defense module so the registry is complete:
     new_global = agg(updates, masks, global_model, participants=part, mode="reporters")
 """
 
-from defenses import mean  # noqa: F401  (registers "mean")
+from defenses import (  # noqa: F401  (each import registers its defense)
+    bulyan,
+    centered_clipping,
+    geometric_median,
+    krum,
+    mean,
+    median,
+    norm_clipping,
+    trimmed_mean,
+)
 from defenses.base import (
     Aggregator,
     CoordinatewiseAggregator,

@@ -152,22 +152,26 @@ class Aggregator:
 class CoordinatewiseAggregator(Aggregator):
     """A rule that acts on each coordinate independently (median, trimmed mean, ...).
 
-    Implement ``coordinatewise(x, valid) -> value`` over the valid entries of each column
-    ``x[..., :, d]``; both modes then share it: in fill mode every participant is valid on every
-    coordinate, in reporters mode only the reporters are. Columns with count 0 keep the global
-    value.
+    Implement ``coordinatewise(x, valid, count) -> value [..., D]`` over the valid entries of each
+    column ``x[..., :, d]`` (``valid`` None = all rows valid; ``count`` broadcastable to
+    ``[..., D]``, the number of valid rows). Both modes share it: in fill mode every participant
+    is valid on every coordinate, in reporters mode only the reporters are. Columns with no valid
+    row keep the global value.
     """
 
-    def coordinatewise(self, x: Tensor, valid: Tensor) -> Tensor:
+    def coordinatewise(self, x: Tensor, valid: Tensor | None, count: Tensor) -> Tensor:
         raise NotImplementedError
 
     def dense(
         self, x: Tensor, part: Tensor, global_model: Tensor, weights: Tensor | None
     ) -> Tensor:
+        if bool(part.all()):
+            k = torch.full((), x.shape[-2], dtype=torch.long, device=x.device)
+            return self.coordinatewise(x, None, k)
         valid = part.unsqueeze(-1).expand(x.shape)
-        out = self.coordinatewise(x, valid)
-        has = part.any(dim=-1, keepdim=True)
-        return torch.where(has, out, global_model)
+        count = part.sum(dim=-1, keepdim=True)
+        out = self.coordinatewise(x, valid, count)
+        return torch.where(count > 0, out, global_model)
 
     def reporters(
         self,
@@ -177,8 +181,9 @@ class CoordinatewiseAggregator(Aggregator):
         global_model: Tensor,
         weights: Tensor | None,
     ) -> Tensor:
-        out = self.coordinatewise(x, valid)
-        return torch.where(valid.any(dim=-2), out, global_model)
+        count = valid.sum(dim=-2)
+        out = self.coordinatewise(x, valid, count)
+        return torch.where(count > 0, out, global_model)
 
 
 class FunctionAggregator(Aggregator):

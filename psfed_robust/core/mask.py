@@ -11,6 +11,7 @@ receiver regenerates it — so the wire codec can send the spec instead of the m
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,7 +94,14 @@ class SeedSpec:
             raise ValueError(f"SeedSpec kind 'none' needs count == 0, got {self.count}")
 
     def materialize(self) -> Mask:
-        """Regenerate the mask this spec describes."""
+        """Regenerate the mask this spec describes.
+
+        Masks are immutable, so the last few regenerated masks are cached by spec: the server
+        decodes one reply per client against the same seeded mask it sent (one draw, not 1+2K).
+        """
+        return _materialize_cached(self)
+
+    def _materialize(self) -> Mask:
         if self.kind == "all":
             data = np.ones(self.size, dtype=bool)
         elif self.kind == "none":
@@ -115,6 +123,11 @@ class SeedSpec:
             data = np.zeros(self.size, dtype=bool)
             data[idx] = True
         return Mask._trusted(data, self)
+
+
+@functools.lru_cache(maxsize=32)
+def _materialize_cached(spec: SeedSpec) -> Mask:
+    return spec._materialize()
 
 
 class Mask:

@@ -253,7 +253,10 @@ class PSFedClient:
             meta_rec[META_CLIENT_ID] = self.client_id
 
     def _local_dtype(self) -> np.dtype[Any]:
-        return self.flat_model.flatten_numpy()[:0].dtype
+        dt = self.flat_model.dtype
+        if dt == torch.bfloat16:  # numpy has no bfloat16: flatten_numpy widens it
+            return np.dtype(np.float32)
+        return np.dtype(torch.empty(0, dtype=dt).numpy().dtype)
 
     def _decode_down(self, content: RecordDict, size: int) -> tuple[Mask, npt.NDArray[Any]] | None:
         if KEY_DOWN not in content:
@@ -300,7 +303,10 @@ class PSFedClient:
         if mask is None or values is None:
             raise ValueError("train message without a downlink payload")
         dtype = local.dtype
-        local[mask.data] = values.astype(dtype, copy=False)
+        if mask.count == size:  # dense downlink: no boolean scatter
+            local = values.astype(dtype, copy=True)
+        else:
+            local[mask.data] = values.astype(dtype, copy=False)
         reference = local.copy()
         self.reference = reference
         self.current_mask = mask
@@ -352,8 +358,9 @@ class PSFedClient:
                 )
 
         self._store(context, new_local, self.server_round)
+        up_values = sent if up_mask.count == size else sent[up_mask.data]
         enc = _wire.encode(
-            up_mask, np.ascontiguousarray(sent[up_mask.data]),
+            up_mask, np.ascontiguousarray(up_values),
             str(cfg.get(CFG_UPLINK_ENCODING, "auto")),
         )
         payload = np.frombuffer(enc.payload, dtype=np.uint8).copy()

@@ -24,18 +24,31 @@ from psfed_robust.core.mask import Mask
 __all__ = ["mask_floor_bytes", "message_bytes", "unique_bytes", "update_floor_bytes"]
 
 
-def message_bytes(msg: Message) -> int:
-    """Bytes of one message as serialized by Flower (every object of its tree once)."""
-    return sum(len(o.deflate()) for o in get_all_nested_objects(msg).values())
+def message_bytes(msg: Message, cache: dict[str, int] | None = None) -> int:
+    """Bytes of one message as serialized by Flower (every object of its tree once).
+
+    ``cache`` maps object ids (SHA-256 of the content) to their deflated size, so objects shared
+    by many messages (a broadcast payload) are serialized once for metering, not once per message.
+    """
+    total = 0
+    for oid, o in get_all_nested_objects(msg).items():
+        if cache is not None and oid in cache:
+            total += cache[oid]
+            continue
+        n = len(o.deflate())
+        if cache is not None:
+            cache[oid] = n
+        total += n
+    return total
 
 
-def unique_bytes(msgs: Iterable[Message]) -> int:
+def unique_bytes(msgs: Iterable[Message], cache: dict[str, int] | None = None) -> int:
     """Bytes of several messages when identical objects are sent once (Flower's dedup)."""
     seen: dict[str, int] = {}
     for m in msgs:
         for oid, o in get_all_nested_objects(m).items():
             if oid not in seen:
-                seen[oid] = len(o.deflate())
+                seen[oid] = cache[oid] if cache is not None and oid in cache else len(o.deflate())
     return sum(seen.values())
 
 

@@ -328,6 +328,7 @@ class PSFedAvg(Strategy):
         self._eval_down: dict[str, float] = {}
         self.current_mask: Mask | None = None
         self.history: list[dict[str, float]] = []
+        self._size_cache: dict[str, int] = {}
 
     # ------------------------------------------------------------------ layout
     @property
@@ -516,6 +517,7 @@ class PSFedAvg(Strategy):
     ) -> tuple[list[Message], dict[int, _Sent]]:
         g, lay = self._global, self._layout
         assert g is not None and lay is not None
+        self._size_cache = {}
         itemsize = lay.dtype.itemsize
         init_rec: ArrayRecord | None = None
         down_cache: dict[int, tuple[Mask, ArrayRecord]] = {}
@@ -569,7 +571,7 @@ class PSFedAvg(Strategy):
             sent[nid] = _Sent(
                 mask=mask if mask is not None else Mask.all_false(lay.size),
                 client_id=cid,
-                bytes=message_bytes(m),
+                bytes=message_bytes(m, self._size_cache),
                 floor=floor,
                 want_scores=want_scores,
             )
@@ -612,7 +614,7 @@ class PSFedAvg(Strategy):
         self._down = {
             "bytes-down-total": float(sum(s.bytes for s in sent.values())),
             "bytes-down-per-client": sum(s.bytes for s in sent.values()) / n,
-            "bytes-down-unique": float(unique_bytes(msgs)),
+            "bytes-down-unique": float(unique_bytes(msgs, self._size_cache)),
             "bytes-down-floor-per-client": sum(s.floor for s in sent.values()) / n,
         }
         return msgs
@@ -753,6 +755,9 @@ class PSFedAvg(Strategy):
     def _aggregate(
         self, server_round: int, valid: list[ValidUpdate], g0: npt.NDArray[Any], lay: _Layout
     ) -> tuple[npt.NDArray[Any] | None, float]:
+        if (self.adversary is None and self.aggregation_mode == "fill"
+                and type(self.aggregator).__name__ == "Mean" and lay.dtype.kind == "f"):
+            return self._mean_fill(valid, g0, lay)
         g = torch.from_numpy(g0.copy())
         k = len(valid)
         upd = g.unsqueeze(0).repeat(k, 1)
@@ -779,6 +784,31 @@ class PSFedAvg(Strategy):
             log(WARNING, "psfed round %d: aggregate not finite; global unchanged", server_round)
             return None, coverage
         return np.array(new_np, copy=True), coverage
+
+    def _mean_fill(
+        self, valid: list[ValidUpdate], g0: npt.NDArray[Any], lay: _Layout
+    ) -> tuple[npt.NDArray[Any] | None, float]:
+        """PSO-Fed's step ``g + Σ_k ω_k T_k (u_k − g)`` without building dense ``[K, D]`` tensors.
+
+        Same math as ``defenses.get_defense("mean")`` in fill mode (accumulated in float64, then
+        cast to the model dtype); O(Σ_k count_k) instead of O(K·D).
+        """
+        w = self._weights(valid, torch.float64).numpy()
+        acc = np.zeros(lay.size, dtype=np.float64)
+        cover = np.zeros(lay.size, dtype=bool)
+        for wi, u in zip(w, valid, strict=True):
+            if u.mask.count == lay.size:
+                acc += wi * (u.values.astype(np.float64) - g0)
+                cover[:] = True
+            elif u.mask.count:
+                idx = u.mask.indices
+                acc[idx] += wi * (u.values.astype(np.float64) - g0[idx])
+                cover[idx] = True
+        new = (g0.astype(np.float64) + acc).astype(lay.dtype)
+        if not bool(np.isfinite(new).all()):
+            log(WARNING, "psfed: aggregate not finite; global unchanged")
+            return None, float(cover.mean()) if lay.size else 0.0
+        return new, float(cover.mean()) if lay.size else 0.0
 
     @staticmethod
     def _mean_user_metrics(items: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
