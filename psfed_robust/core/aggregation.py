@@ -133,9 +133,9 @@ def psofed_server_step(
     """
     _check_shapes(updates, masks, global_model)
     w = _weights_or_uniform(updates, weights, participants)
-    m = effective_masks(updates, masks, participants)
-    diff = torch.where(m, updates - global_model.unsqueeze(-2), torch.zeros((), dtype=updates.dtype,
-                                                                           device=updates.device))
+    diff = updates - global_model.unsqueeze(-2)
+    if masks is not None or participants is not None:  # never read unshared/absent entries
+        diff = diff.masked_fill_(~effective_masks(updates, masks, participants), 0.0)
     step = torch.einsum("...k,...kd->...d", w, diff)
     return global_model + step
 
