@@ -126,7 +126,7 @@ class EncodedUpdate:
 # ====================================================================== CRC helpers
 _CRC_POLY: Final = 0xEDB88320
 #: values at least this long get their CRC computed in a helper thread (zlib releases the GIL)
-_PARALLEL_CRC_BYTES: Final = 1 << 22
+_PARALLEL_CRC_BYTES: Final = 1 << 24  # below this a thread costs more than it overlaps
 
 
 def _multmodp(a: int, b: int) -> int:

@@ -24,6 +24,15 @@ from psfed_robust.core.mask import Mask
 __all__ = ["FlattenedModel", "TensorInfo"]
 
 
+def _all_finite(t: Tensor) -> bool:
+    """NaN/Inf check; numpy's on CPU (torch.isfinite is ~15x slower on one thread)."""
+    if not t.is_floating_point():
+        return True
+    if t.device.type == "cpu" and t.dtype != torch.bfloat16:
+        return bool(np.isfinite(t.detach().numpy()).all())
+    return bool(torch.isfinite(t).all())
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """Where one model tensor lives in the flat vector."""
@@ -176,7 +185,7 @@ class FlattenedModel:
         t = self._as_tensor(flat, "flat")
         if t.numel() != self._num:
             raise ValueError(f"Expected {self._num} parameters, got {t.numel()}")
-        if not bool(torch.isfinite(t.float() if t.is_floating_point() else t.double()).all()):
+        if not _all_finite(t):
             raise ValueError("flat vector contains NaN or Inf")
         with torch.no_grad():
             for info, p in zip(self._infos, self._tensors, strict=True):
@@ -216,7 +225,7 @@ class FlattenedModel:
         if t.numel() != mask.count:
             raise ValueError(f"partial has {t.numel()} values but the mask selects {mask.count}")
         self._check_mask(mask)
-        if t.is_floating_point() and not bool(torch.isfinite(t.float()).all()):
+        if not _all_finite(t):
             raise ValueError("partial values contain NaN or Inf")
         idx = mask.indices
         if idx.size == 0:

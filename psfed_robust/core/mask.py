@@ -10,8 +10,8 @@ receiver regenerates it — so the wire codec can send the spec instead of the m
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
 import functools
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 

@@ -17,11 +17,29 @@ import math
 from collections.abc import Iterable
 
 from flwr.app import Message
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.inflatable import inflatable_object as _inflatable
+from flwr.supercore.inflatable.inflatable_object import (
+    InflatableObject,
+    get_all_nested_objects,
+    no_object_id_recompute,
+)
 
 from psfed_robust.core.mask import Mask
 
 __all__ = ["mask_floor_bytes", "message_bytes", "unique_bytes", "update_floor_bytes"]
+
+
+def _objects(msg: Message) -> dict[str, InflatableObject]:
+    """The message's object tree, hashing each object once (Flower recomputes ids per access).
+
+    Inside an enclosing ``no_object_id_recompute()`` (the strategy wraps a round's metering in
+    one) ids computed for shared objects are reused across messages.
+    """
+    enabled = getattr(_inflatable, "_is_recompute_enabled", lambda: True)()
+    if not enabled:
+        return get_all_nested_objects(msg)
+    with no_object_id_recompute():
+        return get_all_nested_objects(msg)
 
 
 def message_bytes(msg: Message, cache: dict[str, int] | None = None) -> int:
@@ -31,7 +49,7 @@ def message_bytes(msg: Message, cache: dict[str, int] | None = None) -> int:
     by many messages (a broadcast payload) are serialized once for metering, not once per message.
     """
     total = 0
-    for oid, o in get_all_nested_objects(msg).items():
+    for oid, o in _objects(msg).items():
         if cache is not None and oid in cache:
             total += cache[oid]
             continue
@@ -46,7 +64,7 @@ def unique_bytes(msgs: Iterable[Message], cache: dict[str, int] | None = None) -
     """Bytes of several messages when identical objects are sent once (Flower's dedup)."""
     seen: dict[str, int] = {}
     for m in msgs:
-        for oid, o in get_all_nested_objects(m).items():
+        for oid, o in _objects(m).items():
             if oid not in seen:
                 seen[oid] = cache[oid] if cache is not None and oid in cache else len(o.deflate())
     return sum(seen.values())

@@ -25,6 +25,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore import log
+from flwr.supercore.inflatable.inflatable_object import no_object_id_recompute
 from torch import nn
 
 from psfed_robust.core.aggregation import server_weights
@@ -606,7 +607,10 @@ class PSFedAvg(Strategy):
                 shared = self._select(server_round, None)
             return shared
 
-        msgs, sent = self._build_messages(server_round, nodes, cfg, MSG_TRAIN, mask_for, True)
+        with no_object_id_recompute():  # meter shared payloads once, not once per node
+            msgs, sent = self._build_messages(server_round, nodes, cfg, MSG_TRAIN, mask_for,
+                                              True)
+            unique = float(unique_bytes(msgs, self._size_cache))
         self._sent = sent
         self._last_masks = {n: s.mask for n, s in sent.items()}
         self.current_mask = shared[0] if shared is not None else None
@@ -614,7 +618,7 @@ class PSFedAvg(Strategy):
         self._down = {
             "bytes-down-total": float(sum(s.bytes for s in sent.values())),
             "bytes-down-per-client": sum(s.bytes for s in sent.values()) / n,
-            "bytes-down-unique": float(unique_bytes(msgs, self._size_cache)),
+            "bytes-down-unique": unique,
             "bytes-down-floor-per-client": sum(s.floor for s in sent.values()) / n,
         }
         return msgs
@@ -790,21 +794,28 @@ class PSFedAvg(Strategy):
     ) -> tuple[npt.NDArray[Any] | None, float]:
         """PSO-Fed's step ``g + Σ_k ω_k T_k (u_k − g)`` without building dense ``[K, D]`` tensors.
 
-        Same math as ``defenses.get_defense("mean")`` in fill mode (accumulated in float64, then
-        cast to the model dtype); O(Σ_k count_k) instead of O(K·D).
+        Same math as ``defenses.get_defense("mean")`` in fill mode; O(Σ_k count_k) instead of
+        O(K·D).
         """
+        # float32 models accumulate in float32 (like FedAvg's numpy mean), others in float64
+        acc_dtype = np.float32 if lay.dtype == np.float32 else np.float64
         w = self._weights(valid, torch.float64).numpy()
-        acc = np.zeros(lay.size, dtype=np.float64)
+        acc = np.zeros(lay.size, dtype=acc_dtype)
         cover = np.zeros(lay.size, dtype=bool)
+        g = g0.astype(acc_dtype, copy=False)
         for wi, u in zip(w, valid, strict=True):
+            vals = u.values.astype(acc_dtype, copy=False)
             if u.mask.count == lay.size:
-                acc += wi * (u.values.astype(np.float64) - g0)
+                tmp = np.subtract(vals, g)
+                tmp *= acc_dtype(wi)
+                acc += tmp
                 cover[:] = True
             elif u.mask.count:
                 idx = u.mask.indices
-                acc[idx] += wi * (u.values.astype(np.float64) - g0[idx])
+                acc[idx] += acc_dtype(wi) * (vals - g[idx])
                 cover[idx] = True
-        new = (g0.astype(np.float64) + acc).astype(lay.dtype)
+        acc += g
+        new = acc.astype(lay.dtype, copy=False)
         if not bool(np.isfinite(new).all()):
             log(WARNING, "psfed: aggregate not finite; global unchanged")
             return None, float(cover.mean()) if lay.size else 0.0
