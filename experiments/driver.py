@@ -76,11 +76,13 @@ def steady_state(values: np.ndarray, window: float) -> np.ndarray:
 
 
 def _ci(per_run: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
-    m = float(per_run.mean())
-    if per_run.size < 2:
-        return m, float("nan"), float("nan")
-    half = float(stats.t.ppf(0.5 + level / 2, per_run.size - 1) * per_run.std(ddof=1)
-                 / math.sqrt(per_run.size))
+    """Mean and t-interval across runs (NaN bounds when a run diverged to inf/NaN)."""
+    with np.errstate(all="ignore"):
+        m = float(per_run.mean())
+        if per_run.size < 2 or not np.isfinite(per_run).all():
+            return m, float("nan"), float("nan")
+        half = float(stats.t.ppf(0.5 + level / 2, per_run.size - 1) * per_run.std(ddof=1)
+                     / math.sqrt(per_run.size))
     return m, m - half, m + half
 
 

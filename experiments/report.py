@@ -32,6 +32,10 @@ def short_key(key: str) -> str:
     return parts[-1]
 
 
+#: steady states above this many dB are reported as diverged (the model blew up)
+DIVERGED_DB = 60.0
+
+
 def _num(v: Any, digits: int = 2) -> str:
     if v is None or (isinstance(v, float) and (math.isnan(v))):
         return "–"
@@ -71,8 +75,11 @@ def markdown_table(scenario: Scenario, rows: Sequence[dict[str, Any]]) -> str:
             loc = ms.get("local_mse", {})
             ci = (f"[{_num(g.get('ci_low_db'))}, {_num(g.get('ci_high_db'))}]"
                   if g else "–")
-            cells += [_num(g.get("steady_db")), ci, _num(g.get("theory_db")),
-                      _num(loc.get("steady_db"))]
+            gd = g.get("steady_db")
+            if isinstance(gd, float) and gd > DIVERGED_DB:
+                cells += ["diverged", "–", _num(g.get("theory_db")), "diverged"]
+            else:
+                cells += [_num(gd), ci, _num(g.get("theory_db")), _num(loc.get("steady_db"))]
         else:
             cells += [_num(ms[m].get("steady"), 4) if m in ms else "–" for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
@@ -145,42 +152,56 @@ def make_plots(
     plt.close(fig)
     files.append(f1)
 
-    # 2. Steady state against the x key, one line per combination of the other keys.
+    # 2. Steady state against the x key: one panel per facet value, one line per combination of
+    #    the other keys (diverged points are left out and counted in the panel title).
     if x_key is not None:
-        groups: dict[tuple[Any, ...], list[tuple[Any, float | None, float | None]]] = (
-            defaultdict(list)
-        )
-        for p, part in zip(points, parts, strict=True):
-            other = tuple((k, v) for k, v in p.values if k != x_key)
-            theory = next((r.get("theory_db") for r in part["summary"]
-                           if r["metric"] == main_metric), None)
-            groups[other].append((p.get(x_key), value(part, main_metric), theory))
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for i, (other, pts) in enumerate(groups.items()):
-            pts.sort(key=lambda t: t[0])
-            color = f"C{i % 10}"
-            label = ", ".join(f"{short_key(k)}={v}" for k, v in other) or "simulation"
-            ax.plot([t[0] for t in pts], [math.nan if t[1] is None else t[1] for t in pts], "o-",
-                    color=color, label=label)
-            th = [(t[0], t[2]) for t in pts if t[2] is not None]
-            if th:
-                ax.plot([t[0] for t in th], [t[1] for t in th], "x--", color=color, alpha=0.8,
-                        label=f"theory ({label})" if len(groups) <= 4 else None)
-        ax.set_xlabel(x_key)
-        xs_all = [t[0] for g in groups.values() for t in g]
-        if x_key in ("sharing.fraction", "sharing.count", "federation.stepsize",
-                     "attack.params.sigma") and all(isinstance(v, int | float) and v > 0
-                                                    for v in xs_all):
-            ax.set_xscale("log", base=2)
-        ax.set_ylabel(f"steady-state {main_metric}" + (" (dB)" if is_mse else ""))
-        ax.grid(alpha=0.3)
-        if len(groups) <= 14:
-            ax.legend(fontsize=7)
-        ax.set_title(f"{scenario.name}: steady state vs {x_key.split('.')[-1]}"
-                     + (" (x: theory)" if any(t[2] is not None for g in groups.values()
-                                               for t in g) else ""))
+        fig, axes2 = plt.subplots(1, len(facets), figsize=(5.2 * len(facets), 4.6),
+                                  squeeze=False, sharey=True)
+        any_theory = False
+        for ax, fv in zip(axes2[0], facets, strict=True):
+            groups: dict[tuple[Any, ...], list[tuple[Any, float | None, float | None]]] = (
+                defaultdict(list)
+            )
+            for p, part in zip(points, parts, strict=True):
+                if facet_key and p.get(facet_key) != fv:
+                    continue
+                other = tuple((k, v) for k, v in p.values if k not in (x_key, facet_key))
+                theory = next((r.get("theory_db") for r in part["summary"]
+                               if r["metric"] == main_metric), None)
+                groups[other].append((p.get(x_key), value(part, main_metric), theory))
+            diverged = 0
+            for i, (other, pts) in enumerate(groups.items()):
+                pts.sort(key=lambda t: t[0])
+                ok = [t for t in pts if t[1] is not None and math.isfinite(float(t[1]))
+                      and not (is_mse and float(t[1]) > DIVERGED_DB)]
+                diverged += len(pts) - len(ok)
+                li = other_combos.index(tuple(v for _, v in other)) if tuple(
+                    v for _, v in other) in other_combos else i
+                color = f"C{li % 10}"
+                label = ", ".join(f"{short_key(k)}={v}" for k, v in other) or "simulation"
+                ax.plot([t[0] for t in ok], [t[1] for t in ok], "o-", color=color, label=label)
+                th = [(t[0], t[2]) for t in pts if t[2] is not None and math.isfinite(t[2])]
+                if th:
+                    any_theory = True
+                    ax.plot([t[0] for t in th], [t[1] for t in th], "x--", color=color,
+                            alpha=0.9, markersize=9, label=f"theory ({label})")
+            title = f"{short_key(facet_key)} = {fv}" if facet_key else scenario.name
+            ax.set_title(title + (f"  ({diverged} diverged, not shown)" if diverged else ""),
+                         fontsize=10)
+            ax.set_xlabel(x_key)
+            xs_all = [p.get(x_key) for p in points]
+            if x_key in ("sharing.fraction", "sharing.count", "federation.stepsize",
+                         "attack.params.sigma") and all(isinstance(v, int | float) and v > 0
+                                                        for v in xs_all):
+                ax.set_xscale("log", base=2)
+            ax.grid(alpha=0.3)
+            if len(groups) <= 12:
+                ax.legend(fontsize=7)
+        axes2[0][0].set_ylabel(f"steady-state {main_metric}" + (" (dB)" if is_mse else ""))
+        fig.suptitle(f"{scenario.name}: steady state vs {short_key(x_key)}"
+                     + (" (x--: theory)" if any_theory else ""))
         fig.tight_layout()
-        f2 = out / f"steady_vs_{x_key.split('.')[-1]}.png"
+        f2 = out / f"steady_vs_{short_key(x_key).replace('.', '_')}.png"
         fig.savefig(f2, dpi=110)
         plt.close(fig)
         files.append(f2)

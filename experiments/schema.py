@@ -136,8 +136,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "count": Field(int, 0, "Shared entries M per round (0: use fraction).", check=_nonneg,
                        check_doc=">= 0"),
         "coordinated": Field(bool, False, "All clients share the same entries in a round."),
-        "uplink": Field(str, "same", "Uplink mask: the downlink mask of the next round (P1), "
-                        "the same one, or an independent draw.",
+        "uplink": Field(str, "next", "Uplink mask: the downlink mask of the next round (P1's "
+                        "form), the same one as the downlink, or an independent draw.",
                         choices=("next", "same", "independent")),
     },
     "attack": {
