@@ -38,3 +38,16 @@ __all__ = [
     "list_defenses",
     "register_defense",
 ]
+
+
+def _import_all_modules() -> None:
+    """Import every module of this folder, so dropping a new file in registers it."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_all_modules()

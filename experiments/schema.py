@@ -85,6 +85,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
                         check_doc="> 0"),
         "device": Field(str, "cpu", "Torch device for the batched engine.",
                         choices=("cpu", "cuda", "auto")),
+        "plugins": Field(list, [], "Python files (relative to the scenario file) or module "
+                         "names imported first, e.g. to register your own attacks/defenses."),
     },
     "task": {
         "kind": Field(str, "linear", "Learning task.", choices=TASKS),
@@ -400,9 +402,46 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
     return raw
 
 
+def load_plugins(plugins: Iterable[str], base: Path | None = None) -> None:
+    """Import plugin modules (names) or files (paths ending in .py) that register extensions."""
+    import importlib
+    import importlib.util
+    import sys
+
+    for item in plugins:
+        if not isinstance(item, str):
+            raise ScenarioError(f"plugins: entries must be strings, got {item!r}")
+        if item.endswith(".py"):
+            path = Path(item)
+            if not path.is_absolute() and base is not None:
+                path = base / path
+            if not path.is_file():
+                raise ScenarioError(f"plugins: file {str(path)!r} not found")
+            name = "psfed_plugin_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+            if name in sys.modules:
+                continue
+            spec = importlib.util.spec_from_file_location(name, path)
+            if spec is None or spec.loader is None:
+                raise ScenarioError(f"plugins: cannot import {str(path)!r}")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            try:
+                spec.loader.exec_module(module)
+            except Exception as exc:
+                del sys.modules[name]
+                raise ScenarioError(f"plugins: importing {str(path)!r} failed: {exc}") from exc
+        else:
+            try:
+                importlib.import_module(item)
+            except ImportError as exc:
+                raise ScenarioError(f"plugins: cannot import module {item!r}: {exc}") from exc
+
+
 def parse_scenario(raw: Mapping[str, Any], source: str = "<dict>") -> Scenario:
     """Validate a raw table into a :class:`Scenario` (all sweep points are checked)."""
     cfg = _validate_table(raw)
+    base = Path(source).parent if source and not source.startswith("<") else None
+    load_plugins(cfg[""]["plugins"], base)
     sweep_raw = raw.get("sweep", {})
     if not isinstance(sweep_raw, dict):
         raise ScenarioError(f"[sweep] must be a table, got {type(sweep_raw).__name__}")

@@ -14,7 +14,7 @@ import pytest
 
 from experiments.cli import main
 from experiments.driver import run_scenario
-from experiments.schema import parse_scenario
+from experiments.schema import ScenarioError, load_scenario, parse_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -132,7 +132,7 @@ def test_resume_after_sigkill_gives_exact_rows(tmp_path: Path) -> None:
 def test_resume_refuses_a_different_scenario(tmp_path: Path) -> None:
     import tomllib
 
-    from experiments.schema import ScenarioError
+
 
     run_scenario(parse_scenario(tomllib.loads(TINY)), tmp_path, progress=False, stream=None)
     other = parse_scenario(tomllib.loads(TINY.replace("seed = 11", "seed = 12")))
@@ -173,3 +173,48 @@ def test_theory_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["theory", "p2_mse_vs_m", "--set", "runs=2"]) == 0
     out = capsys.readouterr().out
     assert "theory steady-state" in out
+
+
+PLUGIN = '''
+import torch
+from attacks import Attack, AttackContext, register_attack
+
+
+@register_attack("plugin_boost")
+class PluginBoost(Attack):
+    """Send ``factor`` times the honest delta (a README-style extension)."""
+
+    def __init__(self, *, factor: float = 3.0, persistent: bool = False) -> None:
+        super().__init__(persistent=persistent)
+        if factor <= 0:
+            raise ValueError(f"attack 'plugin_boost': 'factor' must be > 0, got {factor}")
+        self.factor = factor
+
+    def craft(self, deltas: torch.Tensor, ctx: AttackContext) -> torch.Tensor:
+        return self.factor * deltas
+'''
+
+
+def test_plugin_attack_usable_by_name_from_a_scenario(tmp_path: Path) -> None:
+    import tomllib
+
+    (tmp_path / "my_attack.py").write_text(PLUGIN)
+    text = TINY.replace('name = "tiny"', 'name = "tiny"\nplugins = ["my_attack.py"]').replace(
+        'name = "gaussian"', 'name = "plugin_boost"').replace(
+        "params = { sigma = 0.5 }", "params = { factor = 50.0 }").replace("p_a = 0.5\n", "")
+    (tmp_path / "s.toml").write_text(text)
+    s = load_scenario(tmp_path / "s.toml", ["sweep.sharing.fraction=[1.0]",
+                                            'sweep.defense.name=["mean"]'])
+    assert "plugin_boost" in __import__("attacks").list_attacks()
+    out = run_scenario(s, tmp_path / "o", progress=False, stream=None)
+    boosted = out.summary_rows[0]["steady_db"]
+    clean = run_scenario(
+        parse_scenario(tomllib.loads(TINY.replace('name = "gaussian"', 'name = "none"')
+                                     .replace("params = { sigma = 0.5 }", "")),
+                       ), tmp_path / "c", progress=False, stream=None
+    ).summary_rows[0]["steady_db"]
+    assert boosted > clean + 3.0  # a 50x boosting attacker hurts the mean
+    bad = text.replace("factor = 50.0", "factor = -1.0")
+    (tmp_path / "bad.toml").write_text(bad)
+    with pytest.raises(ScenarioError, match="factor"):
+        load_scenario(tmp_path / "bad.toml")

@@ -798,21 +798,21 @@ class PSFedAvg(Strategy):
         O(K·D).
         """
         # float32 models accumulate in float32 (like FedAvg's numpy mean), others in float64
-        acc_dtype = np.float32 if lay.dtype == np.float32 else np.float64
-        w = self._weights(valid, torch.float64).numpy()
-        acc = np.zeros(lay.size, dtype=acc_dtype)
-        cover = np.zeros(lay.size, dtype=bool)
-        g = g0.astype(acc_dtype, copy=False)
+        acc_dtype: np.dtype[Any] = np.dtype(np.float32 if lay.dtype == np.float32 else np.float64)
+        w = self._weights(valid, torch.float64).numpy().astype(acc_dtype)
+        acc: npt.NDArray[Any] = np.zeros(lay.size, dtype=acc_dtype)
+        cover: npt.NDArray[np.bool_] = np.zeros(lay.size, dtype=bool)
+        g: npt.NDArray[Any] = g0.astype(acc_dtype, copy=False)
         for wi, u in zip(w, valid, strict=True):
-            vals = u.values.astype(acc_dtype, copy=False)
+            vals: npt.NDArray[Any] = u.values.astype(acc_dtype, copy=False)
             if u.mask.count == lay.size:
                 tmp = np.subtract(vals, g)
-                tmp *= acc_dtype(wi)
+                tmp *= wi
                 acc += tmp
                 cover[:] = True
             elif u.mask.count:
                 idx = u.mask.indices
-                acc[idx] += acc_dtype(wi) * (vals - g[idx])
+                acc[idx] += wi * (vals - g[idx])
                 cover[idx] = True
         acc += g
         new = acc.astype(lay.dtype, copy=False)
