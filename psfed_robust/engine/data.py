@@ -26,7 +26,9 @@ Random draws (all from explicit ``torch.Generator`` objects, in this order):
   noise ``randn [B,K]``; linear — inputs ``randn [B,K,D]`` then noise ``randn [B,K]``.
 
 RFF arguments use one batched matmul (``[x, 1] @ [ω; b]``); values are reproducible on a given
-machine and thread count.
+machine and thread count. ``advance()`` + ``features(start, stop, out)`` split :meth:`next` so that
+the engine computes the regressors one cache-sized chunk of runs at a time (same draws; the
+per-run batched matmul and cosine give the same values for any chunking).
 """
 
 from __future__ import annotations
@@ -65,6 +67,19 @@ class DataStream(Protocol):
 
     def next(self) -> tuple[Tensor, Tensor]:
         """Unscaled regressors ``[B, K, D]`` and targets ``[B, K]`` of the next iteration."""
+        ...
+
+    def advance(self) -> Tensor:
+        """Draw the next iteration (same draws as :meth:`next`); return its targets ``[B, K]``.
+
+        The regressors of runs ``start:stop`` then come from :meth:`features`, identical to
+        ``next()[0][start:stop]`` (so the engine can compute them one cache-sized run chunk at a
+        time).
+        """
+        ...
+
+    def features(self, start: int, stop: int, out: Tensor) -> Tensor:
+        """Unscaled regressors of runs ``start:stop`` of the current iteration (into ``out``)."""
         ...
 
 
@@ -173,6 +188,7 @@ class RFFStream:
         self.test_targets = yt
         self.test_features = rff_features(xt, self.omega, self.b)
         self._z = torch.empty((B, K, dim), device=dev, dtype=dtype)
+        self._views: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
 
     def next(self) -> tuple[Tensor, Tensor]:
         """Advance every client's AR(1) input one step; return ``(c [B,K,D], y [B,K])``.
@@ -180,14 +196,25 @@ class RFFStream:
         ``c = cos(ωᵀx + b)``; the regressor is ``z = feature_scale * c`` (the engine folds the
         scale into scalars). ``c`` is a buffer reused by the next call (copy it to keep it).
         """
+        y = self.advance()
+        return self.features(0, self._xa.shape[0], self._z), y
+
+    def advance(self) -> Tensor:
+        """Advance every client's AR(1) input one step (draws as :meth:`next`); return ``y``."""
         g = self.data_gen
         u = torch.randn(self.x.shape, generator=g, device=self.device, dtype=self.dtype)
         nu = torch.randn(self.x.shape[:-1], generator=g, device=self.device, dtype=self.dtype)
         u.mul_(self.std[..., None]).add_(self.mean[..., None]).mul_(self.innov[..., None])
         self.x.mul_(self.theta[..., None]).add_(u)
-        y = p1_target(self.x).add_(nu.mul_(self.noise_std))
-        c = torch.bmm(self._xa, self._omega_b, out=self._z)  # ωᵀx + b
-        return c.cos_(), y
+        return p1_target(self.x).add_(nu.mul_(self.noise_std))
+
+    def features(self, start: int, stop: int, out: Tensor) -> Tensor:
+        """``cos(ωᵀx + b)`` of runs ``start:stop`` (``[stop-start, K, D]``, into ``out``)."""
+        key = (start, stop)
+        views = self._views.get(key)
+        if views is None:
+            views = self._views[key] = (self._xa[start:stop], self._omega_b[start:stop])
+        return torch.bmm(views[0], views[1], out=out).cos_()  # ωᵀx + b, then cos in place
 
 
 class LinearStream:
@@ -231,13 +258,23 @@ class LinearStream:
         self.test_features = xt
         yt = (xt * self.wstar[:, None, :]).sum(-1)
         self.test_targets = yt + nt * self.noise_std if test_noise else yt
+        self._x = torch.zeros((runs, clients, dim), device=dev, dtype=dtype)
 
     def next(self) -> tuple[Tensor, Tensor]:
         """Fresh white inputs ``x [B,K,D]`` and targets ``y [B,K]``."""
+        y = self.advance()
+        return self._x, y
+
+    def advance(self) -> Tensor:
+        """Draw the next inputs (kept for :meth:`features`) and return the targets ``[B, K]``."""
         g = self.data_gen
         shape = (self.runs, self.clients, self.dim)
         x = torch.randn(shape, generator=g, device=self.device, dtype=self.dtype)
         nu = torch.randn(shape[:-1], generator=g, device=self.device, dtype=self.dtype)
         x.mul_(self.input_std)
-        y = (x * self.wstar[:, None, :]).sum(-1).add_(nu.mul_(self.noise_std))
-        return x, y
+        self._x = x
+        return (x * self.wstar[:, None, :]).sum(-1).add_(nu.mul_(self.noise_std))
+
+    def features(self, start: int, stop: int, out: Tensor) -> Tensor:
+        """The inputs of runs ``start:stop`` (a view of the drawn batch; ``out`` is not used)."""
+        return self._x[start:stop]

@@ -25,9 +25,43 @@ from torch import Tensor
 __all__ = ["MaskPool", "floyd_indices", "floyd_masks", "mask_to_indices", "rotation_table"]
 
 
+def _bounded_ints(rng: np.random.Generator, highs: np.ndarray, n: int, out: np.ndarray) -> None:
+    """``out[i, :]`` ← ``n`` exact uniform integers on ``[0, highs[i])`` (``out``: int64 [m, n]).
+
+    16-bit Lemire multiply-shift with rejection on raw PCG64 output (used for ``highs ≤ 2^12``):
+    ``x`` a uniform 16-bit integer, ``p = x·h``; accept ``p >> 16`` unless
+    ``p mod 2^16 < 2^16 mod h`` (probability ``< h / 2^16``), in which case a fresh ``x`` is
+    drawn for that entry (vectorised over the rejected entries, in order, until none is left).
+    """
+    m = highs.shape[0]
+    h = highs.astype(np.uint32)[:, None]
+    thr = (np.uint32(65536) - h) % h
+    bg = rng.bit_generator
+    raw = bg.random_raw((m * n + 3) // 4).view(np.uint16)[: m * n].reshape(m, n)
+    p = raw.astype(np.uint32)
+    p *= h
+    bad = (p & np.uint32(0xFFFF)) < thr
+    p >>= np.uint32(16)
+    np.copyto(out, p, casting="unsafe")
+    if not bad.any():
+        return
+    flat = np.flatnonzero(bad)  # rejected entries, row-major order
+    rows, cols = flat // n, flat % n
+    while rows.size:
+        hr = h[rows, 0]
+        x = bg.random_raw((rows.size + 3) // 4).view(np.uint16)[: rows.size].astype(np.uint32)
+        x *= hr
+        ok = (x & np.uint32(0xFFFF)) >= thr[rows, 0]
+        out[rows[ok], cols[ok]] = x[ok] >> np.uint32(16)
+        rows, cols = rows[~ok], cols[~ok]
+
+
 def _floyd(rows: int, dim: int, m: int, generator: torch.Generator, device: torch.device,
-           backend: str) -> tuple[Tensor, Tensor]:
-    """Floyd's algorithm for ``m`` of ``dim``: ``(masks [rows, dim] bool, picks [rows, m])``."""
+           backend: str, want_masks: bool = True) -> tuple[Tensor | None, Tensor]:
+    """Floyd's algorithm for ``m`` of ``dim``: ``(masks [rows, dim] bool, picks [rows, m])``.
+
+    ``want_masks=False`` skips building the bool masks on CPU (returns ``None`` for them there).
+    """
     if backend not in ("auto", "torch"):
         raise ValueError(f"backend must be 'auto' or 'torch', got {backend!r}")
     if m == 0 or rows == 0:
@@ -36,32 +70,45 @@ def _floyd(rows: int, dim: int, m: int, generator: torch.Generator, device: torc
     if device.type == "cpu" and backend == "auto":
         seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator, dtype=torch.int64))
         rng = np.random.Generator(np.random.PCG64(seed))
-        out = np.empty((rows, dim), dtype=np.bool_)
-        picks = np.empty((m, rows), dtype=np.int64)
+        out = np.empty((rows, dim), dtype=np.bool_) if want_masks else None
+        picks = np.empty((rows, m), dtype=np.int64)
+        highs = np.arange(dim - m + 1, dim + 1, dtype=np.int64)
         sub = 4096
+        tt_buf = np.empty((m, min(rows, sub)), dtype=np.int64)
         for s0 in range(0, rows, sub):
             n = min(rows, s0 + sub) - s0
-            sel_np = np.zeros(n * dim, dtype=np.bool_)
+            tt = tt_buf[:, :n]  # [m, n]: row i = step i's draws, then its picks
+            if dim <= 1 << 12:
+                _bounded_ints(rng, highs, n, tt)
+            else:
+                for i in range(m):
+                    tt[i] = rng.integers(0, highs[i], size=n, dtype=np.int64)
             base = np.arange(n, dtype=np.int64) * dim
-            for i, j in enumerate(range(dim - m, dim)):
-                t = rng.integers(0, j + 1, size=n, dtype=np.int64)  # exact uniform on [0, j]
-                t += base
-                pk = np.where(sel_np[t], base + j, t)
-                sel_np[pk] = True
-                picks[i, s0 : s0 + n] = pk - base
-            out[s0 : s0 + n] = sel_np.reshape(n, dim)
-        return torch.from_numpy(out), torch.from_numpy(np.ascontiguousarray(picks.T))
+            tt += base[None, :]
+            bj = base + (dim - m)
+            sel = np.zeros(n * dim, dtype=np.bool_)
+            for i in range(m):
+                ti = tt[i]
+                np.copyto(ti, bj, where=sel.take(ti))  # t taken: pick j = dim - m + i
+                sel.put(ti, True)
+                bj += 1
+            tt -= base[None, :]
+            picks[s0 : s0 + n] = tt.T
+            if out is not None:
+                out[s0 : s0 + n] = sel.reshape(n, dim)
+        masks = None if out is None else torch.from_numpy(out)
+        return masks, torch.from_numpy(picks)
     u = torch.rand((rows, m), generator=generator, device=device, dtype=torch.float64).t()
     hi_t = torch.arange(dim - m, dim, device=device, dtype=torch.float64)[:, None]
     t_dev = torch.minimum((u * (hi_t + 1.0)).floor_(), hi_t).long()  # [m, rows]
-    sel = torch.zeros((rows, dim), dtype=torch.bool, device=device)
+    sel_t = torch.zeros((rows, dim), dtype=torch.bool, device=device)
     cols: list[Tensor] = []
     for i in range(m):
         ti = t_dev[i][:, None]
-        pick = torch.where(sel.gather(1, ti), dim - m + i, ti)
-        sel.scatter_(1, pick, True)
+        pick = torch.where(sel_t.gather(1, ti), dim - m + i, ti)
+        sel_t.scatter_(1, pick, True)
         cols.append(pick)
-    return sel, torch.cat(cols, dim=1)
+    return sel_t, torch.cat(cols, dim=1)
 
 
 def floyd_masks(rows: int, dim: int, count: int, generator: torch.Generator,
@@ -70,16 +117,18 @@ def floyd_masks(rows: int, dim: int, count: int, generator: torch.Generator,
 
     Step ``i`` (``j = dim - m + i``, ``m = min(count, dim - count)``) draws ``t ~ U{0..j}`` and
     adds ``j`` if ``t`` is already selected, else ``t``. For ``count > dim/2`` the complement is
-    drawn and inverted. On CPU one 63-bit integer drawn from ``generator`` seeds a numpy PCG64
-    that draws the exact uniform integers ``t`` (Lemire's method; several times faster than
-    torch's CPU Mersenne Twister), 4096 rows at a time, step by step, and the steps run with
-    numpy fancy indexing; on other devices ``t = floor(u (j+1))`` with ``u = rand(rows, m)``
-    in float64 from ``generator`` and the steps run in torch (``backend="torch"`` forces this
-    path on CPU too).
+    drawn and inverted. On CPU one 63-bit integer drawn from ``generator`` seeds a numpy PCG64;
+    rows are processed 4096 at a time: all ``m`` draws of every row of the sub-chunk come first,
+    as exact uniform integers from 16-bit words of the PCG64's raw output (Lemire's
+    multiply-shift with rejection, :func:`_bounded_ints`; ``numpy`` ``integers`` per step for
+    ``dim > 4096``), then the ``m`` steps run with ``np.take``/``np.put`` on a flat bitmap; on
+    other devices ``t = floor(u (j+1))`` with ``u = rand(rows, m)`` in float64 from ``generator``
+    and the steps run in torch (``backend="torch"`` forces this path on CPU too).
     """
     if not 0 <= count <= dim:
         raise ValueError(f"count must be in [0, dim={dim}], got {count}")
     sel, _ = _floyd(rows, dim, min(count, dim - count), generator, torch.device(device), backend)
+    assert sel is not None
     return ~sel if count > dim - count else sel
 
 
@@ -93,9 +142,12 @@ def floyd_indices(rows: int, dim: int, count: int, generator: torch.Generator,
     if not 0 <= count <= dim:
         raise ValueError(f"count must be in [0, dim={dim}], got {count}")
     m = min(count, dim - count)
-    sel, picks = _floyd(rows, dim, m, generator, torch.device(device), backend)
-    if count <= dim - count:
+    small = count <= dim - count
+    sel, picks = _floyd(rows, dim, m, generator, torch.device(device), backend,
+                        want_masks=not small)
+    if small:
         return picks
+    assert sel is not None
     return mask_to_indices(~sel, count)
 
 

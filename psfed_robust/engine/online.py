@@ -18,7 +18,9 @@ One iteration ``n`` (every option in :class:`OnlineConfig`; ``K_n`` participants
 5. server: ``w_{n+1} = w_n + Σ_k ω_k T_k δ'_k`` (``defense="mean"``, fill mode: PSO-Fed) or any
    registered defense (``defenses.get_defense``) in ``"fill"`` or ``"reporters"`` mode.
 
-Runs are processed in blocks of ``run_block`` runs (cache-sized on CPU, all runs on CUDA); each
+Runs are processed in blocks of ``run_block`` runs (on CPU at most 128 runs and at least two
+blocks from 32 runs on, run in parallel threads; all runs on CUDA); within a block the LMS step
+runs one cache-sized chunk of runs at a time (same values as one batched step). Each
 block has its own generators, ``stable_seed(seed, "psfed_robust.engine", purpose, block)`` for
 ``purpose`` in ``init`` (problem instance, test set, round-robin offsets), ``data`` (per-iteration
 samples), ``schedule`` (one ``rand [B, K]`` per iteration: fixed = the ``participants`` smallest
@@ -34,6 +36,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
@@ -58,6 +61,10 @@ __all__ = [
 ]
 
 RNG_NAMESPACE = "psfed_robust.engine"
+#: CPU LMS step: elements of one run chunk (features, products, models stay in L2 cache)
+_LMS_CHUNK_ELEMENTS = 96 * 1024
+#: CPU auto run blocks: at most this many runs per block
+_CPU_BLOCK_RUNS = 128
 
 #: The open modelling choices (psofed-model.md "(choice)") and the engine's other knobs,
 #: field -> (default, allowed values / meaning). Reported in every result's metadata.
@@ -284,13 +291,16 @@ class OnlineResult:
 
 # ---------------------------------------------------------------------------------- helpers
 def resolve_run_block(config: OnlineConfig, device: torch.device) -> int:
-    """Runs per block: ``config.run_block``, else all runs on CUDA and ~4 MB state blocks on CPU."""
+    """Runs per block: ``config.run_block``, else all runs on CUDA; on CPU at most
+    ``_CPU_BLOCK_RUNS`` runs per block and at least two blocks from 32 runs on (blocks run in
+    parallel threads). Depends only on the config and the device type, never on thread counts.
+    """
     if config.run_block is not None:
         return min(config.run_block, config.runs)
     if device.type != "cpu":
         return config.runs
-    per_run = config.num_clients * max(config.dim, 1)
-    return max(1, min(config.runs, (1 << 20) // per_run))
+    n_blocks = max(math.ceil(config.runs / _CPU_BLOCK_RUNS), 2 if config.runs >= 32 else 1)
+    return math.ceil(config.runs / n_blocks)
 
 
 def block_ranges(runs: int, block: int) -> list[tuple[int, int]]:
@@ -331,8 +341,15 @@ def schedule(keys: Tensor, config: OnlineConfig) -> tuple[Tensor, Tensor | None]
     (``None`` when every slot is a participant, i.e. fixed scheduling).
     """
     if config.scheduling == "fixed":
-        chosen = keys.argsort(dim=-1, stable=True)[:, : config.participants]
-        return chosen.sort(dim=-1).values, None
+        # the P smallest keys, ties to the lower client index (= stable argsort), ascending:
+        # below the P-th smallest key, plus the first P - (#below) of the keys equal to it
+        P = config.participants
+        thr = keys.kthvalue(P, dim=-1, keepdim=True).values
+        below = keys < thr
+        at = keys == thr
+        room = P - below.sum(-1, keepdim=True)
+        chosen = below | (at & (at.cumsum(-1) <= room))
+        return chosen.nonzero()[:, 1].view(keys.shape[0], P), None
     assert config.p_c is not None
     part = keys < config.p_c
     counts = part.sum(-1)
@@ -374,6 +391,7 @@ class _Masks:
         self.pending: Tensor | None = None  # coordinated: [B, M]
         self.prev_T: Tensor | None = None
         self.prev_slot: Tensor | None = None
+        self._s_buf: Tensor | None = None  # downlink index lists (preallocated)
 
     def _rr(self, n: int, idx: Tensor) -> Tensor:
         cfg = self.cfg
@@ -405,7 +423,10 @@ class _Masks:
             return self._fresh((B, P))
         src = self.prev_slot.gather(1, idx)
         need = src < 0
-        S = self.prev_T.index_select(0, src.clamp(min=0).view(-1)).view(B, P, M)
+        if self._s_buf is None or self._s_buf.numel() < B * P * M:
+            self._s_buf = torch.empty((B * P * M,), dtype=torch.long, device=self.device)
+        S = torch.index_select(self.prev_T, 0, src.clamp(min=0).view(-1),
+                               out=self._s_buf[: B * P * M].view(B * P, M)).view(B, P, M)
         n_need = int(need.sum())
         if n_need:
             S[need] = self.pool.take(n_need)
@@ -474,13 +495,14 @@ def _build_defense(config: OnlineConfig) -> Any:
     return defenses.get_defense(config.defense, **dict(config.defense_params))
 
 
-def _test_mse(stream: DataStream, config: OnlineConfig, g: Tensor) -> Tensor:
-    """Per-run global test MSE ``[B]`` (linear, float64)."""
+def _test_mse(stream: DataStream, config: OnlineConfig, g: Tensor,
+              buf: Tensor | None = None) -> Tensor:
+    """Per-run global test MSE ``[B]`` (linear, float64); ``buf``: ``[B, N_t, D]`` scratch."""
     if config.test_mse == "expected":
         assert isinstance(stream, LinearStream)
         err = (stream.wstar - g).double()
         return config.noise_var + config.input_var * (err * err).sum(-1)
-    pred = (stream.test_features * g[:, None, :]).sum(-1)
+    pred = torch.mul(stream.test_features, g[:, None, :], out=buf).sum(-1)
     r = (stream.test_targets - pred).double()
     return (r * r).mean(-1)
 
@@ -494,16 +516,20 @@ def _local_test_mse(stream: DataStream, W: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------- engine
 def run_online(config: OnlineConfig, *, device: str | torch.device | None = None,
                progress: bool = False, server_fast_path: bool = True,
-               mask_prefetch: bool | None = None) -> OnlineResult:
+               mask_prefetch: bool | None = None,
+               block_workers: int | None = None) -> OnlineResult:
     """Run ``config`` (all runs, block by block) and return its learning curves.
 
     ``device``: torch device (default CPU); the same code runs on CUDA. ``progress``: tqdm bar.
     ``server_fast_path``: for ``defense="mean"`` in fill mode use the engine's fused server step
     ``g + Σ_k ω_k T_k δ'_k`` (same math as ``defenses.get_defense("mean")``, which is used
-    otherwise and for every other defense). ``mask_prefetch`` (default: on for CPU runs that draw
-    random masks while torch uses ≥ 2 threads): a worker thread draws the next chunk of random
-    masks while the engine computes, and torch's intra-op threads are lowered by one for the
-    duration of the call (restored after). Results are identical either way.
+    otherwise and for every other defense). ``block_workers`` (CPU; default: torch's intra-op
+    thread count): run blocks are independent (own generators), so up to this many run in
+    parallel threads, each with one intra-op thread (torch's thread count is set to 1 for the
+    call and restored after). ``mask_prefetch`` (default: on for CPU runs that draw random masks
+    while torch uses ≥ 2 threads and only one block worker runs): a worker thread draws the next
+    chunk of random masks while the engine computes, and torch's intra-op threads are lowered by
+    one for the duration of the call (restored after). Results are identical either way.
     """
     dev = torch.device(device if device is not None else "cpu")
     t0 = time.perf_counter()
@@ -516,20 +542,39 @@ def run_online(config: OnlineConfig, *, device: str | torch.device | None = None
     g_all = np.zeros((config.runs, T))
     l_all = np.zeros((config.runs, T))
     final = np.zeros((config.runs, config.dim))
-    if mask_prefetch is None:
-        mask_prefetch = dev.type == "cpu" and _needs_random(config) and torch.get_num_threads() > 1
     threads = torch.get_num_threads()
-    if mask_prefetch and dev.type == "cpu" and threads > 1:
+    if dev.type != "cpu":
+        workers = 1
+    elif block_workers is None:
+        workers = min(threads, len(blocks))
+    else:
+        workers = max(1, min(block_workers, len(blocks)))
+    if mask_prefetch is None:
+        mask_prefetch = (dev.type == "cpu" and _needs_random(config) and threads > 1
+                         and workers == 1)
+    if dev.type == "cpu" and workers > 1:
+        torch.set_num_threads(1)  # one intra-op thread per block worker
+    elif mask_prefetch and dev.type == "cpu" and threads > 1:
         torch.set_num_threads(threads - 1)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.runs * config.iterations, unit="run-it", desc="online FL")
+
+    def one(b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        start, stop = blocks[b]
+        return _run_block(config, b, stop - start, dev, attack, defense, fast, bar,
+                          bool(mask_prefetch))
+
     try:
-        for b, (start, stop) in enumerate(blocks):
-            gm, lm, gfinal = _run_block(config, b, stop - start, dev, attack, defense, fast, bar,
-                                        bool(mask_prefetch))
+        if workers > 1:
+            with ThreadPoolExecutor(max_workers=workers,
+                                    thread_name_prefix="psfed-block") as pool:
+                outs = list(pool.map(one, range(len(blocks))))
+        else:
+            outs = [one(b) for b in range(len(blocks))]
+        for (start, stop), (gm, lm, gfinal) in zip(blocks, outs, strict=True):
             g_all[start:stop] = gm
             l_all[start:stop] = lm
             final[start:stop] = gfinal
@@ -540,6 +585,7 @@ def run_online(config: OnlineConfig, *, device: str | torch.device | None = None
     iters = np.arange(1, T + 1) * config.record_every
     meta = _metadata(config, attack, defense, blk, dev, fast)
     meta["mask_prefetch"] = bool(mask_prefetch)
+    meta["block_workers"] = workers
     return OnlineResult(
         iterations=iters,
         global_mse_db=10 * np.log10(g_all.mean(axis=0)),
@@ -573,7 +619,6 @@ def _block_loop(config: OnlineConfig, block: int, B: int, dev: torch.device, att
     g_attack = block_generator(config.seed, "attack", block, dev)
     W = torch.zeros((B, K, D), device=dev, dtype=dtype)
     g = torch.zeros((B, D), device=dev, dtype=dtype)
-    tmp = torch.empty((B, K, D), device=dev, dtype=dtype)
     malicious = torch.zeros((B, K), dtype=torch.bool, device=dev)
     malicious[:, : config.num_malicious] = True
     re = config.record_every
@@ -585,6 +630,18 @@ def _block_loop(config: OnlineConfig, block: int, B: int, dev: torch.device, att
     p_c = config.participation
     scale = float(stream.feature_scale)
     mu_s = mu * scale
+    # LMS chunks: (r0, r1, W, features buffer, product buffer, pred, y, e, coef [.., 1], coef)
+    cb = B if dev.type != "cpu" else max(1, min(B, _LMS_CHUNK_ELEMENTS // max(1, K * D)))
+    zbuf = torch.empty((cb, K, D), device=dev, dtype=dtype)
+    tbuf = torch.empty((cb, K, D), device=dev, dtype=dtype)
+    ybuf = torch.empty((B, K), device=dev, dtype=dtype)
+    pbuf = torch.empty((B, K), device=dev, dtype=dtype)
+    ebuf = torch.empty((B, K), device=dev, dtype=dtype)
+    cbuf = torch.empty((B, K, 1), device=dev, dtype=dtype)
+    lms_chunks = [(r0, r1, W[r0:r1], zbuf[: r1 - r0], tbuf[: r1 - r0], pbuf[r0:r1], ybuf[r0:r1],
+                   ebuf[r0:r1], cbuf[r0:r1], cbuf[r0:r1, :, 0]) for r0, r1 in block_ranges(B, cb)]
+    pos_buf = torch.empty((B * K * max(1, config.share_count),), dtype=torch.long, device=dev)
+    test_buf = (torch.empty_like(stream.test_features) if config.test_mse == "sample" else None)
     Wv = W.view(B * K, D)
     Wflat = W.view(-1)
     row0 = (torch.arange(B, device=dev) * K)[:, None]
@@ -595,6 +652,7 @@ def _block_loop(config: OnlineConfig, block: int, B: int, dev: torch.device, att
         idx, valid = schedule(keys, config)
         P = idx.shape[1]
         flat = (row0 + idx).view(-1)  # participant rows of W.view(B*K, D)
+        flatD = flat * D  # their offsets in W.view(-1)
         vmask = None if valid is None else valid[..., None]
         # downlink + merge at the participants
         S = masks.downlink(n, idx) if P else None
@@ -607,24 +665,33 @@ def _block_loop(config: OnlineConfig, block: int, B: int, dev: torch.device, att
                 Wv.index_copy_(0, flat, Wp.lerp_(g[:, None, :], vmask.to(dtype)).view(B * P, D))
             else:  # overwrite the M shared entries of each participant with the global values
                 M = S.shape[-1]
-                pos = (flat[:, None] * D + S.reshape(B * P, M)).view(-1)
+                pos = torch.add(S.reshape(B * P, M), flatD[:, None],
+                                out=pos_buf[: B * P * M].view(B * P, M)).view(-1)
                 vals = g.gather(1, S.reshape(B, P * M)).view(-1)
                 if valid is not None:
                     keep = valid[..., None].expand(B, P, M).reshape(-1)
                     pos, vals = pos[keep], vals[keep]
                 Wflat.scatter_(0, pos, vals)
-        # one LMS step at every client on its new sample
-        c, y = stream.next()  # regressor z = scale * c
-        pred = torch.mul(W, c, out=tmp).sum(-1)
-        e = y - (pred if scale == 1.0 else pred * scale)
+        # one LMS step at every client on its new sample, one cache-sized chunk of runs at a time
+        ybuf.copy_(stream.advance())  # regressors z = scale * c, c from stream.features
+        part_f: Tensor | None = None
+        if not config.nonparticipant_updates:
+            part_f = torch.zeros((B, K), dtype=dtype, device=dev)
+            part_f.scatter_(1, idx, 1.0 if valid is None else valid.to(dtype))
+        for r0, r1, Wc, zc, tc, pc, yc, ec, cc, cc2 in lms_chunks:
+            c = stream.features(r0, r1, zc)
+            torch.sum(torch.mul(Wc, c, out=tc), -1, out=pc)
+            if scale == 1.0:
+                torch.sub(yc, pc, out=ec)
+            else:  # e = y - pred * scale
+                torch.sub(yc, torch.mul(pc, scale, out=ec), out=ec)
+            torch.mul(ec, mu_s, out=cc2)
+            if part_f is not None:
+                cc2.mul_(part_f[r0:r1])
+            Wc.addcmul_(cc, c)
+        e = ebuf
         if apriori:
             l_acc += (e * e).mean(-1, dtype=torch.float64)
-        coef = e * mu_s
-        if not config.nonparticipant_updates:
-            part = torch.zeros((B, K), dtype=dtype, device=dev)
-            part.scatter_(1, idx, 1.0 if valid is None else valid.to(dtype))
-            coef = coef * part
-        W.addcmul_(coef[..., None], c)
         # uplink, attack, server
         if P:
             Ti = masks.uplink(n, idx, S)
@@ -641,7 +708,8 @@ def _block_loop(config: OnlineConfig, block: int, B: int, dev: torch.device, att
                 # g + ω Σ_k T_k (w_k − g), touching only the M sent entries of each participant
                 M = Ti.shape[-1]
                 cols = Ti.reshape(B, P * M)
-                pos = (flat[:, None] * D + Ti.reshape(B * P, M)).view(-1)
+                pos = torch.add(Ti.reshape(B * P, M), flatD[:, None],
+                                out=pos_buf[: B * P * M].view(B * P, M)).view(-1)
                 d = Wflat.index_select(0, pos).view(B, P * M).sub_(g.gather(1, cols))
                 if valid is not None:
                     d.mul_(valid[..., None].expand(B, P, M).reshape(B, P * M))
@@ -664,7 +732,7 @@ def _block_loop(config: OnlineConfig, block: int, B: int, dev: torch.device, att
                                 weights=omega, mode=config.aggregation_mode)
         if (n + 1) % re == 0:
             t = (n + 1) // re - 1
-            g_rec[:, t] = _test_mse(stream, config, g)
+            g_rec[:, t] = _test_mse(stream, config, g, test_buf)
             if apriori:
                 l_rec[:, t] = l_acc / re
                 l_acc.zero_()
