@@ -4,7 +4,10 @@ The reference below is a plain per-iteration, per-run, per-client loop. It consu
 random streams as the engine (documented in ``psfed_robust.engine.online``): the ``schedule``
 generator's ``rand [B, K]`` keys per iteration (the ``participants`` smallest keys, stable order,
 take part) and the data stream of ``psfed_robust.engine.data`` built from the ``init``/``data``
-generators of run block 0.
+generators of run block 0. The LMS prediction ``wᵀc`` is summed in the engine's documented order
+(``psfed_robust.engine._kernels``: 32 lane accumulators, lane ``j`` adding the products of entries
+``j, j+32, …`` in turn, then folded by halving), written out here with numpy, elementwise; the
+update ``w + (μ s e) c`` rounds the product and the sum separately (no fused multiply-add).
 """
 
 from __future__ import annotations
@@ -20,6 +23,23 @@ from psfed_robust.engine.online import (
     resolve_run_block,
     run_online,
 )
+
+
+LANES = 32
+
+
+def lane_dot(w: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``Σ_d w_d c_d`` in the documented order: lane ``j`` sums ``w_d c_d`` for ``d ≡ j`` (mod 32)
+    in increasing ``d``, then lanes fold by halving, ``a[j] + a[j + h]`` for h = 16, 8, 4, 2, 1."""
+    prod = w.numpy() * c.numpy()
+    acc = np.zeros(LANES, dtype=prod.dtype)
+    for d in range(prod.shape[0]):
+        acc[d % LANES] = acc[d % LANES] + prod[d]
+    h = LANES // 2
+    while h >= 1:
+        acc = acc[:h] + acc[h : 2 * h]
+        h //= 2
+    return torch.from_numpy(acc[:1].copy())[0]
 
 
 def reference_online_fed(cfg: OnlineConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -41,9 +61,9 @@ def reference_online_fed(cfg: OnlineConfig) -> tuple[np.ndarray, np.ndarray]:
             for k in chosen:  # downlink: the participant's model becomes the global model
                 local[r][k] = glob[r].clone()
             for k in range(K):  # every client: one LMS step on its new sample
-                pred = (local[r][k] * c[r, k]).sum()
+                pred = lane_dot(local[r][k], c[r, k])
                 e = y[r, k] - (pred if scale == 1.0 else pred * scale)
-                local[r][k] = torch.addcmul(local[r][k], e * (mu * scale), c[r, k])
+                local[r][k] = local[r][k] + (e * (mu * scale)) * c[r, k]
             omega = torch.tensor(1.0, dtype=dtype) / len(chosen)  # 1/|K_n|
             step = torch.stack([local[r][k] - glob[r] for k in chosen]).sum(0) * omega
             glob[r] = glob[r] + step

@@ -82,6 +82,12 @@ class DataStream(Protocol):
         """Unscaled regressors of runs ``start:stop`` of the current iteration (into ``out``)."""
         ...
 
+    def kernel_inputs(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """What the engine's compiled LMS step needs for the current iteration: ``(xa, ωb,
+        None)`` when the regressors are ``cos(xa @ ωb)`` (``xa [B,K,L+1]``, ``ωb [B,L+1,D]``;
+        computed as :meth:`features` does), else ``(None, None, c [B,K,D])``."""
+        ...
+
 
 def _uniform(gen: torch.Generator, shape: tuple[int, ...], lo: float, hi: float,
              device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -216,6 +222,10 @@ class RFFStream:
             views = self._views[key] = (self._xa[start:stop], self._omega_b[start:stop])
         return torch.bmm(views[0], views[1], out=out).cos_()  # ωᵀx + b, then cos in place
 
+    def kernel_inputs(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """``(xa, ωb, None)``: the regressors are ``cos(xa @ ωb)`` (see :meth:`features`)."""
+        return self._xa, self._omega_b, None
+
 
 class LinearStream:
     """White-Gaussian linear regression ``y = xᵀw° + ν`` (see module docstring for the RNG order).
@@ -278,3 +288,7 @@ class LinearStream:
     def features(self, start: int, stop: int, out: Tensor) -> Tensor:
         """The inputs of runs ``start:stop`` (a view of the drawn batch; ``out`` is not used)."""
         return self._x[start:stop]
+
+    def kernel_inputs(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """``(None, None, x)``: the regressors of the current iteration are the inputs."""
+        return None, None, self._x

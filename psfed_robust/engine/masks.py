@@ -22,7 +22,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from psfed_robust.engine import _kernels
+
 __all__ = ["MaskPool", "floyd_indices", "floyd_masks", "mask_to_indices", "rotation_table"]
+
+
+#: Floyd sampler back ends: "auto" (CPU: compiled C++ if available, else numpy; other devices:
+#: torch), "numpy", "cpp" (CPU; the same draws and picks as "numpy"), "torch"
+_BACKENDS = ("auto", "numpy", "cpp", "torch")
 
 
 def _bounded_ints(rng: np.random.Generator, highs: np.ndarray, n: int, out: np.ndarray) -> None:
@@ -62,14 +69,26 @@ def _floyd(rows: int, dim: int, m: int, generator: torch.Generator, device: torc
 
     ``want_masks=False`` skips building the bool masks on CPU (returns ``None`` for them there).
     """
-    if backend not in ("auto", "torch"):
-        raise ValueError(f"backend must be 'auto' or 'torch', got {backend!r}")
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, _BACKENDS))}, "
+                         f"got {backend!r}")
     if m == 0 or rows == 0:
         return (torch.zeros((rows, dim), dtype=torch.bool, device=device),
                 torch.zeros((rows, m), dtype=torch.long, device=device))
-    if device.type == "cpu" and backend == "auto":
+    if device.type == "cpu" and backend != "torch":
         seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator, dtype=torch.int64))
         rng = np.random.Generator(np.random.PCG64(seed))
+        kern = _kernels.load() if backend != "numpy" and dim <= 1 << 12 else None
+        if backend == "cpp" and kern is None:
+            raise RuntimeError("the compiled Floyd sampler is not available (dim <= 4096 and a "
+                               "working C++ compiler are needed)")
+        if kern is not None:  # the same draws and steps as below, in C++
+            st = rng.bit_generator.state["state"]
+            words = [st["state"] >> 64, st["state"], st["inc"] >> 64, st["inc"]]
+            state = torch.from_numpy(np.array([w & (2**64 - 1) for w in words],
+                                              dtype=np.uint64).view(np.int64))
+            picks_t, masks_t = kern.floyd_pcg(rows, dim, m, state, want_masks)
+            return (masks_t if want_masks else None), picks_t
         out = np.empty((rows, dim), dtype=np.bool_) if want_masks else None
         picks = np.empty((rows, m), dtype=np.int64)
         highs = np.arange(dim - m + 1, dim + 1, dtype=np.int64)

@@ -46,6 +46,7 @@ from torch import Tensor
 
 from psfed_robust.core.aggregation import WeightScheme, server_weights
 from psfed_robust.core.seeding import stable_seed
+from psfed_robust.engine import _kernels
 from psfed_robust.engine.data import DataStream, LinearStream, RFFStream
 from psfed_robust.engine.masks import MaskPool
 
@@ -334,12 +335,16 @@ def make_stream(config: OnlineConfig, runs: int, block: int,
                         test_noise=config.test_noise)
 
 
-def schedule(keys: Tensor, config: OnlineConfig) -> tuple[Tensor, Tensor | None]:
+def schedule(keys: Tensor, config: OnlineConfig,
+             kernels: Any = None) -> tuple[Tensor, Tensor | None]:
     """Participant slots from one iteration's keys ``[B, K]``.
 
     Returns ``idx [B, P]`` (participants in ascending client order first) and ``valid [B, P]``
-    (``None`` when every slot is a participant, i.e. fixed scheduling).
+    (``None`` when every slot is a participant, i.e. fixed scheduling). ``kernels``: the
+    compiled engine kernels (CPU), which select the same fixed-scheduling participants.
     """
+    if config.scheduling == "fixed" and kernels is not None and keys.device.type == "cpu":
+        return kernels.schedule_fixed(keys.contiguous(), config.participants), None
     if config.scheduling == "fixed":
         # the P smallest keys, ties to the lower client index (= stable argsort), ascending:
         # below the P-th smallest key, plus the first P - (#below) of the keys equal to it
@@ -517,7 +522,7 @@ def _local_test_mse(stream: DataStream, W: Tensor) -> Tensor:
 def run_online(config: OnlineConfig, *, device: str | torch.device | None = None,
                progress: bool = False, server_fast_path: bool = True,
                mask_prefetch: bool | None = None,
-               block_workers: int | None = None) -> OnlineResult:
+               block_workers: int | None = None, use_kernels: bool = True) -> OnlineResult:
     """Run ``config`` (all runs, block by block) and return its learning curves.
 
     ``device``: torch device (default CPU); the same code runs on CUDA. ``progress``: tqdm bar.
@@ -536,6 +541,7 @@ def run_online(config: OnlineConfig, *, device: str | torch.device | None = None
     attack = _build_attack(config)
     defense = _build_defense(config)
     fast = server_fast_path and config.defense == "mean" and config.aggregation_mode == "fill"
+    kern = _kernels.load() if dev.type == "cpu" and use_kernels else None
     blk = resolve_run_block(config, dev)
     blocks = block_ranges(config.runs, blk)
     T = config.iterations // config.record_every
@@ -565,7 +571,7 @@ def run_online(config: OnlineConfig, *, device: str | torch.device | None = None
     def one(b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         start, stop = blocks[b]
         return _run_block(config, b, stop - start, dev, attack, defense, fast, bar,
-                          bool(mask_prefetch))
+                          bool(mask_prefetch), kern)
 
     try:
         if workers > 1:
@@ -585,6 +591,7 @@ def run_online(config: OnlineConfig, *, device: str | torch.device | None = None
     iters = np.arange(1, T + 1) * config.record_every
     meta = _metadata(config, attack, defense, blk, dev, fast)
     meta["mask_prefetch"] = bool(mask_prefetch)
+    meta["engine_kernels"] = "cpp" if kern is not None else "torch"
     meta["block_workers"] = workers
     return OnlineResult(
         iterations=iters,
@@ -599,19 +606,19 @@ def run_online(config: OnlineConfig, *, device: str | torch.device | None = None
 
 
 def _run_block(config: OnlineConfig, block: int, B: int, dev: torch.device, attack: Any,
-               defense: Any, fast: bool, bar: Any,
-               prefetch: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               defense: Any, fast: bool, bar: Any, prefetch: bool = False,
+               kern: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     masks = _Masks(config, B, block_generator(config.seed, "mask", block, dev), dev,
                    block_generator(config.seed, "init-masks", block, dev), prefetch)
     try:
-        return _block_loop(config, block, B, dev, attack, defense, fast, bar, masks)
+        return _block_loop(config, block, B, dev, attack, defense, fast, bar, masks, kern)
     finally:
         masks.pool.close()
 
 
 def _block_loop(config: OnlineConfig, block: int, B: int, dev: torch.device, attack: Any,
-                defense: Any, fast: bool, bar: Any,
-                masks: _Masks) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                defense: Any, fast: bool, bar: Any, masks: _Masks,
+                kern: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     K, D, mu = config.num_clients, config.dim, float(config.stepsize)
     dtype = config.torch_dtype
     stream = make_stream(config, B, block, dev)
@@ -630,15 +637,14 @@ def _block_loop(config: OnlineConfig, block: int, B: int, dev: torch.device, att
     p_c = config.participation
     scale = float(stream.feature_scale)
     mu_s = mu * scale
-    # LMS chunks: (r0, r1, W, features buffer, product buffer, pred, y, e, coef [.., 1], coef)
+    # LMS chunks: (r0, r1, W, features buffer, pred, y, e, coef [.., 1], coef)
     cb = B if dev.type != "cpu" else max(1, min(B, _LMS_CHUNK_ELEMENTS // max(1, K * D)))
     zbuf = torch.empty((cb, K, D), device=dev, dtype=dtype)
-    tbuf = torch.empty((cb, K, D), device=dev, dtype=dtype)
     ybuf = torch.empty((B, K), device=dev, dtype=dtype)
     pbuf = torch.empty((B, K), device=dev, dtype=dtype)
     ebuf = torch.empty((B, K), device=dev, dtype=dtype)
     cbuf = torch.empty((B, K, 1), device=dev, dtype=dtype)
-    lms_chunks = [(r0, r1, W[r0:r1], zbuf[: r1 - r0], tbuf[: r1 - r0], pbuf[r0:r1], ybuf[r0:r1],
+    lms_chunks = [(r0, r1, W[r0:r1], zbuf[: r1 - r0], pbuf[r0:r1], ybuf[r0:r1],
                    ebuf[r0:r1], cbuf[r0:r1], cbuf[r0:r1, :, 0]) for r0, r1 in block_ranges(B, cb)]
     pos_buf = torch.empty((B * K * max(1, config.share_count),), dtype=torch.long, device=dev)
     test_buf = (torch.empty_like(stream.test_features) if config.test_mse == "sample" else None)
@@ -646,17 +652,30 @@ def _block_loop(config: OnlineConfig, block: int, B: int, dev: torch.device, att
     Wflat = W.view(-1)
     row0 = (torch.arange(B, device=dev) * K)[:, None]
     omega_fixed: Tensor | None = None
+    om_fixed: Tensor | None = None
     scheme = cast(WeightScheme, config.server_weight)
+    empty = torch.empty((0,), device=dev, dtype=dtype)
+    no_valid = torch.empty((0,), device=dev, dtype=torch.bool)
+    # compiled kernels: merge and the fused server step touch only the M shared entries
+    sparse_kern = kern is not None and not masks.dense
+    kern_server = sparse_kern and fast and attack is None
     for n in range(config.iterations):
         keys = torch.rand((B, K), generator=g_sched, device=dev, dtype=dtype)
-        idx, valid = schedule(keys, config)
+        idx, valid = schedule(keys, config, kern)
+        if kern is not None:
+            idx = idx.contiguous()
         P = idx.shape[1]
-        flat = (row0 + idx).view(-1)  # participant rows of W.view(B*K, D)
-        flatD = flat * D  # their offsets in W.view(-1)
         vmask = None if valid is None else valid[..., None]
         # downlink + merge at the participants
         S = masks.downlink(n, idx) if P else None
-        if P:
+        if P and not sparse_kern:
+            flat = (row0 + idx).view(-1)  # participant rows of W.view(B*K, D)
+            flatD = flat * D  # their offsets in W.view(-1)
+        else:
+            flat = flatD = row0  # not used (computed below where needed)
+        if P and S is not None and sparse_kern:
+            kern.merge(W, g, idx, S.contiguous(), no_valid if valid is None else valid)
+        elif P:
             if S is None and vmask is None:
                 Wv.index_copy_(0, flat, g[:, None, :].expand(B, P, D).reshape(B * P, D))
             elif S is None:  # lerp with 0/1 weights is exact: w (weight 0) or g (weight 1)
@@ -678,17 +697,23 @@ def _block_loop(config: OnlineConfig, block: int, B: int, dev: torch.device, att
         if not config.nonparticipant_updates:
             part_f = torch.zeros((B, K), dtype=dtype, device=dev)
             part_f.scatter_(1, idx, 1.0 if valid is None else valid.to(dtype))
-        for r0, r1, Wc, zc, tc, pc, yc, ec, cc, cc2 in lms_chunks:
-            c = stream.features(r0, r1, zc)
-            torch.sum(torch.mul(Wc, c, out=tc), -1, out=pc)
-            if scale == 1.0:
-                torch.sub(yc, pc, out=ec)
-            else:  # e = y - pred * scale
-                torch.sub(yc, torch.mul(pc, scale, out=ec), out=ec)
-            torch.mul(ec, mu_s, out=cc2)
-            if part_f is not None:
-                cc2.mul_(part_f[r0:r1])
-            Wc.addcmul_(cc, c)
+        if kern is not None:  # same values as the loop below, one compiled call
+            xa, ob, cf = stream.kernel_inputs()
+            kern.lms(W, empty if xa is None else xa, empty if ob is None else ob,
+                     empty if cf is None else cf.contiguous(), ybuf, ebuf,
+                     empty if part_f is None else part_f, zbuf, mu_s, scale, cb)
+        else:
+            for r0, r1, Wc, zc, pc, yc, ec, cc, cc2 in lms_chunks:
+                c = stream.features(r0, r1, zc)
+                pc.copy_(_kernels.lane_dot_torch(Wc, c))  # the kernels' summation order
+                if scale == 1.0:
+                    torch.sub(yc, pc, out=ec)
+                else:  # e = y - pred * scale
+                    torch.sub(yc, torch.mul(pc, scale, out=ec), out=ec)
+                torch.mul(ec, mu_s, out=cc2)
+                if part_f is not None:
+                    cc2.mul_(part_f[r0:r1])
+                Wc.add_(c * cc)  # two roundings, as the kernel (addcmul_ may fuse them)
         e = ebuf
         if apriori:
             l_acc += (e * e).mean(-1, dtype=torch.float64)
@@ -701,10 +726,16 @@ def _block_loop(config: OnlineConfig, block: int, B: int, dev: torch.device, att
                     omega_fixed = server_weights(torch.ones((B, P), dtype=torch.bool,
                                                             device=dev),
                                                  scheme, K, p_c, dtype=dtype)
+                    om_fixed = omega_fixed.amax(1).contiguous()
                 omega = omega_fixed
             else:
                 omega = server_weights(valid, scheme, K, p_c, dtype=dtype)
-            if fast and attack is None and Ti is not None:
+            if kern_server and Ti is not None:
+                om = om_fixed if valid is None else omega.amax(1).contiguous()
+                assert om is not None
+                g = kern.uplink_mean(W, g, idx, Ti.contiguous(), om,
+                                     no_valid if valid is None else valid)
+            elif fast and attack is None and Ti is not None:
                 # g + ω Σ_k T_k (w_k − g), touching only the M sent entries of each participant
                 M = Ti.shape[-1]
                 cols = Ti.reshape(B, P * M)
@@ -716,6 +747,8 @@ def _block_loop(config: OnlineConfig, block: int, B: int, dev: torch.device, att
                 acc = torch.zeros_like(g).scatter_add_(1, cols, d)
                 g = g + acc * omega.amax(1, keepdim=True)
             else:
+                if sparse_kern:  # the rows of the participants were not needed so far
+                    flat = (row0 + idx).view(-1)
                 delta = Wv.index_select(0, flat).view(B, P, D).sub_(g[:, None, :])
                 Tb = None if Ti is None else dense_masks(Ti, D)  # bool masks for the seams
                 if attack is not None:
