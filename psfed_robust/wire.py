@@ -60,6 +60,7 @@ __all__ = [
     "decode_update",
     "encode_mask",
     "encode_update",
+    "encode_update_parts",
     "encoded_size",
     "encoding_costs",
 ]
@@ -505,12 +506,19 @@ def _mask_section(mask: Mask, encoding: str, spec: SeedSpec | None) -> tuple[str
     return "bitmap", np.packbits(mask.data, bitorder="little").tobytes()
 
 
+def _header(
+    enc: str, dtype_id: int, size: int, count: int, msec: bytes, vals: Any, vcrc: int
+) -> bytes:
+    """The 28-byte header (CRC over the prefix, the mask section and the values)."""
+    prefix = _PREFIX.pack(MAGIC, VERSION, _ENC_ID[enc], dtype_id, 0, size, count)
+    crc = crc32_combine(zlib.crc32(msec, zlib.crc32(prefix)), vcrc, len(vals))
+    return prefix + struct.pack("<I", crc)
+
+
 def _assemble(
     enc: str, dtype_id: int, size: int, count: int, msec: bytes, vals: Any, vcrc: int
 ) -> bytes:
-    prefix = _PREFIX.pack(MAGIC, VERSION, _ENC_ID[enc], dtype_id, 0, size, count)
-    crc = crc32_combine(zlib.crc32(msec, zlib.crc32(prefix)), vcrc, len(vals))
-    return b"".join((prefix, struct.pack("<I", crc), msec, vals))
+    return b"".join((_header(enc, dtype_id, size, count, msec, vals, vcrc), msec, vals))
 
 
 def encode_update(
@@ -526,6 +534,23 @@ def encode_update(
     ``mask.count``. ``encoding``: ``"auto"`` (cheapest exact) or one of :data:`ENCODINGS`.
     ``seed_spec`` overrides ``mask.seed_spec`` (it is checked to regenerate ``mask``).
     """
+    parts, enc = encode_update_parts(mask, values, encoding=encoding, seed_spec=seed_spec)
+    return EncodedUpdate(b"".join(parts), enc, len(parts[2]), len(parts[1]), HEADER_SIZE)
+
+
+def encode_update_parts(
+    mask: Mask,
+    values: Any,
+    *,
+    encoding: str = "auto",
+    seed_spec: SeedSpec | None = None,
+) -> tuple[tuple[bytes, bytes, Any], str]:
+    """:func:`encode_update` without the final concatenation: ``((header, mask section,
+    values), encoding)``, where ``b"".join(parts) == encode_update(...).payload`` and the values
+    part is a zero-copy ``memoryview`` of ``values`` (keep ``values`` unchanged until the parts
+    are joined). For callers that frame the payload further (e.g. inside an npy Array) with one
+    copy instead of two.
+    """
     _check_mask(mask)
     dtype_id, arr = _values_to_array(values)
     if dtype_id == _DT_NONE or arr.shape[0] != mask.count:
@@ -535,8 +560,8 @@ def encode_update(
     vals = arr.data.cast("B") if arr.size else b""
     vcrc = _CrcThread(vals)  # overlaps with the mask encoding below
     enc, msec = _mask_section(mask, encoding, spec)
-    payload = _assemble(enc, dtype_id, mask.size, mask.count, msec, vals, vcrc.result())
-    return EncodedUpdate(payload, enc, len(vals), len(msec), HEADER_SIZE)
+    header = _header(enc, dtype_id, mask.size, mask.count, msec, vals, vcrc.result())
+    return (header, msec, vals), enc
 
 
 def encode_mask(
@@ -559,13 +584,14 @@ def encoded_size(mask: Mask, itemsize: int = 4, *, encoding: str = "auto") -> in
 
 # ====================================================================== decode
 def _parse(
-    payload: Any, expected_size: int | None, values: bool
+    payload: Any, expected_size: int | None, values: bool, copy: bool = True
 ) -> tuple[str, int, int, int, memoryview, Any]:
     """Validate the framing and the CRC.
 
-    Returns (encoding, dtype id, size, count, mask section, values copy or None). The value
-    bytes are copied (when ``values``) while a helper thread computes their CRC; the copy is
-    handed out only once the CRC over the whole payload has matched.
+    Returns (encoding, dtype id, size, count, mask section, values or None). The value bytes
+    are copied (when ``values`` and ``copy``; a large copy overlaps with a helper thread
+    computing their CRC) or, with ``copy=False``, viewed in place (read-only when the payload
+    is); either way they are handed out only once the CRC over the whole payload has matched.
     """
     if not isinstance(payload, bytes | bytearray | memoryview):
         raise TypeError(f"payload must be bytes, got {type(payload).__name__}")
@@ -595,7 +621,9 @@ def _parse(
     calc = zlib.crc32(body[:mlen], zlib.crc32(buf[:24]))
     vals = None
     if values and dtype_id != _DT_NONE:
-        vals = np.frombuffer(vbuf, dtype=_DTYPES[dtype_id][1]).copy()
+        vals = np.frombuffer(vbuf, dtype=_DTYPES[dtype_id][1])
+        if copy:
+            vals = vals.copy()
     calc = crc32_combine(calc, vcrc.result(), vlen)
     if calc != crc:
         raise WireFormatError(
@@ -633,22 +661,27 @@ def decode_update(
     size: int | None = None,
     *,
     expected_size: int | None = None,
+    copy: bool = True,
 ) -> tuple[Mask, Any]:
     """Decode a payload of :func:`encode_update` into ``(mask, values)``.
 
     ``expected_size`` (or its alias ``size``, the contract's name) makes a payload for another
     model size fail before anything is allocated. Values come back as a writable numpy array
     (float16/32/64, native byte order) or, for bfloat16, a ``torch.bfloat16`` tensor.
+    ``copy=False`` returns the float values as a zero-copy view of ``payload`` instead (read-only
+    for ``bytes``; a copy is still made where the byte order must change).
     Raises :class:`WireFormatError` for any corrupt, truncated or inconsistent payload.
     """
     want = _merge_size(size, expected_size)
-    enc, dtype_id, n, count, msec, vals = _parse(payload, want, values=True)
+    enc, dtype_id, n, count, msec, vals = _parse(payload, want, values=True, copy=copy)
     if dtype_id == _DT_NONE:
         raise WireFormatError("payload carries a mask only (use decode_mask)")
     mask = _decode_mask_section(enc, msec, n, count)
     if dtype_id == _DT_BF16:
         import torch
 
+        if not copy:
+            vals = vals.copy()  # torch wants a writable buffer
         return mask, torch.from_numpy(vals.view(np.int16)).view(torch.bfloat16)
     return mask, vals.astype(vals.dtype.newbyteorder("="), copy=False)
 

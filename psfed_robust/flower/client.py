@@ -16,6 +16,7 @@ global model (``"global"``); the stored local model is never changed by evaluati
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -30,6 +31,7 @@ from psfed_robust.core.flatten import FlattenedModel
 from psfed_robust.core.mask import Mask, count_for_fraction
 from psfed_robust.core.seeding import torch_generator
 from psfed_robust.flower import _wire
+from psfed_robust.flower._arrays import array_from_numpy, array_view
 from psfed_robust.flower.protocol import (
     CFG_EVAL_MODEL,
     CFG_MODEL_SIZE,
@@ -99,12 +101,21 @@ def resolve_client_id(context: Context) -> ClientId:
     )
 
 
-def _payload(content: RecordDict, key: str) -> bytes:
-    """The ``payload`` bytes of ArrayRecord ``content[key]`` (ValueError if malformed)."""
+def _payload(content: RecordDict, key: str) -> memoryview:
+    """The ``payload`` bytes of ArrayRecord ``content[key]``, zero-copy (ValueError if bad)."""
     rec = content[key]
     if not isinstance(rec, ArrayRecord) or PAYLOAD not in rec:
         raise ValueError(f"record {key!r} is not an ArrayRecord with a {PAYLOAD!r} array")
-    return bytes(rec[PAYLOAD].numpy().tobytes())
+    return _wire.payload_view(rec[PAYLOAD])
+
+
+def _as_tensor(arr: npt.NDArray[Any]) -> torch.Tensor:
+    """``torch.from_numpy`` that also takes a read-only array (the tensor is only read)."""
+    if arr.flags.writeable:
+        return torch.from_numpy(arr)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(arr)
 
 
 def _config(content: RecordDict, key: str) -> ConfigRecord | None:
@@ -228,17 +239,32 @@ class PSFedClient:
         return out
 
     # ------------------------------------------------------------------ state
-    def _restore(self, context: Context, size: int) -> npt.NDArray[Any] | None:
+    def _stored(self, context: Context, size: int) -> Array | None:
+        """The stored local model's Array (shape checked, data not read), or None."""
         rec = context.state.get(STATE_LOCAL) if STATE_LOCAL in context.state else None
         if not isinstance(rec, ArrayRecord) or STATE_THETA not in rec:
             return None
-        theta = rec[STATE_THETA].numpy()
+        arr = rec[STATE_THETA]
+        if tuple(arr.shape) != (size,):
+            raise ValueError(
+                f"stored local model has shape {tuple(arr.shape)}, model size is {size}"
+            )
+        return arr
+
+    def _restore(self, context: Context, size: int) -> npt.NDArray[Any] | None:
+        """A writable copy of the stored local model (one copy), or None."""
+        arr = self._stored(context, size)
+        if arr is None:
+            return None
+        theta = array_view(arr)
         if theta.shape != (size,):
             raise ValueError(f"stored local model has shape {theta.shape}, model size is {size}")
         return np.array(theta, copy=True)
 
     def _store(self, context: Context, theta: npt.NDArray[Any], server_round: int) -> None:
-        context.state[STATE_LOCAL] = ArrayRecord({STATE_THETA: Array(np.ascontiguousarray(theta))})
+        context.state[STATE_LOCAL] = ArrayRecord(
+            {STATE_THETA: array_from_numpy(np.ascontiguousarray(theta))}
+        )
         meta = context.state.get(STATE_META) if STATE_META in context.state else None
         trained = 0
         if isinstance(meta, ConfigRecord):
@@ -261,14 +287,23 @@ class PSFedClient:
     def _decode_down(self, content: RecordDict, size: int) -> tuple[Mask, npt.NDArray[Any]] | None:
         if KEY_DOWN not in content:
             return None
-        mask, values = _wire.decode(_payload(content, KEY_DOWN), size)
+        mask, values = _wire.decode(_payload(content, KEY_DOWN), size, copy=False)
         if mask.size != size or values.shape != (mask.count,):
             raise ValueError(f"downlink payload: mask size {mask.size}, {values.shape} values")
         return mask, values
 
-    def _begin(self, msg: Message, context: Context) -> tuple[ConfigDict, int, npt.NDArray[Any],
-                                                              bool, Mask | None,
-                                                              npt.NDArray[Any] | None]:
+    def _begin(
+        self, msg: Message, context: Context, *, dense_overwrites: bool = True
+    ) -> tuple[ConfigDict, int, npt.NDArray[Any] | None, bool, Mask | None,
+               npt.NDArray[Any] | None]:
+        """Parse a train/evaluate message: ``(config, size, local, fresh, mask, values)``.
+
+        ``local`` is the writable local model the round starts from (the stored one, the
+        first-contact ``psfed.init`` model or the client's own initial model). When the
+        downlink mask is full and ``dense_overwrites`` (the caller overwrites every coordinate
+        with ``values``), the stored model is not read at all and ``local`` is None. ``values``
+        are read-only views of the message payload.
+        """
         self.context = context
         self.client_id = resolve_client_id(context)
         crec = _config(msg.content, KEY_CONFIG)
@@ -280,20 +315,27 @@ class PSFedClient:
                 "(build the initial ArrayRecord with psfed_robust.flower.arrays_from_model)"
             )
         self.server_round = int(cfg.get(CFG_SERVER_ROUND, 0))
-        local = self._restore(context, size)
-        fresh = local is None
-        if KEY_INIT in msg.content:  # first contact / re-sync: the dense global model
-            init_mask, init_values = _wire.decode(_payload(msg.content, KEY_INIT), size)
-            if init_mask.count != size or init_values.shape != (size,):
-                raise ValueError("init payload is not a dense model of the right size")
-            local = init_values.astype(self._local_dtype(), copy=True)
-            fresh = False
-        elif local is None:
-            local = self.flat_model.flatten_numpy()
         down = self._decode_down(msg.content, size)
         mask = values = None
         if down is not None:
             mask, values = down
+        skip_local = dense_overwrites and mask is not None and mask.count == size
+        local: npt.NDArray[Any] | None = None
+        if KEY_INIT in msg.content:  # first contact / re-sync: the dense global model
+            init_mask, init_values = _wire.decode(_payload(msg.content, KEY_INIT), size,
+                                                  copy=False)
+            if init_mask.count != size or init_values.shape != (size,):
+                raise ValueError("init payload is not a dense model of the right size")
+            if not skip_local:
+                local = init_values.astype(self._local_dtype(), copy=True)
+            fresh = False
+        elif skip_local:
+            fresh = self._stored(context, size) is None
+        else:
+            local = self._restore(context, size)
+            fresh = local is None
+            if local is None:
+                local = self.flat_model.flatten_numpy()
         return cfg, size, local, fresh, mask, values
 
     # ------------------------------------------------------------------ handlers
@@ -302,15 +344,18 @@ class PSFedClient:
         cfg, size, local, fresh, mask, values = self._begin(msg, context)
         if mask is None or values is None:
             raise ValueError("train message without a downlink payload")
-        dtype = local.dtype
-        if mask.count == size:  # dense downlink: no boolean scatter
-            local = values.astype(dtype, copy=True)
+        dtype = self._local_dtype()
+        if local is None:  # dense downlink: the global overwrites everything (no copy at all)
+            local = values.astype(dtype, copy=False)
         else:
+            dtype = local.dtype
             local[mask.data] = values.astype(dtype, copy=False)
-        reference = local.copy()
+            local.setflags(write=False)
+        # the merged model the round starts from (read-only; nothing writes to it below)
+        reference = local
         self.reference = reference
         self.current_mask = mask
-        self.flat_model.unflatten(torch.from_numpy(local))
+        self.flat_model.unflatten(_as_tensor(local))
 
         spec = resolve_attack_spec(
             context, self.client_id if self.client_id is not None else 0,
@@ -359,14 +404,14 @@ class PSFedClient:
 
         self._store(context, new_local, self.server_round)
         up_values = sent if up_mask.count == size else sent[up_mask.data]
-        enc = _wire.encode(
-            up_mask, np.ascontiguousarray(up_values),
-            str(cfg.get(CFG_UPLINK_ENCODING, "auto")),
-        )
-        payload = np.frombuffer(enc.payload, dtype=np.uint8).copy()
-        arrays: dict[str, Array] = {PAYLOAD: Array(payload)}
+        arrays: dict[str, Array] = {
+            PAYLOAD: _wire.encode_array(
+                up_mask, np.ascontiguousarray(up_values),
+                str(cfg.get(CFG_UPLINK_ENCODING, "auto")),
+            )
+        }
         if scores is not None:
-            arrays[SCORES] = Array(scores)
+            arrays[SCORES] = array_from_numpy(scores)
         metrics = MetricRecord({METRIC_NUM_EXAMPLES: int(n)})
         for k, v in self.train_metrics.items():
             if k != METRIC_NUM_EXAMPLES:
@@ -404,13 +449,20 @@ class PSFedClient:
 
     def handle_evaluate(self, msg: Message, context: Context) -> Message:
         """Evaluate in a copy (the stored local model is never modified)."""
-        cfg, _size, local, _fresh, mask, values = self._begin(msg, context)
-        model_kind = str(cfg.get(CFG_EVAL_MODEL, "merged"))
-        theta = local.copy()
-        if mask is not None and values is not None and model_kind != "local":
-            theta[mask.data] = values.astype(theta.dtype, copy=False)
+        crec = _config(msg.content, KEY_CONFIG)
+        model_kind = str(crec.get(CFG_EVAL_MODEL, "merged")) if crec is not None else "merged"
+        cfg, _size, local, _fresh, mask, values = self._begin(
+            msg, context, dense_overwrites=model_kind != "local"
+        )
+        if local is None:  # full mask: the global values are the whole model
+            assert values is not None
+            theta = values.astype(self._local_dtype(), copy=False)
+        else:
+            theta = local  # already a private copy: the stored state is never written
+            if mask is not None and values is not None and model_kind != "local":
+                theta[mask.data] = values.astype(theta.dtype, copy=False)
         self.current_mask = mask
-        self.flat_model.unflatten(torch.from_numpy(theta))
+        self.flat_model.unflatten(_as_tensor(theta))
         user_cfg = {k: v for k, v in cfg.items() if not k.startswith("psfed-")}
         loss, n, extra = self.evaluate_local(user_cfg)
         metrics = MetricRecord({"loss": float(loss), METRIC_NUM_EXAMPLES: int(n)})

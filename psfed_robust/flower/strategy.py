@@ -25,7 +25,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore import log
-from flwr.supercore.inflatable.inflatable_object import no_object_id_recompute
 from torch import nn
 
 from psfed_robust.core.aggregation import server_weights
@@ -41,8 +40,14 @@ from psfed_robust.core.selectors import (
     TopKMagnitudeSelector,
 )
 from psfed_robust.flower import _wire
+from psfed_robust.flower._arrays import array_from_numpy, array_view
 from psfed_robust.flower.adversary import ServerAdversary
-from psfed_robust.flower.metering import message_bytes, unique_bytes, update_floor_bytes
+from psfed_robust.flower.metering import (
+    ByteMeter,
+    message_bytes,
+    unique_bytes,
+    update_floor_bytes,
+)
 from psfed_robust.flower.protocol import (
     CFG_CLIENT_ID,
     CFG_EVAL_MODEL,
@@ -123,7 +128,7 @@ def arrays_from_model(
         x = t.detach().cpu()
         if x.dtype == torch.bfloat16:
             x = x.float()
-        out[info.name] = Array(np.ascontiguousarray(x.numpy()))
+        out[info.name] = array_from_numpy(np.ascontiguousarray(x.numpy()))
     return ArrayRecord(out)
 
 
@@ -329,7 +334,7 @@ class PSFedAvg(Strategy):
         self._eval_down: dict[str, float] = {}
         self.current_mask: Mask | None = None
         self.history: list[dict[str, float]] = []
-        self._size_cache: dict[str, int] = {}
+        self._meter = ByteMeter()
 
     # ------------------------------------------------------------------ layout
     @property
@@ -353,7 +358,7 @@ class PSFedAvg(Strategy):
         keys = list(arrays.keys())
         if not keys:
             raise ValueError("the global ArrayRecord is empty")
-        nds = [arrays[k].numpy() for k in keys]
+        nds = [array_view(arrays[k]) for k in keys]  # zero-copy; concatenated below
         for k, a in zip(keys, nds, strict=True):
             if a.dtype.kind != "f":
                 raise ValueError(
@@ -381,7 +386,8 @@ class PSFedAvg(Strategy):
         out: dict[str, Array] = {}
         for i, k in enumerate(lay.keys):
             part = flat[lay.offsets[i] : lay.offsets[i + 1]].reshape(lay.shapes[i])
-            out[k] = Array(np.ascontiguousarray(part.astype(lay.dtypes[i])))
+            out[k] = array_from_numpy(np.ascontiguousarray(part.astype(lay.dtypes[i],
+                                                                         copy=False)))
         return ArrayRecord(out)
 
     def _flat_model(self) -> FlattenedModel:
@@ -482,8 +488,9 @@ class PSFedAvg(Strategy):
         return np.mean(np.stack(list(self._scores.values())), axis=0)
 
     def _payload_record(self, mask: Mask, values: npt.NDArray[Any]) -> ArrayRecord:
-        enc = _wire.encode(mask, np.ascontiguousarray(values), self.encoding)
-        return ArrayRecord({PAYLOAD: Array(np.frombuffer(enc.payload, dtype=np.uint8).copy())})
+        return ArrayRecord(
+            {PAYLOAD: _wire.encode_array(mask, np.ascontiguousarray(values), self.encoding)}
+        )
 
     def _dense_reference_bytes(self) -> int:
         """Bytes of a FedAvg train message carrying the dense global ArrayRecord."""
@@ -518,7 +525,7 @@ class PSFedAvg(Strategy):
     ) -> tuple[list[Message], dict[int, _Sent]]:
         g, lay = self._global, self._layout
         assert g is not None and lay is not None
-        self._size_cache = {}
+        self._meter = ByteMeter()  # one per batch: shared objects are sized once
         itemsize = lay.dtype.itemsize
         init_rec: ArrayRecord | None = None
         down_cache: dict[int, tuple[Mask, ArrayRecord]] = {}
@@ -572,7 +579,7 @@ class PSFedAvg(Strategy):
             sent[nid] = _Sent(
                 mask=mask if mask is not None else Mask.all_false(lay.size),
                 client_id=cid,
-                bytes=message_bytes(m, self._size_cache),
+                bytes=message_bytes(m, self._meter),
                 floor=floor,
                 want_scores=want_scores,
             )
@@ -607,10 +614,9 @@ class PSFedAvg(Strategy):
                 shared = self._select(server_round, None)
             return shared
 
-        with no_object_id_recompute():  # meter shared payloads once, not once per node
-            msgs, sent = self._build_messages(server_round, nodes, cfg, MSG_TRAIN, mask_for,
-                                              True)
-            unique = float(unique_bytes(msgs, self._size_cache))
+        msgs, sent = self._build_messages(server_round, nodes, cfg, MSG_TRAIN, mask_for, True)
+        unique = float(unique_bytes(msgs, self._meter))
+        self._meter = ByteMeter()  # do not keep the round's messages alive
         self._sent = sent
         self._last_masks = {n: s.mask for n, s in sent.items()}
         self.current_mask = shared[0] if shared is not None else None
@@ -768,7 +774,7 @@ class PSFedAvg(Strategy):
         masks = torch.zeros((k, lay.size), dtype=torch.bool)
         for i, u in enumerate(valid):
             idx = torch.from_numpy(u.mask.indices)
-            upd[i, idx] = torch.from_numpy(u.values).to(g.dtype)
+            upd[i, idx] = torch.from_numpy(np.array(u.values)).to(g.dtype)
             masks[i, idx] = True
         if self.adversary is not None:
             upd = self.adversary.apply(
@@ -795,31 +801,54 @@ class PSFedAvg(Strategy):
         """PSO-Fed's step ``g + Σ_k ω_k T_k (u_k − g)`` without building dense ``[K, D]`` tensors.
 
         Same math as ``defenses.get_defense("mean")`` in fill mode; O(Σ_k count_k) instead of
-        O(K·D).
+        O(K·D). Replies on the same mask (every client-independent selector) are accumulated
+        in the compact ``count``-long space and scattered once per distinct mask.
         """
         # float32 models accumulate in float32 (like FedAvg's numpy mean), others in float64
         acc_dtype: np.dtype[Any] = np.dtype(np.float32 if lay.dtype == np.float32 else np.float64)
         w = self._weights(valid, torch.float64).numpy().astype(acc_dtype)
-        acc: npt.NDArray[Any] = np.zeros(lay.size, dtype=acc_dtype)
-        cover: npt.NDArray[np.bool_] = np.zeros(lay.size, dtype=bool)
         g: npt.NDArray[Any] = g0.astype(acc_dtype, copy=False)
+        groups: dict[Any, list[tuple[Any, ValidUpdate]]] = {}
         for wi, u in zip(w, valid, strict=True):
-            vals: npt.NDArray[Any] = u.values.astype(acc_dtype, copy=False)
+            if u.mask.count == 0:
+                continue
             if u.mask.count == lay.size:
-                tmp = np.subtract(vals, g)
+                key: Any = "dense"
+            elif u.mask.seed_spec is not None:
+                key = u.mask.seed_spec
+            else:
+                key = id(u.mask)
+            groups.setdefault(key, []).append((wi, u))
+        acc: npt.NDArray[Any] = np.zeros(lay.size, dtype=acc_dtype)
+        cover = 0.0
+        cover_mask: npt.NDArray[np.bool_] | None = None
+        for key, items in groups.items():
+            mask = items[0][1].mask
+            dense = key == "dense"
+            idx = None if dense else mask.indices
+            g_m = g if idx is None else g[idx]
+            comp = acc if dense else np.zeros(mask.count, dtype=acc_dtype)
+            tmp = np.empty(mask.count, dtype=acc_dtype)
+            for wi, u in items:
+                np.subtract(u.values, g_m, out=tmp, casting="same_kind")
                 tmp *= wi
-                acc += tmp
-                cover[:] = True
-            elif u.mask.count:
-                idx = u.mask.indices
-                acc[idx] += wi * (vals - g[idx])
-                cover[idx] = True
+                comp += tmp
+            if dense:
+                cover = 1.0
+                continue
+            acc[idx] += comp
+            if cover < 1.0:
+                if cover_mask is None:
+                    cover_mask = np.zeros(lay.size, dtype=bool)
+                cover_mask[idx] = True
+        if cover < 1.0 and cover_mask is not None:
+            cover = float(cover_mask.mean()) if lay.size else 0.0
         acc += g
         new = acc.astype(lay.dtype, copy=False)
         if not bool(np.isfinite(new).all()):
             log(WARNING, "psfed: aggregate not finite; global unchanged")
-            return None, float(cover.mean()) if lay.size else 0.0
-        return new, float(cover.mean()) if lay.size else 0.0
+            return None, cover
+        return new, cover
 
     @staticmethod
     def _mean_user_metrics(items: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
@@ -871,8 +900,9 @@ class PSFedAvg(Strategy):
         n = max(len(msgs), 1)
         self._eval_down = {
             "bytes-down-per-client": sum(s.bytes for s in sent.values()) / n,
-            "bytes-down-unique": float(unique_bytes(msgs)),
+            "bytes-down-unique": float(unique_bytes(msgs, self._meter)),
         }
+        self._meter = ByteMeter()
         return msgs
 
     def aggregate_evaluate(

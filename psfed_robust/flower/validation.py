@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
 from psfed_robust.core.mask import Mask
 from psfed_robust.flower import _wire
+from psfed_robust.flower._arrays import array_view
 from psfed_robust.flower.protocol import (
     KEY_META,
     KEY_METRICS,
@@ -88,7 +89,7 @@ class ValidUpdate:
     node_id: int
     client_id: ClientId
     mask: Mask
-    values: npt.NDArray[Any]  # (mask.count,) in the model dtype
+    values: npt.NDArray[Any]  # (mask.count,) in the model dtype; read-only (may view the reply)
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
     scores: npt.NDArray[np.float64] | None = None
@@ -238,8 +239,10 @@ def _parse_train(
         raise ReplyRejected("bad-payload", f"dtype {arr.dtype!r} shape {arr.shape}")
     if max_payload_bytes is not None and len(arr.data) > max_payload_bytes + 1024:
         raise ReplyRejected("bad-payload", f"{len(arr.data)} bytes > limit {max_payload_bytes}")
-    payload = arr.numpy().tobytes()
-    mask, values = _wire.decode(payload, model_size)
+    raw = array_view(arr)  # zero-copy view of the npy data (np.load's result otherwise)
+    if raw.dtype != np.uint8 or raw.ndim != 1:
+        raise ReplyRejected("bad-payload", f"npy data {raw.dtype} shape {raw.shape}")
+    mask, values = _wire.decode(memoryview(raw), model_size, copy=False)  # type: ignore[arg-type]
     if mask.size != model_size:
         raise ReplyRejected("size-mismatch", f"mask size {mask.size} != model size {model_size}")
     values = np.asarray(values)
@@ -249,11 +252,18 @@ def _parse_train(
         )
     if values.dtype.kind != "f":
         raise ReplyRejected("bad-dtype", f"values dtype {values.dtype}")
-    with np.errstate(over="ignore", invalid="ignore"):
-        cast = values.astype(model_dtype, copy=False)
-    if not bool(np.isfinite(values).all()) or not bool(np.isfinite(cast).all()):
+    if not all_finite(values):
         raise ReplyRejected("non-finite", "NaN or Inf in values")
-    if expected_mask is not None and mask != expected_mask:
+    if values.dtype != model_dtype:
+        with np.errstate(over="ignore", invalid="ignore"):
+            cast = values.astype(model_dtype)
+        if not all_finite(cast):  # e.g. a float64 value beyond float32's range
+            raise ReplyRejected("non-finite", "NaN or Inf in values after the cast to "
+                                f"{model_dtype}")
+        cast.setflags(write=False)
+    else:
+        cast = values
+    if expected_mask is not None and not masks_equal(mask, expected_mask):
         raise ReplyRejected("mask-mismatch", "uplink mask differs from the downlink mask")
 
     scores = None
@@ -270,12 +280,30 @@ def _parse_train(
         node_id=int(msg.metadata.src_node_id),
         client_id=cid,
         mask=mask,
-        values=np.array(cast, dtype=model_dtype, copy=True),
+        values=cast,
         num_examples=n,
         metrics=_user_metrics(metrics, (METRIC_NUM_EXAMPLES,)),
         scores=scores,
         fresh_state=bool(fresh) if isinstance(fresh, bool) else False,
     )
+
+
+def all_finite(values: npt.NDArray[Any]) -> bool:
+    """True iff no value is NaN or ±Inf (numpy: ~15x faster than torch on one thread)."""
+    return values.dtype.kind != "f" or bool(np.isfinite(values).all())
+
+
+def masks_equal(a: Mask, b: Mask) -> bool:
+    """``a == b``, without comparing D booleans when sizes/counts or seed specs decide it."""
+    if a is b:
+        return True
+    if a.size != b.size or a.count != b.count:
+        return False
+    if a.count in (0, a.size):
+        return True
+    if a.seed_spec is not None and a.seed_spec == b.seed_spec:
+        return True  # a spec regenerates exactly one mask (checked when the mask was built)
+    return a == b
 
 
 def parse_evaluate_reply(
