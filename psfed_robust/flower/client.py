@@ -31,7 +31,8 @@ from psfed_robust.core.flatten import FlattenedModel
 from psfed_robust.core.mask import Mask, count_for_fraction
 from psfed_robust.core.seeding import torch_generator
 from psfed_robust.flower import _wire
-from psfed_robust.flower._arrays import array_from_numpy, array_view
+from psfed_robust.flower._arrays import array_from_numpy, array_from_parts, array_view
+from psfed_robust.flower._masks import gather, scatter
 from psfed_robust.flower.protocol import (
     CFG_EVAL_MODEL,
     CFG_MODEL_SIZE,
@@ -261,10 +262,27 @@ class PSFedClient:
             raise ValueError(f"stored local model has shape {theta.shape}, model size is {size}")
         return np.array(theta, copy=True)
 
-    def _store(self, context: Context, theta: npt.NDArray[Any], server_round: int) -> None:
-        context.state[STATE_LOCAL] = ArrayRecord(
-            {STATE_THETA: array_from_numpy(np.ascontiguousarray(theta))}
-        )
+    def _snapshot(self, dtype: np.dtype[Any]) -> Array | None:
+        """The model's flat vector as an npy Array, copied once from the parameters.
+
+        None when a tensor is not a contiguous CPU tensor of ``dtype`` (then flatten instead).
+        """
+        views: list[Any] = []
+        with torch.no_grad():
+            for t in self.flat_model._tensors:
+                if t.device.type != "cpu" or not t.is_contiguous() or t.dtype == torch.bfloat16:
+                    return None
+                a = t.detach().numpy()
+                if a.dtype != dtype:
+                    return None
+                views.append(memoryview(a.reshape(-1)).cast("B"))  # type: ignore[arg-type]
+        return array_from_parts(dtype, (self.num_parameters,), views)
+
+    def _store(
+        self, context: Context, theta: npt.NDArray[Any] | Array, server_round: int
+    ) -> None:
+        arr = theta if isinstance(theta, Array) else array_from_numpy(np.ascontiguousarray(theta))
+        context.state[STATE_LOCAL] = ArrayRecord({STATE_THETA: arr})
         meta = context.state.get(STATE_META) if STATE_META in context.state else None
         trained = 0
         if isinstance(meta, ConfigRecord):
@@ -349,7 +367,7 @@ class PSFedClient:
             local = values.astype(dtype, copy=False)
         else:
             dtype = local.dtype
-            local[mask.data] = values.astype(dtype, copy=False)
+            scatter(local, mask, values.astype(dtype, copy=False))
             local.setflags(write=False)
         # the merged model the round starts from (read-only; nothing writes to it below)
         reference = local
@@ -372,7 +390,13 @@ class PSFedClient:
         self.train_metrics = {}
         user_cfg = {k: v for k, v in cfg.items() if not k.startswith("psfed-")}
         n = self.train_local(user_cfg)
-        after = self.flat_model.flatten_numpy().astype(dtype, copy=False)
+        # the trained local model: copied once, straight from the parameters into the npy bytes
+        # of the state record; ``after`` is a read-only view of them
+        after_arr = self._snapshot(dtype)
+        if after_arr is not None:
+            after = array_view(after_arr)
+        else:
+            after = self.flat_model.flatten_numpy().astype(dtype, copy=False)
 
         # uplink mask
         uplink = str(cfg.get(CFG_UPLINK, "downlink"))
@@ -402,8 +426,11 @@ class PSFedClient:
                     f"compute_scores returned shape {scores.shape}, expected ({size},)"
                 )
 
-        self._store(context, new_local, self.server_round)
-        up_values = sent if up_mask.count == size else sent[up_mask.data]
+        self._store(
+            context, after_arr if after_arr is not None and new_local is after else new_local,
+            self.server_round,
+        )
+        up_values = gather(sent, up_mask)
         arrays: dict[str, Array] = {
             PAYLOAD: _wire.encode_array(
                 up_mask, np.ascontiguousarray(up_values),
@@ -460,7 +487,7 @@ class PSFedClient:
         else:
             theta = local  # already a private copy: the stored state is never written
             if mask is not None and values is not None and model_kind != "local":
-                theta[mask.data] = values.astype(theta.dtype, copy=False)
+                scatter(theta, mask, values.astype(theta.dtype, copy=False))
         self.current_mask = mask
         self.flat_model.unflatten(_as_tensor(theta))
         user_cfg = {k: v for k, v in cfg.items() if not k.startswith("psfed-")}

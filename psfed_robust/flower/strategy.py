@@ -29,7 +29,7 @@ from torch import nn
 
 from psfed_robust.core.aggregation import server_weights
 from psfed_robust.core.flatten import FlattenedModel
-from psfed_robust.core.mask import Mask
+from psfed_robust.core.mask import Mask, count_for_fraction
 from psfed_robust.core.selectors import (
     ClientSpecificMaskSelector,
     GradientBasedSelector,
@@ -41,6 +41,7 @@ from psfed_robust.core.selectors import (
 )
 from psfed_robust.flower import _wire
 from psfed_robust.flower._arrays import array_from_numpy, array_view
+from psfed_robust.flower._masks import gather, mask_indices
 from psfed_robust.flower.adversary import ServerAdversary
 from psfed_robust.flower.metering import (
     ByteMeter,
@@ -459,8 +460,10 @@ class PSFedAvg(Strategy):
     def _select(self, server_round: int, cid: ClientId | None) -> tuple[Mask, bool]:
         """(mask, wants_scores) for one client (``cid`` None when masks are client-independent)."""
         sel = self.mask_selector
-        req = set(sel.required_context)
         d = self.num_parameters
+        if type(sel) is RandomMaskSelector and count_for_fraction(d, sel.fraction) == d:
+            return Mask.all_true(d), False  # every coordinate: no draw to make
+        req = set(sel.required_context)
         ctx: dict[str, Any] = {}
         if "flat_model" in req:
             ctx["flat_model"] = self._flat_model()
@@ -543,7 +546,7 @@ class PSFedAvg(Strategy):
             if mask is not None:
                 key = id(mask)
                 if key not in down_cache:
-                    down_cache[key] = (mask, self._payload_record(mask, g[mask.data]))
+                    down_cache[key] = (mask, self._payload_record(mask, gather(g, mask)))
                 down = down_cache[key][1]
             ckey = (want_scores, cid if self.identify_clients else None)
             if ckey not in cfg_cache:
@@ -773,7 +776,7 @@ class PSFedAvg(Strategy):
         upd = g.unsqueeze(0).repeat(k, 1)
         masks = torch.zeros((k, lay.size), dtype=torch.bool)
         for i, u in enumerate(valid):
-            idx = torch.from_numpy(u.mask.indices)
+            idx = torch.from_numpy(np.array(mask_indices(u.mask)))
             upd[i, idx] = torch.from_numpy(np.array(u.values)).to(g.dtype)
             masks[i, idx] = True
         if self.adversary is not None:
@@ -825,8 +828,8 @@ class PSFedAvg(Strategy):
         for key, items in groups.items():
             mask = items[0][1].mask
             dense = key == "dense"
-            idx = None if dense else mask.indices
-            g_m = g if idx is None else g[idx]
+            idx = None if dense else mask_indices(mask)
+            g_m = g if idx is None else g.take(idx)
             comp = acc if dense else np.zeros(mask.count, dtype=acc_dtype)
             tmp = np.empty(mask.count, dtype=acc_dtype)
             for wi, u in items:
@@ -840,9 +843,14 @@ class PSFedAvg(Strategy):
             if cover < 1.0:
                 if cover_mask is None:
                     cover_mask = np.zeros(lay.size, dtype=bool)
-                cover_mask[idx] = True
+                if len(groups) > 1:
+                    cover_mask[idx] = True
         if cover < 1.0 and cover_mask is not None:
-            cover = float(cover_mask.mean()) if lay.size else 0.0
+            partial = [k for k in groups if k != "dense"]
+            if len(partial) == 1:  # one mask: its fraction, without counting D booleans
+                cover = groups[partial[0]][0][1].mask.fraction
+            else:
+                cover = float(cover_mask.mean()) if lay.size else 0.0
         acc += g
         new = acc.astype(lay.dtype, copy=False)
         if not bool(np.isfinite(new).all()):
