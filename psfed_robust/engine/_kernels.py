@@ -45,12 +45,52 @@ _CPP_SRC = r"""
 #include <ATen/ATen.h>
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <vector>
 
 namespace py = pybind11;
 using u128 = unsigned __int128;
 constexpr int64_t LANES = 32;
+
+// ------------------------------------------------------------------ recycled output buffers
+// Large int64 outputs (mask chunks, ~16 MB) come from a small free list: a fresh allocation's
+// pages are zeroed by the kernel on first touch, which costs as much as drawing the masks.
+struct BufPool {
+  std::mutex mu;
+  std::vector<std::pair<size_t, void*>> free;
+};
+static BufPool& buf_pool() {
+  static BufPool* p = new BufPool();  // never destroyed: deleters may run at exit
+  return *p;
+}
+
+static torch::Tensor pooled_long(int64_t rows, int64_t cols) {
+  const size_t bytes = std::max<size_t>(64, ((size_t)(rows * cols) * 8 + 63) / 64 * 64);
+  void* ptr = nullptr;
+  BufPool& bp = buf_pool();
+  {
+    std::lock_guard<std::mutex> lock(bp.mu);
+    for (size_t i = 0; i < bp.free.size(); ++i)
+      if (bp.free[i].first == bytes) {
+        ptr = bp.free[i].second;
+        bp.free.erase(bp.free.begin() + i);
+        break;
+      }
+  }
+  if (!ptr) ptr = std::aligned_alloc(64, bytes);
+  TORCH_CHECK(ptr != nullptr, "out of memory");
+  return torch::from_blob(ptr, {rows, cols}, [bytes](void* q) {
+    BufPool& b = buf_pool();
+    std::lock_guard<std::mutex> lock(b.mu);
+    if (b.free.size() < 8) {
+      b.free.emplace_back(bytes, q);
+    } else {
+      std::free(q);
+    }
+  }, torch::TensorOptions().dtype(torch::kInt64));
+}
 
 // ------------------------------------------------------------------ numpy's PCG64 (XSL-RR 128/64)
 struct Pcg64 {
@@ -66,13 +106,20 @@ struct Pcg64 {
   void words(std::vector<uint16_t>& out, int64_t count) {
     const int64_t nraw = (count + 3) / 4;
     out.resize(nraw * 4);
+    uint16_t* __restrict o = out.data();
+    u128 st = state;  // in registers: stores to `o` cannot alias it
+    const u128 mult = ((u128)0x2360ED051FC65DA4ULL << 64) | (u128)0x4385DF649FCCF645ULL;
     for (int64_t q = 0; q < nraw; ++q) {
-      const uint64_t r = next();
-      out[4 * q] = (uint16_t)(r & 0xFFFF);
-      out[4 * q + 1] = (uint16_t)((r >> 16) & 0xFFFF);
-      out[4 * q + 2] = (uint16_t)((r >> 32) & 0xFFFF);
-      out[4 * q + 3] = (uint16_t)(r >> 48);
+      st = st * mult + inc;
+      const uint64_t x = (uint64_t)(st >> 64) ^ (uint64_t)st;
+      const unsigned rot = (unsigned)(st >> 122);
+      const uint64_t r = (x >> rot) | (x << ((64u - rot) & 63u));
+      o[4 * q] = (uint16_t)(r & 0xFFFF);
+      o[4 * q + 1] = (uint16_t)((r >> 16) & 0xFFFF);
+      o[4 * q + 2] = (uint16_t)((r >> 32) & 0xFFFF);
+      o[4 * q + 3] = (uint16_t)(r >> 48);
     }
+    state = st;
   }
 };
 
@@ -86,7 +133,7 @@ std::vector<torch::Tensor> floyd_pcg(int64_t rows, int64_t dim, int64_t m, torch
   TORCH_CHECK(dim >= 1 && dim <= 4096 && m >= 1 && m <= dim, "floyd_pcg: 1 <= m <= dim <= 4096");
   auto s = st.contiguous();
   const int64_t* sp = s.data_ptr<int64_t>();
-  auto picks = torch::empty({rows, m}, torch::kInt64);
+  auto picks = pooled_long(rows, m);
   auto masks = torch::empty({want_masks ? rows : 0, want_masks ? dim : 0}, torch::kBool);
   int64_t* pk = picks.data_ptr<int64_t>();
   uint8_t* mk = want_masks ? reinterpret_cast<uint8_t*>(masks.data_ptr<bool>()) : nullptr;
@@ -99,8 +146,7 @@ std::vector<torch::Tensor> floyd_pcg(int64_t rows, int64_t dim, int64_t m, torch
       hs[i] = (uint32_t)(dim - m + 1 + i);
       thr[i] = (65536u - hs[i]) % hs[i];
     }
-    std::vector<uint16_t> w;
-    std::vector<uint16_t> val;
+    thread_local std::vector<uint16_t> w, val;  // scratch kept between calls
     std::vector<int64_t> rej, rej2;
     std::vector<uint8_t> sel(dim);
     const int64_t SUB = 4096, VS = std::min(SUB, rows) + 32;
@@ -113,8 +159,8 @@ std::vector<torch::Tensor> floyd_pcg(int64_t rows, int64_t dim, int64_t m, torch
       // draws of one row do not alias in L1); rejected entries listed in [m, n] row-major order
       for (int64_t i = 0; i < m; ++i) {
         const uint32_t h = hs[i], t = thr[i];
-        const uint16_t* wi = w.data() + i * n;
-        uint16_t* vi = val.data() + i * VS;
+        const uint16_t* __restrict wi = w.data() + i * n;
+        uint16_t* __restrict vi = val.data() + i * VS;
         int64_t bad = 0;
         for (int64_t j = 0; j < n; ++j) {
           const uint32_t p = (uint32_t)wi[j] * h;
@@ -136,16 +182,19 @@ std::vector<torch::Tensor> floyd_pcg(int64_t rows, int64_t dim, int64_t m, torch
         }
         std::swap(rej, rej2);
       }
+      // raw pointers: stores to `out` must not make the compiler reload vector internals
+      uint8_t* __restrict sl = sel.data();
+      const uint16_t* __restrict vl = val.data();
       for (int64_t j = 0; j < n; ++j) {
-        std::memset(sel.data(), 0, dim);
-        int64_t* out = pk + (s0 + j) * m;
+        std::memset(sl, 0, dim);
+        int64_t* __restrict out = pk + (s0 + j) * m;
         for (int64_t i = 0; i < m; ++i) {
-          const int64_t t = val[i * VS + j];
-          const int64_t pick = sel[t] ? dim - m + i : t;
-          sel[pick] = 1;
+          const int64_t t = vl[i * VS + j];
+          const int64_t pick = sl[t] ? dim - m + i : t;
+          sl[pick] = 1;
           out[i] = pick;
         }
-        if (mk) std::memcpy(mk + (s0 + j) * dim, sel.data(), dim);
+        if (mk) std::memcpy(mk + (s0 + j) * dim, sl, dim);
       }
     }
   }
@@ -166,14 +215,35 @@ static void sched_impl(const T* keys, int64_t B, int64_t K, int64_t P, int64_t* 
   }
 }
 
+// float32 keys: (order-preserving key bits << 32 | client) are distinct 64-bit integers whose
+// order is (key, client); the P-th smallest is the threshold, and a scan in client order lists
+// the participants ascending
+static void sched_f32(const float* keys, int64_t B, int64_t K, int64_t P, int64_t* out) {
+  std::vector<uint64_t> packed(K), work(K);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t k = 0; k < K; ++k) {
+      uint32_t u;
+      std::memcpy(&u, keys + b * K + k, 4);
+      u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+      packed[k] = ((uint64_t)u << 32) | (uint64_t)k;
+    }
+    work = packed;
+    std::nth_element(work.begin(), work.begin() + (P - 1), work.end());
+    const uint64_t thr = work[P - 1];
+    int64_t* o = out + b * P;
+    for (int64_t k = 0, q = 0; k < K; ++k)
+      if (packed[k] <= thr) o[q++] = k;
+  }
+}
+
 torch::Tensor schedule_fixed(torch::Tensor keys, int64_t P) {
   TORCH_CHECK(keys.dim() == 2 && keys.is_contiguous(), "keys: contiguous [B, K]");
   const int64_t B = keys.size(0), K = keys.size(1);
   TORCH_CHECK(P >= 1 && P <= K, "1 <= P <= K");
   auto out = torch::empty({B, P}, torch::kInt64);
   py::gil_scoped_release nogil;
-  if (keys.scalar_type() == torch::kFloat32)
-    sched_impl<float>(keys.data_ptr<float>(), B, K, P, out.data_ptr<int64_t>());
+  if (keys.scalar_type() == torch::kFloat32 && K < (int64_t(1) << 31))
+    sched_f32(keys.data_ptr<float>(), B, K, P, out.data_ptr<int64_t>());
   else
     sched_impl<double>(keys.data_ptr<double>(), B, K, P, out.data_ptr<int64_t>());
   return out;
@@ -205,9 +275,14 @@ static inline void lane_dots(const T* const* w, const T* const* c, int64_t D, T*
   }
 }
 
-template <typename T>
+struct NoHook {
+  inline void operator()(int64_t) const {}
+};
+
+// LMS rows [0, rows): pre(r) runs before row r's dot product, post(r) after its update.
+template <typename T, typename Pre = NoHook, typename Post = NoHook>
 static void lms_rows(T* W, const T* C, const T* y, T* e, const T* part, int64_t rows, int64_t D,
-                     T mu_s, T scale, bool scaled) {
+                     T mu_s, T scale, bool scaled, Pre pre = Pre(), Post post = Post()) {
   int64_t r = 0;
   T dot[4];
   auto finish = [&](int64_t row, T d) {
@@ -220,14 +295,17 @@ static void lms_rows(T* W, const T* C, const T* y, T* e, const T* part, int64_t 
     if (part) coef = coef * part[row];
 #pragma GCC ivdep
     for (int64_t j = 0; j < D; ++j) w[j] = w[j] + coef * c[j];
+    post(row);
   };
   for (; r + 4 <= rows; r += 4) {
+    for (int q = 0; q < 4; ++q) pre(r + q);
     const T* wp[4] = {W + r * D, W + (r + 1) * D, W + (r + 2) * D, W + (r + 3) * D};
     const T* cp[4] = {C + r * D, C + (r + 1) * D, C + (r + 2) * D, C + (r + 3) * D};
     lane_dots<T, 4>(wp, cp, D, dot);
     for (int q = 0; q < 4; ++q) finish(r + q, dot[q]);
   }
   for (; r < rows; ++r) {
+    pre(r);
     const T* wp[1] = {W + r * D};
     const T* cp[1] = {C + r * D};
     lane_dots<T, 1>(wp, cp, D, dot);
@@ -235,109 +313,292 @@ static void lms_rows(T* W, const T* C, const T* y, T* e, const T* part, int64_t 
   }
 }
 
-// W [B, K, D] (updated in place), y [B, K], e [B, K] (out), part [B, K] or empty.
-// RFF (xa [B, K, L+1], ob [B, L+1, D] given): regressors cos(xa @ ob) of `chunk` runs at a time
-// into z [chunk, K, D], with torch's bmm and cos. Otherwise c [B, K, D] are the regressors.
-void lms(torch::Tensor W, torch::Tensor xa, torch::Tensor ob, torch::Tensor c, torch::Tensor y,
-         torch::Tensor e, torch::Tensor part, torch::Tensor z, double mu_s, double scale,
-         int64_t chunk) {
-  TORCH_CHECK(W.dim() == 3 && W.is_contiguous() && y.is_contiguous() && e.is_contiguous(),
-              "lms: contiguous W [B, K, D], y, e");
-  const int64_t B = W.size(0), K = W.size(1), D = W.size(2);
-  const bool rff = xa.defined() && xa.numel() > 0;
-  const bool has_part = part.defined() && part.numel() > 0;
-  const bool scaled = scale != 1.0;
-  py::gil_scoped_release nogil;
-  AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "lms", [&] {
-    using T = scalar_t;
-    const T mu = (T)mu_s, sc = (T)scale;
-    T* Wp = W.data_ptr<T>();
-    const T* yp = y.data_ptr<T>();
-    T* ep = e.data_ptr<T>();
-    const T* pp = has_part ? part.data_ptr<T>() : nullptr;
-    if (rff) {
-      for (int64_t r0 = 0; r0 < B; r0 += chunk) {
-        const int64_t nb = std::min(chunk, B - r0);
-        auto zc = z.narrow(0, 0, nb);
-        at::bmm_out(zc, xa.narrow(0, r0, nb), ob.narrow(0, r0, nb));
-        zc.cos_();
-        lms_rows<T>(Wp + r0 * K * D, zc.data_ptr<T>(), yp + r0 * K, ep + r0 * K,
-                    pp ? pp + r0 * K : nullptr, nb * K, D, mu, sc, scaled);
-      }
-    } else {
-      TORCH_CHECK(c.is_contiguous() && c.numel() == W.numel(), "lms: regressors like W");
-      lms_rows<T>(Wp, c.data_ptr<T>(), yp, ep, pp, B * K, D, mu, sc, scaled);
-    }
-  });
+// ------------------------------------------------------------------ downlink merge / server step
+// Run b: W[b, idx[b, p], S[b, p, :]] = g[b, S[b, p, :]] for the valid slots p.
+template <typename T>
+static inline void merge_run(T* Wb, const T* gb, const int64_t* ib, const int64_t* sb,
+                             const bool* vb, int64_t P, int64_t M, int64_t D) {
+  for (int64_t p = 0; p < P; ++p) {
+    if (vb && !vb[p]) continue;
+    T* w = Wb + ib[p] * D;
+    const int64_t* sp = sb + p * M;
+    for (int64_t m = 0; m < M; ++m) w[sp[m]] = gb[sp[m]];
+  }
 }
 
-// ------------------------------------------------------------------ downlink merge / server step
-// valid: [B, P] bool or empty (every slot a participant)
+// Run b: out = g + om * sum_p T_p (w_p - g), accumulated slot by slot, entry by entry (the order
+// of torch's scatter_add_ over [P * M] columns).
+template <typename T>
+static inline void uplink_run(const T* Wb, const T* gb, const int64_t* ib, const int64_t* tb,
+                              const bool* vb, T om, int64_t P, int64_t M, int64_t D, T* acc,
+                              T* out) {
+  for (int64_t d = 0; d < D; ++d) acc[d] = T(0);
+  for (int64_t p = 0; p < P; ++p) {
+    if (vb && !vb[p]) continue;
+    const T* w = Wb + ib[p] * D;
+    const int64_t* tp = tb + p * M;
+    for (int64_t m = 0; m < M; ++m) acc[tp[m]] += w[tp[m]] - gb[tp[m]];
+  }
+  for (int64_t d = 0; d < D; ++d) out[d] = gb[d] + acc[d] * om;
+}
+
+static inline bool given(const torch::Tensor& t) { return t.defined() && t.numel() > 0; }
+
+// RFF arguments of nb runs: z[b, k, :] = ((bias + x_0 om_0) + x_1 om_1) + ... (the order of
+// psfed_robust.engine.data.rff_args; every product and sum rounded on its own)
+template <typename F, int L>
+static void rff_args_l(const F* x, const F* om, const F* bias, F* z, int64_t nb, int64_t K,
+                       int64_t D) {  // one pass, the L terms in registers
+  for (int64_t b = 0; b < nb; ++b) {
+    const F* ob = om + b * L * D;
+    const F* bb = bias + b * D;
+    for (int64_t k = 0; k < K; ++k) {
+      const F* xk = x + (b * K + k) * L;
+      F* __restrict zk = z + (b * K + k) * D;
+      F xl[L];
+      for (int l = 0; l < L; ++l) xl[l] = xk[l];
+#pragma GCC ivdep
+      for (int64_t d = 0; d < D; ++d) {
+        F a = bb[d] + xl[0] * ob[d];
+        for (int l = 1; l < L; ++l) a = a + xl[l] * ob[l * D + d];
+        zk[d] = a;
+      }
+    }
+  }
+}
+
+template <typename F>
+static void rff_args(const F* x, const F* om, const F* bias, F* z, int64_t nb, int64_t K,
+                     int64_t L, int64_t D) {
+  switch (L) {
+    case 4: return rff_args_l<F, 4>(x, om, bias, z, nb, K, D);
+    case 5: return rff_args_l<F, 5>(x, om, bias, z, nb, K, D);
+    case 6: return rff_args_l<F, 6>(x, om, bias, z, nb, K, D);
+    case 8: return rff_args_l<F, 8>(x, om, bias, z, nb, K, D);
+    default: break;
+  }
+  for (int64_t b = 0; b < nb; ++b) {
+    const F* ob = om + b * L * D;
+    const F* bb = bias + b * D;
+    for (int64_t k = 0; k < K; ++k) {
+      const F* xk = x + (b * K + k) * L;
+      F* __restrict zk = z + (b * K + k) * D;
+      const F x0 = xk[0];
+      for (int64_t d = 0; d < D; ++d) zk[d] = bb[d] + x0 * ob[d];
+      for (int64_t l = 1; l < L; ++l) {
+        const F xl = xk[l];
+        const F* __restrict ol = ob + l * D;
+        for (int64_t d = 0; d < D; ++d) zk[d] = zk[d] + xl * ol[d];
+      }
+    }
+  }
+}
+
+// One engine iteration, `chunk` runs at a time (the chunk's models stay in cache):
+//   merge (S given): the participants' shared entries take the global values;
+//   LMS at every client: regressors c = cos(rff_args(x, om, bias)) (RFF: x [B, K, L],
+//     om [B, L, D], bias [B, D]; torch's cos; into z [chunk, K, D]) or c [B, K, D];
+//     e = y - s (w^T c) (lane order),
+//     w <- w + (mu_s e part) c;
+//   server (T given): returns g + omega[b] sum_p T_p (w_p - g); otherwise returns g itself.
+// W [B, K, D] is updated in place; e [B, K] is written; part [B, K] or empty; valid [B, P] or
+// empty; idx [B, P]; S, T [B, P, M] int64.
+torch::Tensor step(torch::Tensor W, torch::Tensor g, torch::Tensor idx, torch::Tensor S,
+                   torch::Tensor T, torch::Tensor omega, torch::Tensor valid, torch::Tensor x,
+                   torch::Tensor om, torch::Tensor bias, torch::Tensor c, torch::Tensor y,
+                   torch::Tensor e,
+                   torch::Tensor part, torch::Tensor z, double mu_s, double scale,
+                   int64_t chunk) {
+  TORCH_CHECK(W.dim() == 3 && W.is_contiguous() && y.is_contiguous() && e.is_contiguous() &&
+              g.is_contiguous(), "step: contiguous W [B, K, D], g, y, e");
+  const int64_t B = W.size(0), K = W.size(1), D = W.size(2);
+  const bool rff = given(x), has_part = given(part), scaled = scale != 1.0;
+  TORCH_CHECK(!rff || (x.is_contiguous() && om.is_contiguous() && bias.is_contiguous() &&
+                       z.is_contiguous() && x.size(0) == B && x.size(1) == K &&
+                       om.size(1) == x.size(2) && om.size(2) == D), "step: RFF inputs");
+  const int64_t L = rff ? x.size(2) : 0;
+  const bool do_merge = given(S), do_up = given(T);
+  TORCH_CHECK(rff || (c.is_contiguous() && c.numel() == W.numel()), "step: regressors like W");
+  TORCH_CHECK(!(do_merge || do_up) || (idx.is_contiguous() && idx.size(0) == B),
+              "step: idx [B, P] contiguous");
+  TORCH_CHECK(!do_merge || S.is_contiguous(), "step: S contiguous");
+  TORCH_CHECK(!do_up || (T.is_contiguous() && omega.is_contiguous() && omega.numel() == B),
+              "step: T contiguous, omega [B]");
+  const int64_t P = (do_merge || do_up) ? idx.size(1) : 0;
+  const int64_t MS = do_merge ? S.size(2) : 0, MT = do_up ? T.size(2) : 0;
+  const int64_t* ip = (do_merge || do_up) ? idx.data_ptr<int64_t>() : nullptr;
+  const int64_t* sp = do_merge ? S.data_ptr<int64_t>() : nullptr;
+  const int64_t* tp = do_up ? T.data_ptr<int64_t>() : nullptr;
+  const bool* vp = given(valid) ? valid.data_ptr<bool>() : nullptr;
+  auto gout = do_up ? torch::empty_like(g) : g;
+  py::gil_scoped_release nogil;
+  AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "step", [&] {
+    using F = scalar_t;
+    const F mu = (F)mu_s, sc = (F)scale;
+    F* Wp = W.data_ptr<F>();
+    const F* gp = g.data_ptr<F>();
+    F* gop = gout.data_ptr<F>();
+    const F* op = do_up ? omega.data_ptr<F>() : nullptr;
+    const F* yp = y.data_ptr<F>();
+    F* ep = e.data_ptr<F>();
+    const F* pp = has_part ? part.data_ptr<F>() : nullptr;
+    std::vector<F> acc(D);
+    std::vector<int64_t> slot(K);
+    for (int64_t r0 = 0; r0 < B; r0 += chunk) {
+      const int64_t nb = std::min(chunk, B - r0);
+      if (do_merge && !do_up)
+        for (int64_t b = r0; b < r0 + nb; ++b)
+          merge_run<F>(Wp + b * K * D, gp + b * D, ip + b * P, sp + b * P * MS,
+                       vp ? vp + b * P : nullptr, P, MS, D);
+      const F* cp;
+      if (rff) {
+        auto zc = z.narrow(0, 0, nb);
+        rff_args<F>(x.data_ptr<F>() + r0 * K * L, om.data_ptr<F>() + r0 * L * D,
+                    bias.data_ptr<F>() + r0 * D, zc.data_ptr<F>(), nb, K, L, D);
+        zc.cos_();  // torch's cosine
+        cp = zc.data_ptr<F>();
+      } else {
+        cp = c.data_ptr<F>() + r0 * K * D;
+      }
+      if (!(do_merge && do_up)) {
+        lms_rows<F>(Wp + r0 * K * D, cp, yp + r0 * K, ep + r0 * K,
+                    pp ? pp + r0 * K : nullptr, nb * K, D, mu, sc, scaled);
+        if (do_up)
+          for (int64_t b = r0; b < r0 + nb; ++b)
+            uplink_run<F>(Wp + b * K * D, gp + b * D, ip + b * P, tp + b * P * MT,
+                          vp ? vp + b * P : nullptr, op[b], P, MT, D, acc.data(), gop + b * D);
+        continue;
+      }
+      // merge and uplink row by row, while each model row is in L1: run b's rows in client
+      // order, which is slot order whenever the valid slots list clients ascending (the
+      // engine's schedules do); otherwise a separate pass per run
+      for (int64_t b = r0; b < r0 + nb; ++b) {
+        const int64_t* ib = ip + b * P;
+        const bool* vb = vp ? vp + b * P : nullptr;
+        std::fill(slot.begin(), slot.end(), -1);
+        bool ascending = true;
+        int64_t last = -1;
+        for (int64_t p = 0; p < P; ++p) {
+          if (vb && !vb[p]) continue;
+          ascending = ascending && ib[p] > last;
+          last = ib[p];
+          slot[ib[p]] = p;
+        }
+        F* Wb = Wp + b * K * D;
+        const F* gb = gp + b * D;
+        const F* cb = cp + (b - r0) * K * D;
+        const int64_t* sb = sp + b * P * MS;
+        const int64_t* tb = tp + b * P * MT;
+        if (!ascending) {
+          lms_rows<F>(Wb, cb, yp + b * K, ep + b * K, pp ? pp + b * K : nullptr, K, D, mu, sc,
+                      scaled);
+          uplink_run<F>(Wb, gb, ib, tb, vb, op[b], P, MT, D, acc.data(), gop + b * D);
+          continue;
+        }
+        F* ac = acc.data();
+        for (int64_t d = 0; d < D; ++d) ac[d] = F(0);
+        auto pre = [&](int64_t k) {
+          const int64_t p = slot[k];
+          if (p < 0) return;
+          F* w = Wb + k * D;
+          const int64_t* s = sb + p * MS;
+          for (int64_t m = 0; m < MS; ++m) w[s[m]] = gb[s[m]];
+        };
+        auto post = [&](int64_t k) {
+          const int64_t p = slot[k];
+          if (p < 0) return;
+          const F* w = Wb + k * D;
+          const int64_t* t = tb + p * MT;
+          for (int64_t m = 0; m < MT; ++m) ac[t[m]] += w[t[m]] - gb[t[m]];
+        };
+        lms_rows<F>(Wb, cb, yp + b * K, ep + b * K, pp ? pp + b * K : nullptr, K, D, mu, sc,
+                    scaled, pre, post);
+        const F om = op[b];
+        F* go = gop + b * D;
+        for (int64_t d = 0; d < D; ++d) go[d] = gb[d] + ac[d] * om;
+      }
+    }
+  });
+  return gout;
+}
+
+// merge alone (all runs)
 void merge(torch::Tensor W, torch::Tensor g, torch::Tensor idx, torch::Tensor S,
            torch::Tensor valid) {
-  const int64_t B = W.size(0), K = W.size(1), D = W.size(2), P = S.size(1), M = S.size(2);
   TORCH_CHECK(W.is_contiguous() && g.is_contiguous() && idx.is_contiguous() && S.is_contiguous(),
               "merge: contiguous inputs");
+  const int64_t B = W.size(0), K = W.size(1), D = W.size(2), P = S.size(1), M = S.size(2);
   const int64_t* ip = idx.data_ptr<int64_t>();
   const int64_t* sp = S.data_ptr<int64_t>();
-  const bool* vp = valid.numel() ? valid.data_ptr<bool>() : nullptr;
+  const bool* vp = given(valid) ? valid.data_ptr<bool>() : nullptr;
   py::gil_scoped_release nogil;
   AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "merge", [&] {
-    scalar_t* Wp = W.data_ptr<scalar_t>();
-    const scalar_t* gp = g.data_ptr<scalar_t>();
-    for (int64_t b = 0; b < B; ++b) {
-      const scalar_t* gb = gp + b * D;
-      for (int64_t p = 0; p < P; ++p) {
-        if (vp && !vp[b * P + p]) continue;
-        scalar_t* w = Wp + (b * K + ip[b * P + p]) * D;
-        const int64_t* s = sp + (b * P + p) * M;
-        for (int64_t m = 0; m < M; ++m) w[s[m]] = gb[s[m]];
-      }
-    }
+    for (int64_t b = 0; b < B; ++b)
+      merge_run<scalar_t>(W.data_ptr<scalar_t>() + b * K * D, g.data_ptr<scalar_t>() + b * D,
+                          ip + b * P, sp + b * P * M, vp ? vp + b * P : nullptr, P, M, D);
   });
 }
 
-// g + omega[b] * sum_p T_p (w_p - g), accumulated slot by slot, entry by entry; returns a new g.
-torch::Tensor uplink_mean(torch::Tensor W, torch::Tensor g, torch::Tensor idx, torch::Tensor T,
-                          torch::Tensor omega, torch::Tensor valid) {
-  const int64_t B = W.size(0), K = W.size(1), D = W.size(2), P = T.size(1), M = T.size(2);
-  TORCH_CHECK(W.is_contiguous() && g.is_contiguous() && idx.is_contiguous() && T.is_contiguous()
-              && omega.is_contiguous() && omega.numel() == B, "uplink_mean: inputs");
-  auto out = torch::empty_like(g);
+// ------------------------------------------------------------------ uplink 'next' bookkeeping
+// Downlink masks of the slots idx [B, P]: the pending uplink mask prev_T[prev_slot[b, k]] of a
+// client that sent one, else the next fresh row (fresh [n, M], taken in slot order).
+int64_t count_missing(torch::Tensor prev_slot, torch::Tensor idx) {
+  TORCH_CHECK(prev_slot.is_contiguous() && idx.is_contiguous(), "contiguous inputs");
+  const int64_t B = idx.size(0), P = idx.size(1), K = prev_slot.size(1);
+  const int64_t* ps = prev_slot.data_ptr<int64_t>();
   const int64_t* ip = idx.data_ptr<int64_t>();
-  const int64_t* tp = T.data_ptr<int64_t>();
-  const bool* vp = valid.numel() ? valid.data_ptr<bool>() : nullptr;
-  py::gil_scoped_release nogil;
-  AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "uplink_mean", [&] {
-    using S = scalar_t;
-    const S* Wp = W.data_ptr<S>();
-    const S* gp = g.data_ptr<S>();
-    const S* op = omega.data_ptr<S>();
-    S* outp = out.data_ptr<S>();
-    std::vector<S> acc(D);
-    for (int64_t b = 0; b < B; ++b) {
-      const S* gb = gp + b * D;
-      std::fill(acc.begin(), acc.end(), S(0));
-      for (int64_t p = 0; p < P; ++p) {
-        if (vp && !vp[b * P + p]) continue;
-        const S* w = Wp + (b * K + ip[b * P + p]) * D;
-        const int64_t* t = tp + (b * P + p) * M;
-        for (int64_t m = 0; m < M; ++m) acc[t[m]] += w[t[m]] - gb[t[m]];
+  int64_t n = 0;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t p = 0; p < P; ++p) n += ps[b * K + ip[b * P + p]] < 0;
+  return n;
+}
+
+void resolve_downlink(torch::Tensor prev_T, torch::Tensor prev_slot, torch::Tensor idx,
+                      torch::Tensor fresh, torch::Tensor out) {
+  TORCH_CHECK(prev_T.is_contiguous() && prev_slot.is_contiguous() && idx.is_contiguous() &&
+              fresh.is_contiguous() && out.is_contiguous(), "contiguous inputs");
+  const int64_t B = idx.size(0), P = idx.size(1), K = prev_slot.size(1), M = prev_T.size(1);
+  const int64_t* pt = prev_T.data_ptr<int64_t>();
+  const int64_t* ps = prev_slot.data_ptr<int64_t>();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  const int64_t* fr = fresh.numel() ? fresh.data_ptr<int64_t>() : nullptr;
+  const int64_t nf = fresh.numel() ? fresh.size(0) : 0;
+  int64_t* op = out.data_ptr<int64_t>();
+  int64_t q = 0;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t p = 0; p < P; ++p) {
+      const int64_t src = ps[b * K + ip[b * P + p]];
+      const int64_t* row;
+      if (src >= 0) {
+        row = pt + src * M;
+      } else {
+        TORCH_CHECK(q < nf, "resolve_downlink: not enough fresh rows");
+        row = fr + (q++) * M;
       }
-      const S om = op[b];
-      S* ob = outp + b * D;
-      for (int64_t d = 0; d < D; ++d) ob[d] = gb[d] + acc[d] * om;
+      std::memcpy(op + (b * P + p) * M, row, M * sizeof(int64_t));
     }
-  });
-  return out;
+}
+
+// prev_slot[b, :] = -1, then prev_slot[b, idx[b, p]] = b * P + p
+void set_slots(torch::Tensor prev_slot, torch::Tensor idx) {
+  TORCH_CHECK(prev_slot.is_contiguous() && idx.is_contiguous(), "contiguous inputs");
+  const int64_t B = idx.size(0), P = idx.size(1), K = prev_slot.size(1);
+  int64_t* ps = prev_slot.data_ptr<int64_t>();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t k = 0; k < K; ++k) ps[b * K + k] = -1;
+    for (int64_t p = 0; p < P; ++p) ps[b * K + ip[b * P + p]] = b * P + p;
+  }
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("count_missing", &count_missing);
+  mod.def("resolve_downlink", &resolve_downlink);
+  mod.def("set_slots", &set_slots);
   mod.def("floyd_pcg", &floyd_pcg);
   mod.def("schedule_fixed", &schedule_fixed);
-  mod.def("lms", &lms);
+  mod.def("step", &step);
   mod.def("merge", &merge);
-  mod.def("uplink_mean", &uplink_mean);
 }
 """
 

@@ -25,10 +25,10 @@ Random draws (all from explicit ``torch.Generator`` objects, in this order):
 * each :meth:`next` call, from ``data_gen``: RFF — innovations ``randn [B,K,L]`` then observation
   noise ``randn [B,K]``; linear — inputs ``randn [B,K,D]`` then noise ``randn [B,K]``.
 
-RFF arguments use one batched matmul (``[x, 1] @ [ω; b]``); values are reproducible on a given
-machine and thread count. ``advance()`` + ``features(start, stop, out)`` split :meth:`next` so that
-the engine computes the regressors one cache-sized chunk of runs at a time (same draws; the
-per-run batched matmul and cosine give the same values for any chunking).
+RFF arguments ``ωᵀx + b`` are summed in a fixed order (:func:`rff_args`, the order of the engine's
+compiled kernel); values are reproducible on a given machine. ``advance()`` +
+``features(start, stop, out)`` split :meth:`next` so that the engine computes the regressors one
+cache-sized chunk of runs at a time (same draws, same values).
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ __all__ = [
     "LinearStream",
     "RFFStream",
     "p1_target",
+    "rff_args",
     "rff_features",
 ]
 
@@ -82,10 +83,10 @@ class DataStream(Protocol):
         """Unscaled regressors of runs ``start:stop`` of the current iteration (into ``out``)."""
         ...
 
-    def kernel_inputs(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        """What the engine's compiled LMS step needs for the current iteration: ``(xa, ωb,
-        None)`` when the regressors are ``cos(xa @ ωb)`` (``xa [B,K,L+1]``, ``ωb [B,L+1,D]``;
-        computed as :meth:`features` does), else ``(None, None, c [B,K,D])``."""
+    def kernel_inputs(self) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+        """What the engine's compiled LMS step needs for the current iteration: ``(x, ω, b,
+        None)`` when the regressors are ``cos(rff_args(x, ω, b))`` (``x [B,K,L]``, ``ω [B,L,D]``,
+        ``b [B,D]``, contiguous), else ``(None, None, None, c [B,K,D])``."""
         ...
 
 
@@ -105,15 +106,29 @@ def p1_target(x: Tensor) -> Tensor:
     return a + (0.8 - 0.5 * torch.exp(-(x2 * x2))) * x3
 
 
+def rff_args(x: Tensor, omega: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+    """RFF arguments ``ωᵀx + b`` → ``[B, N, D]`` (``x [B, N, L]``, ``ω [B, L, D]``, ``b [B, D]``).
+
+    Summed in a fixed order, ``((b + x₁ω₁) + x₂ω₂) + …``, every product and sum rounded on its
+    own (no fused multiply-add): the order of the engine's compiled kernel
+    (``psfed_robust.engine._kernels``), so both give the same bits.
+    """
+    out = torch.mul(x[..., 0, None], omega[:, None, 0, :], out=out)
+    out.add_(b[:, None, :])  # x₁ω₁ + b = b + x₁ω₁ (IEEE addition commutes)
+    for i in range(1, x.shape[-1]):
+        out.add_(x[..., i, None] * omega[:, None, i, :])
+    return out
+
+
 def rff_features(x: Tensor, omega: Tensor, b: Tensor, out: Tensor | None = None,
                  scaled: bool = True) -> Tensor:
     """Random Fourier features ``sqrt(2/D) cos(ωᵀx + b)`` (``scaled=False``: without the factor).
 
     ``x``: ``[B, N, L]``, ``omega``: ``[B, L, D]``, ``b``: ``[B, D]`` → ``[B, N, D]``
-    (``torch.baddbmm`` then an in-place cosine).
+    (:func:`rff_args` then an in-place cosine).
     """
     D = omega.shape[-1]
-    out = torch.baddbmm(b[:, None, :], x, omega, out=out)
+    out = rff_args(x, omega, b, out=out)
     out.cos_()
     if scaled:
         out.mul_(math.sqrt(2.0 / D))
@@ -172,14 +187,10 @@ class RFFStream:
         self.innov = (1.0 - self.theta * self.theta).sqrt()  # sqrt(1 - θ²)
         self.stat_mean = self.mean * ((1.0 + self.theta) / (1.0 - self.theta)).sqrt()
         x0 = torch.randn((B, K, L), generator=g, device=dev, dtype=dtype)
-        # inputs augmented with a constant 1 so that one bmm gives ωᵀx + b
-        self._xa = torch.ones((B, K, L + 1), device=dev, dtype=dtype)
-        self.x = self._xa[..., :L]  # a view: the AR(1) update writes into _xa
         if ar_init == "stationary":
-            self.x.copy_(x0.mul_(self.std[..., None]).add_(self.stat_mean[..., None]))
+            self.x = x0.mul_(self.std[..., None]).add_(self.stat_mean[..., None])
         else:
-            self.x.zero_()
-        self._omega_b = torch.cat([self.omega, self.b[:, None, :]], dim=1)  # [B, L+1, D]
+            self.x = torch.zeros_like(x0)
         # test set: per point a client c, x ~ stationary law of c, y = f(x) + ν_c
         Nt = num_test
         pick = (torch.rand((B, Nt), generator=g, device=dev, dtype=dtype) * K).long().clamp_(
@@ -194,7 +205,7 @@ class RFFStream:
         self.test_targets = yt
         self.test_features = rff_features(xt, self.omega, self.b)
         self._z = torch.empty((B, K, dim), device=dev, dtype=dtype)
-        self._views: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+        self._views: dict[tuple[int, int], tuple[Tensor, Tensor, Tensor]] = {}
 
     def next(self) -> tuple[Tensor, Tensor]:
         """Advance every client's AR(1) input one step; return ``(c [B,K,D], y [B,K])``.
@@ -203,7 +214,7 @@ class RFFStream:
         scale into scalars). ``c`` is a buffer reused by the next call (copy it to keep it).
         """
         y = self.advance()
-        return self.features(0, self._xa.shape[0], self._z), y
+        return self.features(0, self.x.shape[0], self._z), y
 
     def advance(self) -> Tensor:
         """Advance every client's AR(1) input one step (draws as :meth:`next`); return ``y``."""
@@ -219,12 +230,13 @@ class RFFStream:
         key = (start, stop)
         views = self._views.get(key)
         if views is None:
-            views = self._views[key] = (self._xa[start:stop], self._omega_b[start:stop])
-        return torch.bmm(views[0], views[1], out=out).cos_()  # ωᵀx + b, then cos in place
+            views = self._views[key] = (self.x[start:stop], self.omega[start:stop],
+                                        self.b[start:stop])
+        return rff_args(*views, out=out).cos_()  # ωᵀx + b (fixed order), then cos in place
 
-    def kernel_inputs(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        """``(xa, ωb, None)``: the regressors are ``cos(xa @ ωb)`` (see :meth:`features`)."""
-        return self._xa, self._omega_b, None
+    def kernel_inputs(self) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+        """``(x, ω, b, None)``: the regressors are ``cos(rff_args(x, ω, b))`` (:meth:`features`)."""
+        return self.x, self.omega, self.b, None
 
 
 class LinearStream:
@@ -289,6 +301,6 @@ class LinearStream:
         """The inputs of runs ``start:stop`` (a view of the drawn batch; ``out`` is not used)."""
         return self._x[start:stop]
 
-    def kernel_inputs(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        """``(None, None, x)``: the regressors of the current iteration are the inputs."""
-        return None, None, self._x
+    def kernel_inputs(self) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+        """``(None, None, None, x)``: the regressors of the current iteration are the inputs."""
+        return None, None, None, self._x

@@ -377,8 +377,9 @@ class _Masks:
     """
 
     def __init__(self, config: OnlineConfig, B: int, gen: torch.Generator, device: torch.device,
-                 init_gen: torch.Generator, prefetch: bool = False) -> None:
+                 init_gen: torch.Generator, prefetch: bool = False, kern: Any = None) -> None:
         self.cfg, self.B, self.device = config, B, device
+        self.kern = kern  # compiled bookkeeping for uplink 'next' (same results)
         D, M, K = config.dim, config.share_count, config.num_clients
         self.dense = M == D
         self.pool = MaskPool(D, M, gen, device, chunk=max(4096, min(65536, 4 * B * K)),
@@ -426,10 +427,17 @@ class _Masks:
             return self.pending[:, None, :].expand(B, P, M)
         if self.prev_T is None or self.prev_slot is None:
             return self._fresh((B, P))
-        src = self.prev_slot.gather(1, idx)
-        need = src < 0
         if self._s_buf is None or self._s_buf.numel() < B * P * M:
             self._s_buf = torch.empty((B * P * M,), dtype=torch.long, device=self.device)
+        if self.kern is not None:
+            n_need = self.kern.count_missing(self.prev_slot, idx)
+            fresh = self.pool.take(n_need) if n_need else self._s_buf[:0].view(0, M)
+            out = self._s_buf[: B * P * M].view(B, P, M)
+            self.kern.resolve_downlink(self.prev_T.contiguous(), self.prev_slot, idx,
+                                       fresh.contiguous(), out)
+            return out
+        src = self.prev_slot.gather(1, idx)
+        need = src < 0
         S = torch.index_select(self.prev_T, 0, src.clamp(min=0).view(-1),
                                out=self._s_buf[: B * P * M].view(B * P, M)).view(B, P, M)
         n_need = int(need.sum())
@@ -458,6 +466,9 @@ class _Masks:
             self.prev_slot = torch.empty((B, self.cfg.num_clients), dtype=torch.long,
                                          device=self.device)
         self.prev_T = T.reshape(B * P, M)
+        if self.kern is not None:
+            self.kern.set_slots(self.prev_slot, idx)
+            return T
         self.prev_slot.fill_(-1)
         self.prev_slot.scatter_(1, idx, torch.arange(B * P, device=self.device).view(B, P))
         return T
@@ -609,7 +620,7 @@ def _run_block(config: OnlineConfig, block: int, B: int, dev: torch.device, atta
                defense: Any, fast: bool, bar: Any, prefetch: bool = False,
                kern: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     masks = _Masks(config, B, block_generator(config.seed, "mask", block, dev), dev,
-                   block_generator(config.seed, "init-masks", block, dev), prefetch)
+                   block_generator(config.seed, "init-masks", block, dev), prefetch, kern)
     try:
         return _block_loop(config, block, B, dev, attack, defense, fast, bar, masks, kern)
     finally:
@@ -656,9 +667,27 @@ def _block_loop(config: OnlineConfig, block: int, B: int, dev: torch.device, att
     scheme = cast(WeightScheme, config.server_weight)
     empty = torch.empty((0,), device=dev, dtype=dtype)
     no_valid = torch.empty((0,), device=dev, dtype=torch.bool)
+    empty_idx = torch.empty((0,), device=dev, dtype=torch.long)
     # compiled kernels: merge and the fused server step touch only the M shared entries
     sparse_kern = kern is not None and not masks.dense
     kern_server = sparse_kern and fast and attack is None
+    def weights(valid: Tensor | None, P: int) -> tuple[Tensor, Tensor]:
+        """Server weights ``ω [B, P]`` and their per-run value ``[B]`` (equal over slots)."""
+        nonlocal omega_fixed, om_fixed
+        if valid is None:  # fixed scheduling: one weight for every slot
+            if omega_fixed is None or omega_fixed.shape[1] != P:
+                omega_fixed = server_weights(torch.ones((B, P), dtype=torch.bool, device=dev),
+                                             scheme, K, p_c, dtype=dtype)
+                om_fixed = omega_fixed.amax(1).contiguous()
+            assert om_fixed is not None
+            return omega_fixed, om_fixed
+        omega = server_weights(valid, scheme, K, p_c, dtype=dtype)
+        return omega, omega.amax(1).contiguous()
+
+    def kernel_regressors() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return cast(tuple[Tensor, Tensor, Tensor, Tensor],
+                    tuple(empty if t is None else t.contiguous() for t in stream.kernel_inputs()))
+
     for n in range(config.iterations):
         keys = torch.rand((B, K), generator=g_sched, device=dev, dtype=dtype)
         idx, valid = schedule(keys, config, kern)
@@ -666,15 +695,32 @@ def _block_loop(config: OnlineConfig, block: int, B: int, dev: torch.device, att
             idx = idx.contiguous()
         P = idx.shape[1]
         vmask = None if valid is None else valid[..., None]
-        # downlink + merge at the participants
+        valid_k = no_valid if valid is None else valid  # for the kernels
         S = masks.downlink(n, idx) if P else None
+        ybuf.copy_(stream.advance())  # regressors z = scale * c, c from stream.features
+        part_f: Tensor | None = None
+        if not config.nonparticipant_updates:
+            part_f = torch.zeros((B, K), dtype=dtype, device=dev)
+            part_f.scatter_(1, idx, 1.0 if valid is None else valid.to(dtype))
+        fused = bool(kern_server and P and S is not None)
+        if fused:
+            # merge, LMS and PSO-Fed's server step in one compiled pass over the runs
+            Ti = masks.uplink(n, idx, S)
+            masks.mark_invalid(idx, valid)
+            assert Ti is not None and S is not None
+            _, om = weights(valid, P)
+            g = kern.step(W, g, idx, S.contiguous(), Ti.contiguous(), om, valid_k,
+                          *kernel_regressors(), ybuf, ebuf,
+                          empty if part_f is None else part_f, zbuf, mu_s, scale, cb)
+            P = 0  # done: nothing left for the steps below
         if P and not sparse_kern:
             flat = (row0 + idx).view(-1)  # participant rows of W.view(B*K, D)
             flatD = flat * D  # their offsets in W.view(-1)
         else:
             flat = flatD = row0  # not used (computed below where needed)
+        # downlink + merge at the participants
         if P and S is not None and sparse_kern:
-            kern.merge(W, g, idx, S.contiguous(), no_valid if valid is None else valid)
+            kern.merge(W, g, idx, S.contiguous(), valid_k)
         elif P:
             if S is None and vmask is None:
                 Wv.index_copy_(0, flat, g[:, None, :].expand(B, P, D).reshape(B * P, D))
@@ -692,50 +738,31 @@ def _block_loop(config: OnlineConfig, block: int, B: int, dev: torch.device, att
                     pos, vals = pos[keep], vals[keep]
                 Wflat.scatter_(0, pos, vals)
         # one LMS step at every client on its new sample, one cache-sized chunk of runs at a time
-        ybuf.copy_(stream.advance())  # regressors z = scale * c, c from stream.features
-        part_f: Tensor | None = None
-        if not config.nonparticipant_updates:
-            part_f = torch.zeros((B, K), dtype=dtype, device=dev)
-            part_f.scatter_(1, idx, 1.0 if valid is None else valid.to(dtype))
-        if kern is not None:  # same values as the loop below, one compiled call
-            xa, ob, cf = stream.kernel_inputs()
-            kern.lms(W, empty if xa is None else xa, empty if ob is None else ob,
-                     empty if cf is None else cf.contiguous(), ybuf, ebuf,
-                     empty if part_f is None else part_f, zbuf, mu_s, scale, cb)
-        else:
-            for r0, r1, Wc, zc, pc, yc, ec, cc, cc2 in lms_chunks:
-                c = stream.features(r0, r1, zc)
-                pc.copy_(_kernels.lane_dot_torch(Wc, c))  # the kernels' summation order
-                if scale == 1.0:
-                    torch.sub(yc, pc, out=ec)
-                else:  # e = y - pred * scale
-                    torch.sub(yc, torch.mul(pc, scale, out=ec), out=ec)
-                torch.mul(ec, mu_s, out=cc2)
-                if part_f is not None:
-                    cc2.mul_(part_f[r0:r1])
-                Wc.add_(c * cc)  # two roundings, as the kernel (addcmul_ may fuse them)
-        e = ebuf
+        if not fused:
+            if kern is not None:  # same values as the loop below, one compiled call
+                kern.step(W, g, empty_idx, empty_idx, empty_idx, empty, no_valid,
+                          *kernel_regressors(), ybuf, ebuf,
+                          empty if part_f is None else part_f, zbuf, mu_s, scale, cb)
+            else:
+                for r0, r1, Wc, zc, pc, yc, ec, cc, cc2 in lms_chunks:
+                    c = stream.features(r0, r1, zc)
+                    pc.copy_(_kernels.lane_dot_torch(Wc, c))  # the kernels' summation order
+                    if scale == 1.0:
+                        torch.sub(yc, pc, out=ec)
+                    else:  # e = y - pred * scale
+                        torch.sub(yc, torch.mul(pc, scale, out=ec), out=ec)
+                    torch.mul(ec, mu_s, out=cc2)
+                    if part_f is not None:
+                        cc2.mul_(part_f[r0:r1])
+                    Wc.add_(c * cc)  # two roundings, as the kernel (addcmul_ may fuse them)
         if apriori:
-            l_acc += (e * e).mean(-1, dtype=torch.float64)
+            l_acc += (ebuf * ebuf).mean(-1, dtype=torch.float64)
         # uplink, attack, server
         if P:
             Ti = masks.uplink(n, idx, S)
             masks.mark_invalid(idx, valid)
-            if valid is None:  # fixed scheduling: one weight for every slot
-                if omega_fixed is None or omega_fixed.shape[1] != P:
-                    omega_fixed = server_weights(torch.ones((B, P), dtype=torch.bool,
-                                                            device=dev),
-                                                 scheme, K, p_c, dtype=dtype)
-                    om_fixed = omega_fixed.amax(1).contiguous()
-                omega = omega_fixed
-            else:
-                omega = server_weights(valid, scheme, K, p_c, dtype=dtype)
-            if kern_server and Ti is not None:
-                om = om_fixed if valid is None else omega.amax(1).contiguous()
-                assert om is not None
-                g = kern.uplink_mean(W, g, idx, Ti.contiguous(), om,
-                                     no_valid if valid is None else valid)
-            elif fast and attack is None and Ti is not None:
+            omega, om = weights(valid, P)
+            if fast and attack is None and Ti is not None:
                 # g + ω Σ_k T_k (w_k − g), touching only the M sent entries of each participant
                 M = Ti.shape[-1]
                 cols = Ti.reshape(B, P * M)
@@ -745,7 +772,7 @@ def _block_loop(config: OnlineConfig, block: int, B: int, dev: torch.device, att
                 if valid is not None:
                     d.mul_(valid[..., None].expand(B, P, M).reshape(B, P * M))
                 acc = torch.zeros_like(g).scatter_add_(1, cols, d)
-                g = g + acc * omega.amax(1, keepdim=True)
+                g = g + acc * om[:, None]
             else:
                 if sparse_kern:  # the rows of the participants were not needed so far
                     flat = (row0 + idx).view(-1)
@@ -759,7 +786,7 @@ def _block_loop(config: OnlineConfig, block: int, B: int, dev: torch.device, att
                         delta = delta * Tb
                     if valid is not None:
                         delta = delta * valid[..., None]
-                    g = g + delta.sum(1) * omega.amax(1, keepdim=True)
+                    g = g + delta.sum(1) * om[:, None]
                 else:
                     g = defense(g[:, None, :] + delta, Tb, g, participants=valid,
                                 weights=omega, mode=config.aggregation_mode)
