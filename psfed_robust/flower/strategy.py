@@ -378,7 +378,7 @@ class PSFedAvg(Strategy):
             self._layout = lay
             self._layout_fm = None
             self._dense_ref_bytes = 0
-        self._global = np.concatenate([a.reshape(-1).astype(dtype) for a in nds])
+        self._global = np.concatenate([a.reshape(-1) for a in nds], dtype=dtype)
         self._arrays = arrays
 
     def _to_arrays(self, flat: npt.NDArray[Any]) -> ArrayRecord:
