@@ -236,6 +236,19 @@ static void sched_f32(const float* keys, int64_t B, int64_t K, int64_t P, int64_
   }
 }
 
+torch::Tensor schedule_fixed(torch::Tensor keys, int64_t P);
+
+// keys = torch.rand((B, K), generator=gen, dtype) then schedule_fixed (one call, no GIL)
+torch::Tensor schedule_draw(at::Generator gen, int64_t B, int64_t K, int64_t P, bool dbl) {
+  torch::Tensor keys;
+  {
+    py::gil_scoped_release nogil;
+    keys = at::rand({B, K}, gen, torch::TensorOptions().dtype(dbl ? torch::kFloat64
+                                                                  : torch::kFloat32));
+  }
+  return schedule_fixed(keys, P);
+}
+
 torch::Tensor schedule_fixed(torch::Tensor keys, int64_t P) {
   TORCH_CHECK(keys.dim() == 2 && keys.is_contiguous(), "keys: contiguous [B, K]");
   const int64_t B = keys.size(0), K = keys.size(1);
@@ -344,6 +357,18 @@ static inline void uplink_run(const T* Wb, const T* gb, const int64_t* ib, const
 
 static inline bool given(const torch::Tensor& t) { return t.defined() && t.numel() > 0; }
 
+// prev_slot[b, :] = -1, then prev_slot[b, idx[b, p]] = b * P + p
+static void set_slots_impl(torch::Tensor& prev_slot, const torch::Tensor& idx) {
+  TORCH_CHECK(prev_slot.is_contiguous() && idx.is_contiguous(), "contiguous inputs");
+  const int64_t B = idx.size(0), P = idx.size(1), K = prev_slot.size(1);
+  int64_t* ps = prev_slot.data_ptr<int64_t>();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t k = 0; k < K; ++k) ps[b * K + k] = -1;
+    for (int64_t p = 0; p < P; ++p) ps[b * K + ip[b * P + p]] = b * P + p;
+  }
+}
+
 // RFF arguments of nb runs: z[b, k, :] = ((bias + x_0 om_0) + x_1 om_1) + ... (the order of
 // psfed_robust.engine.data.rff_args; every product and sum rounded on its own)
 template <typename F, int L>
@@ -408,7 +433,7 @@ torch::Tensor step(torch::Tensor W, torch::Tensor g, torch::Tensor idx, torch::T
                    torch::Tensor om, torch::Tensor bias, torch::Tensor c, torch::Tensor y,
                    torch::Tensor e,
                    torch::Tensor part, torch::Tensor z, double mu_s, double scale,
-                   int64_t chunk) {
+                   int64_t chunk, torch::Tensor l_acc, torch::Tensor prev_slot) {
   TORCH_CHECK(W.dim() == 3 && W.is_contiguous() && y.is_contiguous() && e.is_contiguous() &&
               g.is_contiguous(), "step: contiguous W [B, K, D], g, y, e");
   const int64_t B = W.size(0), K = W.size(1), D = W.size(2);
@@ -432,6 +457,7 @@ torch::Tensor step(torch::Tensor W, torch::Tensor g, torch::Tensor idx, torch::T
   const bool* vp = given(valid) ? valid.data_ptr<bool>() : nullptr;
   auto gout = do_up ? torch::empty_like(g) : g;
   py::gil_scoped_release nogil;
+  if (given(prev_slot)) set_slots_impl(prev_slot, idx);  // uplink 'next' bookkeeping
   AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "step", [&] {
     using F = scalar_t;
     const F mu = (F)mu_s, sc = (F)scale;
@@ -519,6 +545,7 @@ torch::Tensor step(torch::Tensor W, torch::Tensor g, torch::Tensor idx, torch::T
       }
     }
   });
+  if (given(l_acc)) l_acc.add_((e * e).mean(-1, false, torch::kFloat64));  // as the engine
   return gout;
 }
 
@@ -537,6 +564,87 @@ void merge(torch::Tensor W, torch::Tensor g, torch::Tensor idx, torch::Tensor S,
       merge_run<scalar_t>(W.data_ptr<scalar_t>() + b * K * D, g.data_ptr<scalar_t>() + b * D,
                           ip + b * P, sp + b * P * M, vp ? vp + b * P : nullptr, P, M, D);
   });
+}
+
+// ------------------------------------------------------------------ P1 data: AR(1) step, target
+// The operations of psfed_robust.engine.data.RFFStream.advance in their order, each rounded on
+// its own; sin, exp and sqrt are torch's, on contiguous [B, K] tensors as there. x [B, K, L] is
+// updated in place; returns y [B, K].
+torch::Tensor advance_rff(torch::Tensor x, torch::Tensor u, torch::Tensor nu, torch::Tensor sd,
+                          torch::Tensor mean, torch::Tensor innov, torch::Tensor theta,
+                          torch::Tensor noise_std);
+
+// the draws too: u = randn(x.shape), nu = randn(x.shape[:-1]) from gen, in that order
+torch::Tensor advance_rff_draw(at::Generator gen, torch::Tensor x, torch::Tensor sd,
+                               torch::Tensor mean, torch::Tensor innov, torch::Tensor theta,
+                               torch::Tensor noise_std) {
+  torch::Tensor u, nu;
+  {
+    py::gil_scoped_release nogil;
+    u = at::randn(x.sizes(), gen, x.options());
+    nu = at::randn({x.size(0), x.size(1)}, gen, x.options());
+  }
+  return advance_rff(x, u, nu, sd, mean, innov, theta, noise_std);
+}
+
+torch::Tensor advance_rff(torch::Tensor x, torch::Tensor u, torch::Tensor nu, torch::Tensor sd,
+                          torch::Tensor mean, torch::Tensor innov, torch::Tensor theta,
+                          torch::Tensor noise_std) {
+  for (const auto& t : {x, u, nu, sd, mean, innov, theta, noise_std})
+    TORCH_CHECK(t.is_contiguous() && t.scalar_type() == x.scalar_type(), "advance_rff: inputs");
+  const int64_t B = x.size(0), K = x.size(1), L = x.size(2), n = B * K;
+  TORCH_CHECK(L >= 4 && u.numel() == x.numel() && nu.numel() == n, "advance_rff: shapes");
+  auto y = torch::empty({B, K}, x.options());
+  auto s4 = torch::empty({B, K}, x.options());
+  auto e2 = torch::empty({B, K}, x.options());
+  py::gil_scoped_release nogil;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "advance_rff", [&] {
+    using F = scalar_t;
+    F* xp = x.data_ptr<F>();
+    const F* up = u.data_ptr<F>();
+    const F *sp = sd.data_ptr<F>(), *mp = mean.data_ptr<F>(), *ip = innov.data_ptr<F>(),
+            *tp = theta.data_ptr<F>();
+    F* s4p = s4.data_ptr<F>();
+    F* e2p = e2.data_ptr<F>();
+    const F pi = (F)3.14159265358979323846;
+    for (int64_t r = 0; r < n; ++r) {
+      F* xr = xp + r * L;
+      const F* ur = up + r * L;
+      for (int64_t l = 0; l < L; ++l) {
+        F v = ur[l] * sp[r];
+        v = v + mp[r];
+        v = v * ip[r];
+        F w = xr[l] * tp[r];
+        xr[l] = w + v;
+      }
+      s4p[r] = xr[3] * pi;
+      const F x2 = xr[1];
+      e2p[r] = -(x2 * x2);
+    }
+    s4.sin_();
+    e2.exp_();
+    F* yp = y.data_ptr<F>();
+    for (int64_t r = 0; r < n; ++r) {
+      const F x1 = xp[r * L], sv = s4p[r];
+      const F a = x1 * x1;
+      yp[r] = a + sv * sv;
+    }
+    y.sqrt_();  // torch's square root (not always correctly rounded)
+    const F* np = nu.data_ptr<F>();
+    const F* nsp = noise_std.data_ptr<F>();
+    const F c08 = (F)0.8, c05 = (F)0.5;
+    for (int64_t r = 0; r < n; ++r) {
+      const F x3 = xp[r * L + 2];
+      const F a = yp[r];
+      F h = c05 * e2p[r];
+      h = c08 - h;
+      h = h * x3;
+      F v = a + h;
+      F noise = np[r] * nsp[r];
+      yp[r] = v + noise;
+    }
+  });
+  return y;
 }
 
 // ------------------------------------------------------------------ uplink 'next' bookkeeping
@@ -579,19 +687,12 @@ void resolve_downlink(torch::Tensor prev_T, torch::Tensor prev_slot, torch::Tens
     }
 }
 
-// prev_slot[b, :] = -1, then prev_slot[b, idx[b, p]] = b * P + p
-void set_slots(torch::Tensor prev_slot, torch::Tensor idx) {
-  TORCH_CHECK(prev_slot.is_contiguous() && idx.is_contiguous(), "contiguous inputs");
-  const int64_t B = idx.size(0), P = idx.size(1), K = prev_slot.size(1);
-  int64_t* ps = prev_slot.data_ptr<int64_t>();
-  const int64_t* ip = idx.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t k = 0; k < K; ++k) ps[b * K + k] = -1;
-    for (int64_t p = 0; p < P; ++p) ps[b * K + ip[b * P + p]] = b * P + p;
-  }
-}
+void set_slots(torch::Tensor prev_slot, torch::Tensor idx) { set_slots_impl(prev_slot, idx); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("advance_rff", &advance_rff);
+  mod.def("advance_rff_draw", &advance_rff_draw);
+  mod.def("schedule_draw", &schedule_draw);
   mod.def("count_missing", &count_missing);
   mod.def("resolve_downlink", &resolve_downlink);
   mod.def("set_slots", &set_slots);
@@ -621,7 +722,7 @@ def load() -> Any:
             from torch.utils.cpp_extension import load_inline
 
             _module = load_inline(
-                name="psfed_engine_kernels_v1",
+                name="psfed_engine_kernels_v2",
                 cpp_sources=_CPP_SRC,
                 extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512",
                               "-ffp-contract=off", "-fno-fast-math"],

@@ -34,7 +34,7 @@ cache-sized chunk of runs at a time (same draws, same values).
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor
@@ -206,6 +206,9 @@ class RFFStream:
         self.test_features = rff_features(xt, self.omega, self.b)
         self._z = torch.empty((B, K, dim), device=dev, dtype=dtype)
         self._views: dict[tuple[int, int], tuple[Tensor, Tensor, Tensor]] = {}
+        #: the engine's compiled kernels (``psfed_robust.engine._kernels``, CPU) or None: set by
+        #: the engine to run :meth:`advance` compiled (same values)
+        self.kernels: Any = None
 
     def next(self) -> tuple[Tensor, Tensor]:
         """Advance every client's AR(1) input one step; return ``(c [B,K,D], y [B,K])``.
@@ -219,6 +222,10 @@ class RFFStream:
     def advance(self) -> Tensor:
         """Advance every client's AR(1) input one step (draws as :meth:`next`); return ``y``."""
         g = self.data_gen
+        if self.kernels is not None:  # the same draws and operations, in the same order
+            return cast(Tensor, self.kernels.advance_rff_draw(g, self.x, self.std, self.mean,
+                                                              self.innov, self.theta,
+                                                              self.noise_std))
         u = torch.randn(self.x.shape, generator=g, device=self.device, dtype=self.dtype)
         nu = torch.randn(self.x.shape[:-1], generator=g, device=self.device, dtype=self.dtype)
         u.mul_(self.std[..., None]).add_(self.mean[..., None]).mul_(self.innov[..., None])

@@ -445,7 +445,10 @@ class _Masks:
             S[need] = self.pool.take(n_need)
         return S
 
-    def uplink(self, n: int, idx: Tensor, S: Tensor | None) -> Tensor | None:
+    def uplink(self, n: int, idx: Tensor, S: Tensor | None,
+               defer_slots: bool = False) -> Tensor | None:
+        """Uplink masks; ``defer_slots``: the caller records the uplink slots (random, 'next',
+        uncoordinated: ``prev_slot``) itself, with the compiled ``set_slots`` order."""
         if self.dense:
             return None
         up = self.cfg.uplink
@@ -467,7 +470,8 @@ class _Masks:
                                          device=self.device)
         self.prev_T = T.reshape(B * P, M)
         if self.kern is not None:
-            self.kern.set_slots(self.prev_slot, idx)
+            if not defer_slots:
+                self.kern.set_slots(self.prev_slot, idx)
             return T
         self.prev_slot.fill_(-1)
         self.prev_slot.scatter_(1, idx, torch.arange(B * P, device=self.device).view(B, P))
@@ -633,6 +637,8 @@ def _block_loop(config: OnlineConfig, block: int, B: int, dev: torch.device, att
     K, D, mu = config.num_clients, config.dim, float(config.stepsize)
     dtype = config.torch_dtype
     stream = make_stream(config, B, block, dev)
+    if kern is not None and isinstance(stream, RFFStream):
+        stream.kernels = kern
     g_sched = block_generator(config.seed, "schedule", block, dev)
     g_attack = block_generator(config.seed, "attack", block, dev)
     W = torch.zeros((B, K, D), device=dev, dtype=dtype)
@@ -668,6 +674,7 @@ def _block_loop(config: OnlineConfig, block: int, B: int, dev: torch.device, att
     empty = torch.empty((0,), device=dev, dtype=dtype)
     no_valid = torch.empty((0,), device=dev, dtype=torch.bool)
     empty_idx = torch.empty((0,), device=dev, dtype=torch.long)
+    empty_f64 = torch.empty((0,), device=dev, dtype=torch.float64)
     # compiled kernels: merge and the fused server step touch only the M shared entries
     sparse_kern = kern is not None and not masks.dense
     kern_server = sparse_kern and fast and attack is None
@@ -684,35 +691,53 @@ def _block_loop(config: OnlineConfig, block: int, B: int, dev: torch.device, att
         omega = server_weights(valid, scheme, K, p_c, dtype=dtype)
         return omega, omega.amax(1).contiguous()
 
-    def kernel_regressors() -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return cast(tuple[Tensor, Tensor, Tensor, Tensor],
-                    tuple(empty if t is None else t.contiguous() for t in stream.kernel_inputs()))
+    rff_regressors: tuple[Tensor, ...] | None = None
+    if isinstance(stream, RFFStream):  # persistent tensors (x is updated in place)
+        rff_regressors = tuple(empty if t is None else t for t in stream.kernel_inputs())
 
+    def kernel_regressors() -> tuple[Tensor, ...]:
+        if rff_regressors is not None:
+            return rff_regressors
+        return tuple(empty if t is None else t.contiguous() for t in stream.kernel_inputs())
+
+    # compiled fixed scheduling: keys drawn and participants selected in one call
+    kern_sched = kern is not None and config.scheduling == "fixed"
     for n in range(config.iterations):
-        keys = torch.rand((B, K), generator=g_sched, device=dev, dtype=dtype)
-        idx, valid = schedule(keys, config, kern)
-        if kern is not None:
-            idx = idx.contiguous()
+        if kern_sched:
+            idx = kern.schedule_draw(g_sched, B, K, config.participants,
+                                     dtype == torch.float64)
+            valid = None
+        else:
+            keys = torch.rand((B, K), generator=g_sched, device=dev, dtype=dtype)
+            idx, valid = schedule(keys, config, kern)
+            if kern is not None:
+                idx = idx.contiguous()
         P = idx.shape[1]
         vmask = None if valid is None else valid[..., None]
         valid_k = no_valid if valid is None else valid  # for the kernels
         S = masks.downlink(n, idx) if P else None
-        ybuf.copy_(stream.advance())  # regressors z = scale * c, c from stream.features
+        y = stream.advance()  # regressors z = scale * c, c from stream.features
         part_f: Tensor | None = None
         if not config.nonparticipant_updates:
             part_f = torch.zeros((B, K), dtype=dtype, device=dev)
             part_f.scatter_(1, idx, 1.0 if valid is None else valid.to(dtype))
         fused = bool(kern_server and P and S is not None)
         if fused:
-            # merge, LMS and PSO-Fed's server step in one compiled pass over the runs
-            Ti = masks.uplink(n, idx, S)
+            # merge, LMS, PSO-Fed's server step (and the a-priori error average) in one
+            # compiled pass over the runs
+            defer = valid is None  # the step records the uplink slots (after resolving S)
+            Ti = masks.uplink(n, idx, S, defer_slots=defer)
             masks.mark_invalid(idx, valid)
             assert Ti is not None and S is not None
             _, om = weights(valid, P)
+            slots = masks.prev_slot if defer and masks.prev_slot is not None else empty_idx
             g = kern.step(W, g, idx, S.contiguous(), Ti.contiguous(), om, valid_k,
-                          *kernel_regressors(), ybuf, ebuf,
-                          empty if part_f is None else part_f, zbuf, mu_s, scale, cb)
+                          *kernel_regressors(), y, ebuf,
+                          empty if part_f is None else part_f, zbuf, mu_s, scale, cb,
+                          l_acc if apriori else empty_f64, slots)
             P = 0  # done: nothing left for the steps below
+        else:
+            ybuf.copy_(y)
         if P and not sparse_kern:
             flat = (row0 + idx).view(-1)  # participant rows of W.view(B*K, D)
             flatD = flat * D  # their offsets in W.view(-1)
@@ -742,7 +767,8 @@ def _block_loop(config: OnlineConfig, block: int, B: int, dev: torch.device, att
             if kern is not None:  # same values as the loop below, one compiled call
                 kern.step(W, g, empty_idx, empty_idx, empty_idx, empty, no_valid,
                           *kernel_regressors(), ybuf, ebuf,
-                          empty if part_f is None else part_f, zbuf, mu_s, scale, cb)
+                          empty if part_f is None else part_f, zbuf, mu_s, scale, cb,
+                          empty_f64, empty_idx)
             else:
                 for r0, r1, Wc, zc, pc, yc, ec, cc, cc2 in lms_chunks:
                     c = stream.features(r0, r1, zc)
@@ -755,7 +781,7 @@ def _block_loop(config: OnlineConfig, block: int, B: int, dev: torch.device, att
                     if part_f is not None:
                         cc2.mul_(part_f[r0:r1])
                     Wc.add_(c * cc)  # two roundings, as the kernel (addcmul_ may fuse them)
-        if apriori:
+        if apriori and not fused:
             l_acc += (ebuf * ebuf).mean(-1, dtype=torch.float64)
         # uplink, attack, server
         if P:
