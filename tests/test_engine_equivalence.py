@@ -24,7 +24,6 @@ from psfed_robust.engine.online import (
     run_online,
 )
 
-
 LANES = 32
 
 

@@ -48,6 +48,7 @@ _CPP_SRC = r"""
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 namespace py = pybind11;
@@ -371,7 +372,42 @@ static void set_slots_impl(torch::Tensor& prev_slot, const torch::Tensor& idx) {
 
 // RFF arguments of nb runs: z[b, k, :] = ((bias + x_0 om_0) + x_1 om_1) + ... (the order of
 // psfed_robust.engine.data.rff_args; every product and sum rounded on its own)
-template <typename F, int L>
+// The float32 cosine of psfed_robust.engine.data.rff_cos, operation for operation.
+static inline float cos_pso(float a) {
+  const float INV_PI = (float)0.318309886183790671537767526745028724;
+  const float MAGIC = (float)12582912.0;
+  const float PA = (float)3.140625, PB = (float)9.67502593994140625e-4,
+              PC = (float)1.509957990978376432e-7;
+  const float C6 = (float)(1.0 / 479001600), C5 = (float)(-1.0 / 3628800),
+              C4 = (float)(1.0 / 40320), C3 = (float)(-1.0 / 720), C2 = (float)(1.0 / 24),
+              C1 = (float)(-1.0 / 2);
+  float q = a * INV_PI;
+  q = q + MAGIC;
+  q = q - MAGIC;
+  float r = a - q * PA;
+  r = r - q * PB;
+  r = r - q * PC;
+  const float r2 = r * r;
+  float c = r2 * C6;
+  c = c + C5; c = c * r2;
+  c = c + C4; c = c * r2;
+  c = c + C3; c = c * r2;
+  c = c + C2; c = c * r2;
+  c = c + C1; c = c * r2;
+  c = c + 1.0f;
+  uint32_t bits;
+  std::memcpy(&bits, &c, 4);
+  bits ^= ((uint32_t)(int32_t)q & 1u) << 31;  // (-1)^q
+  std::memcpy(&c, &bits, 4);
+  return c;
+}
+
+template <typename F>
+static inline F engine_cos(F a) { return a; }  // unused for double (torch's cos_ runs there)
+template <>
+inline float engine_cos<float>(float a) { return cos_pso(a); }
+
+template <typename F, int L, bool COS>
 static void rff_args_l(const F* x, const F* om, const F* bias, F* z, int64_t nb, int64_t K,
                        int64_t D) {  // one pass, the L terms in registers
   for (int64_t b = 0; b < nb; ++b) {
@@ -386,20 +422,22 @@ static void rff_args_l(const F* x, const F* om, const F* bias, F* z, int64_t nb,
       for (int64_t d = 0; d < D; ++d) {
         F a = bb[d] + xl[0] * ob[d];
         for (int l = 1; l < L; ++l) a = a + xl[l] * ob[l * D + d];
-        zk[d] = a;
+        zk[d] = COS ? engine_cos<F>(a) : a;
       }
     }
   }
 }
 
+// returns whether the cosine was applied too (float32, common L)
 template <typename F>
-static void rff_args(const F* x, const F* om, const F* bias, F* z, int64_t nb, int64_t K,
+static bool rff_args(const F* x, const F* om, const F* bias, F* z, int64_t nb, int64_t K,
                      int64_t L, int64_t D) {
+  constexpr bool C = std::is_same<F, float>::value;
   switch (L) {
-    case 4: return rff_args_l<F, 4>(x, om, bias, z, nb, K, D);
-    case 5: return rff_args_l<F, 5>(x, om, bias, z, nb, K, D);
-    case 6: return rff_args_l<F, 6>(x, om, bias, z, nb, K, D);
-    case 8: return rff_args_l<F, 8>(x, om, bias, z, nb, K, D);
+    case 4: rff_args_l<F, 4, C>(x, om, bias, z, nb, K, D); return C;
+    case 5: rff_args_l<F, 5, C>(x, om, bias, z, nb, K, D); return C;
+    case 6: rff_args_l<F, 6, C>(x, om, bias, z, nb, K, D); return C;
+    case 8: rff_args_l<F, 8, C>(x, om, bias, z, nb, K, D); return C;
     default: break;
   }
   for (int64_t b = 0; b < nb; ++b) {
@@ -415,8 +453,11 @@ static void rff_args(const F* x, const F* om, const F* bias, F* z, int64_t nb, i
         const F* __restrict ol = ob + l * D;
         for (int64_t d = 0; d < D; ++d) zk[d] = zk[d] + xl * ol[d];
       }
+      if (C)
+        for (int64_t d = 0; d < D; ++d) zk[d] = engine_cos<F>(zk[d]);
     }
   }
+  return C;
 }
 
 // One engine iteration, `chunk` runs at a time (the chunk's models stay in cache):
@@ -479,9 +520,9 @@ torch::Tensor step(torch::Tensor W, torch::Tensor g, torch::Tensor idx, torch::T
       const F* cp;
       if (rff) {
         auto zc = z.narrow(0, 0, nb);
-        rff_args<F>(x.data_ptr<F>() + r0 * K * L, om.data_ptr<F>() + r0 * L * D,
-                    bias.data_ptr<F>() + r0 * D, zc.data_ptr<F>(), nb, K, L, D);
-        zc.cos_();  // torch's cosine
+        if (!rff_args<F>(x.data_ptr<F>() + r0 * K * L, om.data_ptr<F>() + r0 * L * D,
+                         bias.data_ptr<F>() + r0 * D, zc.data_ptr<F>(), nb, K, L, D))
+          zc.cos_();  // float64: torch's cosine
         cp = zc.data_ptr<F>();
       } else {
         cp = c.data_ptr<F>() + r0 * K * D;
@@ -722,7 +763,7 @@ def load() -> Any:
             from torch.utils.cpp_extension import load_inline
 
             _module = load_inline(
-                name="psfed_engine_kernels_v2",
+                name="psfed_engine_kernels_v3",
                 cpp_sources=_CPP_SRC,
                 extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512",
                               "-ffp-contract=off", "-fno-fast-math"],

@@ -49,6 +49,7 @@ __all__ = [
     "RFFStream",
     "p1_target",
     "rff_args",
+    "rff_cos",
     "rff_features",
 ]
 
@@ -120,16 +121,46 @@ def rff_args(x: Tensor, omega: Tensor, b: Tensor, out: Tensor | None = None) -> 
     return out
 
 
+# the float32 cosine (see rff_cos): Cody-Waite reduction by π, even Taylor polynomial of degree 12
+_INV_PI = 0.318309886183790671537767526745028724
+_MAGIC = 12582912.0  # 1.5·2²³: (t + MAGIC) − MAGIC rounds t to the nearest integer (ties to even)
+_PI_PARTS = (3.140625, 9.67502593994140625e-4, 1.509957990978376432e-7)
+_COS_COEFS = (1.0 / 479001600, -1.0 / 3628800, 1.0 / 40320, -1.0 / 720, 1.0 / 24, -1.0 / 2)
+
+
+def rff_cos(a: Tensor) -> Tensor:
+    """The regressors' cosine, ``cos(a)`` in place (returns ``a``).
+
+    float32: a fixed sequence of float32 operations, each rounded on its own (the compiled engine
+    kernel runs the same sequence): ``q = round(a/π)`` (``(a·(1/π) + 1.5·2²³) − 1.5·2²³``),
+    ``r = ((a − q·π₁) − q·π₂) − q·π₃`` (π₁ + π₂ + π₃ ≈ π, Cody–Waite),
+    ``c = 1 − r²/2 + … + r¹²/12!`` (Horner in ``r²``), ``cos a = (−1)^q c``. Absolute error
+    ≤ 2·10⁻⁷ for |a| ≤ 10⁴ (torch's ``cos``: ~4·10⁻⁸); about 1.4x faster than torch's cosine
+    in the kernel. Other dtypes: ``torch.cos_``.
+    """
+    if a.dtype != torch.float32:
+        return a.cos_()
+    q = torch.mul(a, _INV_PI).add_(_MAGIC).sub_(_MAGIC)
+    for part in _PI_PARTS:
+        a.sub_(q * part)
+    r2 = a.mul_(a)
+    c = r2 * _COS_COEFS[0]
+    for coef in _COS_COEFS[1:]:
+        c.add_(coef).mul_(r2)
+    c.add_(1.0)
+    odd = (q.to(torch.int32) & 1).bool()
+    return a.copy_(torch.where(odd, -c, c))
+
+
 def rff_features(x: Tensor, omega: Tensor, b: Tensor, out: Tensor | None = None,
                  scaled: bool = True) -> Tensor:
     """Random Fourier features ``sqrt(2/D) cos(ωᵀx + b)`` (``scaled=False``: without the factor).
 
     ``x``: ``[B, N, L]``, ``omega``: ``[B, L, D]``, ``b``: ``[B, D]`` → ``[B, N, D]``
-    (:func:`rff_args` then an in-place cosine).
+    (:func:`rff_args` then :func:`rff_cos`).
     """
     D = omega.shape[-1]
-    out = rff_args(x, omega, b, out=out)
-    out.cos_()
+    out = rff_cos(rff_args(x, omega, b, out=out))
     if scaled:
         out.mul_(math.sqrt(2.0 / D))
     return out
@@ -239,7 +270,7 @@ class RFFStream:
         if views is None:
             views = self._views[key] = (self.x[start:stop], self.omega[start:stop],
                                         self.b[start:stop])
-        return rff_args(*views, out=out).cos_()  # ωᵀx + b (fixed order), then cos in place
+        return rff_cos(rff_args(*views, out=out))  # ωᵀx + b (fixed order), then the cosine
 
     def kernel_inputs(self) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
         """``(x, ω, b, None)``: the regressors are ``cos(rff_args(x, ω, b))`` (:meth:`features`)."""
