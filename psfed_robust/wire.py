@@ -41,7 +41,7 @@ from __future__ import annotations
 import struct
 import threading
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -51,10 +51,12 @@ import numpy.typing as npt
 from psfed_robust.core.mask import Mask, SeedSpec
 
 __all__ = [
+    "CRC32_BACKEND",
     "ENCODINGS",
     "HEADER_SIZE",
     "EncodedUpdate",
     "WireFormatError",
+    "crc32",
     "crc32_combine",
     "decode_mask",
     "decode_update",
@@ -125,6 +127,23 @@ class EncodedUpdate:
 
 
 # ====================================================================== CRC helpers
+_crc32_fast: Callable[[Any, int], int] | None
+try:  # ISA-L's CRC-32 (PCLMUL/AVX): the same zlib CRC-32, about 6x faster on 4 MB payloads
+    from isal.isal_zlib import crc32 as _crc32_fast
+except ImportError:  # pragma: no cover - isal is a dependency; keep working without it
+    _crc32_fast = None
+
+#: which implementation computes the CRC-32 ("isal" or "zlib"); both give identical values
+CRC32_BACKEND: Final = "isal" if _crc32_fast is not None else "zlib"
+
+
+def crc32(data: Any, value: int = 0) -> int:
+    """zlib's CRC-32 of ``data`` continuing from ``value`` (ISA-L when installed, else zlib)."""
+    if _crc32_fast is not None:
+        return int(_crc32_fast(data, value))
+    return zlib.crc32(data, value)
+
+
 _CRC_POLY: Final = 0xEDB88320
 #: values at least this long get their CRC computed in a helper thread (zlib releases the GIL)
 _PARALLEL_CRC_BYTES: Final = 1 << 24  # below this a thread costs more than it overlaps
@@ -159,7 +178,7 @@ def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
 
 
 class _CrcThread:
-    """``zlib.crc32(buf)`` in a helper thread for large buffers, inline for small ones."""
+    """``crc32(buf)`` in a helper thread for large buffers, inline for small ones."""
 
     def __init__(self, buf: Any) -> None:
         self._value: int | None = None
@@ -168,10 +187,10 @@ class _CrcThread:
             self._thread = threading.Thread(target=self._run, args=(buf,), daemon=True)
             self._thread.start()
         else:
-            self._value = zlib.crc32(buf)
+            self._value = crc32(buf)
 
     def _run(self, buf: Any) -> None:
-        self._value = zlib.crc32(buf)
+        self._value = crc32(buf)
 
     def result(self) -> int:
         if self._thread is not None:
@@ -511,7 +530,7 @@ def _header(
 ) -> bytes:
     """The 28-byte header (CRC over the prefix, the mask section and the values)."""
     prefix = _PREFIX.pack(MAGIC, VERSION, _ENC_ID[enc], dtype_id, 0, size, count)
-    crc = crc32_combine(zlib.crc32(msec, zlib.crc32(prefix)), vcrc, len(vals))
+    crc = crc32_combine(crc32(msec, crc32(prefix)), vcrc, len(vals))
     return prefix + struct.pack("<I", crc)
 
 
@@ -618,7 +637,7 @@ def _parse(
         raise WireFormatError(f"payload truncated: {len(body)} body bytes < {vlen} value bytes")
     vbuf = body[mlen:]
     vcrc = _CrcThread(vbuf)
-    calc = zlib.crc32(body[:mlen], zlib.crc32(buf[:24]))
+    calc = crc32(body[:mlen], crc32(buf[:24]))
     vals = None
     if values and dtype_id != _DT_NONE:
         vals = np.frombuffer(vbuf, dtype=_DTYPES[dtype_id][1])

@@ -392,3 +392,20 @@ def test_seedspec_all_none_counts_are_validated() -> None:
         SeedSpec("all", 10, 3)
     with pytest.raises(ValueError):
         SeedSpec("none", 10, 3)
+
+
+@given(st.binary(max_size=4096), st.integers(min_value=0, max_value=2**32 - 1))
+def test_crc32_backend_equals_zlib(data: bytes, start: int) -> None:
+    """The fast CRC (ISA-L when installed) is zlib's CRC-32: same wire format either way."""
+    from psfed_robust.wire import crc32
+
+    assert crc32(data, start) == zlib.crc32(data, start)
+    big = np.random.default_rng(len(data)).standard_normal(300_001).astype(np.float32)
+    assert crc32(memoryview(big).cast("B"), start) == zlib.crc32(memoryview(big).cast("B"), start)
+
+
+def test_crc32_backend_is_isal_when_installed() -> None:
+    from psfed_robust.wire import CRC32_BACKEND
+
+    pytest.importorskip("isal")
+    assert CRC32_BACKEND == "isal"
