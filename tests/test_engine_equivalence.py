@@ -4,7 +4,8 @@ The reference below is a plain per-iteration, per-run, per-client loop. It consu
 random streams as the engine (documented in ``psfed_robust.engine.online``): the ``schedule``
 generator's ``rand [B, K]`` keys per iteration (the ``participants`` smallest keys, stable order,
 take part) and the data stream of ``psfed_robust.engine.data`` built from the ``init``/``data``
-generators of run block 0. The LMS prediction ``wᵀc`` is summed in the engine's documented order
+generators of run block 0. The LMS prediction ``wᵀc`` (and the global model's test prediction)
+is summed in the engine's documented order
 (``psfed_robust.engine._kernels``: 32 lane accumulators, lane ``j`` adding the products of entries
 ``j, j+32, …`` in turn, then folded by halving), written out here with numpy, elementwise; the
 update ``w + (μ s e) c`` rounds the product and the sum separately (no fused multiply-add).
@@ -32,8 +33,9 @@ def lane_dot(w: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     in increasing ``d``, then lanes fold by halving, ``a[j] + a[j + h]`` for h = 16, 8, 4, 2, 1."""
     prod = w.numpy() * c.numpy()
     acc = np.zeros(LANES, dtype=prod.dtype)
-    for d in range(prod.shape[0]):
-        acc[d % LANES] = acc[d % LANES] + prod[d]
+    for s in range(0, prod.shape[0], LANES):  # entries s..s+31 go to lanes 0..31
+        width = min(LANES, prod.shape[0] - s)
+        acc[:width] = acc[:width] + prod[s : s + width]
     h = LANES // 2
     while h >= 1:
         acc = acc[:h] + acc[h : 2 * h]
@@ -66,7 +68,7 @@ def reference_online_fed(cfg: OnlineConfig) -> tuple[np.ndarray, np.ndarray]:
             omega = torch.tensor(1.0, dtype=dtype) / len(chosen)  # 1/|K_n|
             step = torch.stack([local[r][k] - glob[r] for k in chosen]).sum(0) * omega
             glob[r] = glob[r] + step
-            pred = (stream.test_features[r] * glob[r]).sum(-1)
+            pred = torch.stack([lane_dot(glob[r], z) for z in stream.test_features[r]])
             res = (stream.test_targets[r] - pred).double()
             mse[r, n] = float((res * res).mean())
     return mse, torch.stack(glob).double().numpy()

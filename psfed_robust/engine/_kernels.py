@@ -730,7 +730,41 @@ void resolve_downlink(torch::Tensor prev_T, torch::Tensor prev_slot, torch::Tens
 
 void set_slots(torch::Tensor prev_slot, torch::Tensor idx) { set_slots_impl(prev_slot, idx); }
 
+// ------------------------------------------------------------------ global test MSE
+// per run: pred_j = lane dot(tf[b, j, :], g[b, :]); returns mean((ty - pred)^2) in float64 with
+// torch's ops for the difference, the conversion and the mean (as the engine's torch path)
+torch::Tensor test_mse(torch::Tensor tf, torch::Tensor ty, torch::Tensor g) {
+  TORCH_CHECK(tf.is_contiguous() && ty.is_contiguous() && g.is_contiguous(), "test_mse: inputs");
+  const int64_t B = tf.size(0), N = tf.size(1), D = tf.size(2);
+  auto pred = torch::empty({B, N}, tf.options());
+  py::gil_scoped_release nogil;
+  AT_DISPATCH_FLOATING_TYPES(tf.scalar_type(), "test_mse", [&] {
+    using F = scalar_t;
+    const F* tp = tf.data_ptr<F>();
+    const F* gp = g.data_ptr<F>();
+    F* pp = pred.data_ptr<F>();
+    for (int64_t b = 0; b < B; ++b) {
+      int64_t j = 0;
+      const F* gb = gp + b * D;
+      for (; j + 4 <= N; j += 4) {
+        const F* wp[4] = {gb, gb, gb, gb};
+        const F* cp[4] = {tp + (b * N + j) * D, tp + (b * N + j + 1) * D,
+                          tp + (b * N + j + 2) * D, tp + (b * N + j + 3) * D};
+        lane_dots<F, 4>(wp, cp, D, pp + b * N + j);
+      }
+      for (; j < N; ++j) {
+        const F* wp[1] = {gb};
+        const F* cp[1] = {tp + (b * N + j) * D};
+        lane_dots<F, 1>(wp, cp, D, pp + b * N + j);
+      }
+    }
+  });
+  auto r = (ty - pred).to(torch::kFloat64);
+  return (r * r).mean(-1);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.def("test_mse", &test_mse);
   mod.def("advance_rff", &advance_rff);
   mod.def("advance_rff_draw", &advance_rff_draw);
   mod.def("schedule_draw", &schedule_draw);
@@ -763,7 +797,7 @@ def load() -> Any:
             from torch.utils.cpp_extension import load_inline
 
             _module = load_inline(
-                name="psfed_engine_kernels_v3",
+                name="psfed_engine_kernels_v4",
                 cpp_sources=_CPP_SRC,
                 extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512",
                               "-ffp-contract=off", "-fno-fast-math"],

@@ -515,14 +515,18 @@ def _build_defense(config: OnlineConfig) -> Any:
     return defenses.get_defense(config.defense, **dict(config.defense_params))
 
 
-def _test_mse(stream: DataStream, config: OnlineConfig, g: Tensor,
-              buf: Tensor | None = None) -> Tensor:
-    """Per-run global test MSE ``[B]`` (linear, float64); ``buf``: ``[B, N_t, D]`` scratch."""
+def _test_mse(stream: DataStream, config: OnlineConfig, g: Tensor, kern: Any = None) -> Tensor:
+    """Per-run global test MSE ``[B]`` (linear, float64). Predictions ``gᵀz`` are summed in the
+    kernels' lane order (:func:`psfed_robust.engine._kernels.lane_dot_torch`); ``kern``: the
+    compiled kernels compute the same values."""
     if config.test_mse == "expected":
         assert isinstance(stream, LinearStream)
         err = (stream.wstar - g).double()
         return config.noise_var + config.input_var * (err * err).sum(-1)
-    pred = torch.mul(stream.test_features, g[:, None, :], out=buf).sum(-1)
+    if kern is not None:
+        return cast(Tensor, kern.test_mse(stream.test_features, stream.test_targets,
+                                          g.contiguous()))
+    pred = _kernels.lane_dot_torch(stream.test_features, g[:, None, :])
     r = (stream.test_targets - pred).double()
     return (r * r).mean(-1)
 
@@ -664,7 +668,6 @@ def _block_loop(config: OnlineConfig, block: int, B: int, dev: torch.device, att
     lms_chunks = [(r0, r1, W[r0:r1], zbuf[: r1 - r0], pbuf[r0:r1], ybuf[r0:r1],
                    ebuf[r0:r1], cbuf[r0:r1], cbuf[r0:r1, :, 0]) for r0, r1 in block_ranges(B, cb)]
     pos_buf = torch.empty((B * K * max(1, config.share_count),), dtype=torch.long, device=dev)
-    test_buf = (torch.empty_like(stream.test_features) if config.test_mse == "sample" else None)
     Wv = W.view(B * K, D)
     Wflat = W.view(-1)
     row0 = (torch.arange(B, device=dev) * K)[:, None]
@@ -818,7 +821,7 @@ def _block_loop(config: OnlineConfig, block: int, B: int, dev: torch.device, att
                                 weights=omega, mode=config.aggregation_mode)
         if (n + 1) % re == 0:
             t = (n + 1) // re - 1
-            g_rec[:, t] = _test_mse(stream, config, g, test_buf)
+            g_rec[:, t] = _test_mse(stream, config, g, kern)
             if apriori:
                 l_rec[:, t] = l_acc / re
                 l_acc.zero_()
