@@ -131,3 +131,14 @@ def test_disabled_kernels_fall_back(monkeypatch: pytest.MonkeyPatch) -> None:
     res = run_online(SMALL)
     assert res.metadata["engine_kernels"] == "torch"
     assert np.isfinite(res.global_mse).all()
+
+
+@pytest.mark.parametrize("backend", ["auto", "numpy", "torch"])
+def test_compact_index_lists_hold_the_same_values(backend: str) -> None:
+    for count in (3, 17):
+        a = floyd_indices(500, 20, count, torch.Generator().manual_seed(2), backend=backend)
+        b = floyd_indices(500, 20, count, torch.Generator().manual_seed(2), backend=backend,
+                          dtype=torch.int16)
+        assert b.dtype == torch.int16 and torch.equal(a, b.long())
+    with pytest.raises(ValueError, match="int16 for dim <= 32767"):
+        floyd_indices(2, 40000, 3, torch.Generator(), dtype=torch.int16)

@@ -67,8 +67,9 @@ static BufPool& buf_pool() {
   return *p;
 }
 
-static torch::Tensor pooled_long(int64_t rows, int64_t cols) {
-  const size_t bytes = std::max<size_t>(64, ((size_t)(rows * cols) * 8 + 63) / 64 * 64);
+static torch::Tensor pooled_index(int64_t rows, int64_t cols, bool i16) {
+  const size_t es = i16 ? 2 : 8;
+  const size_t bytes = std::max<size_t>(64, ((size_t)(rows * cols) * es + 63) / 64 * 64);
   void* ptr = nullptr;
   BufPool& bp = buf_pool();
   {
@@ -90,7 +91,7 @@ static torch::Tensor pooled_long(int64_t rows, int64_t cols) {
     } else {
       std::free(q);
     }
-  }, torch::TensorOptions().dtype(torch::kInt64));
+  }, torch::TensorOptions().dtype(i16 ? torch::kInt16 : torch::kInt64));
 }
 
 // ------------------------------------------------------------------ numpy's PCG64 (XSL-RR 128/64)
@@ -128,18 +129,31 @@ struct Pcg64 {
 // psfed_robust.engine.masks._floyd's numpy path: all m draws of a sub-chunk first ([m, n]
 // row-major words; Lemire 16-bit multiply-shift; rejected entries redrawn in rounds, in order),
 // then the steps.
+template <typename I>
+static void floyd_run(int64_t rows, int64_t dim, int64_t m, const int64_t* sp, I* pk,
+                      uint8_t* mk);
+
+// picks [rows, m] (int64, or int16 when i16 and dim <= 32767) and, if want_masks, bool masks
 std::vector<torch::Tensor> floyd_pcg(int64_t rows, int64_t dim, int64_t m, torch::Tensor st,
-                                     bool want_masks) {
+                                     bool want_masks, bool i16) {
   TORCH_CHECK(st.scalar_type() == torch::kInt64 && st.numel() == 4, "state: int64 [4]");
   TORCH_CHECK(dim >= 1 && dim <= 4096 && m >= 1 && m <= dim, "floyd_pcg: 1 <= m <= dim <= 4096");
   auto s = st.contiguous();
-  const int64_t* sp = s.data_ptr<int64_t>();
-  auto picks = pooled_long(rows, m);
+  auto picks = pooled_index(rows, m, i16);
   auto masks = torch::empty({want_masks ? rows : 0, want_masks ? dim : 0}, torch::kBool);
-  int64_t* pk = picks.data_ptr<int64_t>();
   uint8_t* mk = want_masks ? reinterpret_cast<uint8_t*>(masks.data_ptr<bool>()) : nullptr;
+  py::gil_scoped_release nogil;
+  if (i16)
+    floyd_run<int16_t>(rows, dim, m, s.data_ptr<int64_t>(), picks.data_ptr<int16_t>(), mk);
+  else
+    floyd_run<int64_t>(rows, dim, m, s.data_ptr<int64_t>(), picks.data_ptr<int64_t>(), mk);
+  return {picks, masks};
+}
+
+template <typename I>
+static void floyd_run(int64_t rows, int64_t dim, int64_t m, const int64_t* sp, I* pk,
+                      uint8_t* mk) {
   {
-    py::gil_scoped_release nogil;
     Pcg64 g{((u128)(uint64_t)sp[0] << 64) | (u128)(uint64_t)sp[1],
             ((u128)(uint64_t)sp[2] << 64) | (u128)(uint64_t)sp[3]};
     std::vector<uint32_t> hs(m), thr(m);
@@ -188,18 +202,17 @@ std::vector<torch::Tensor> floyd_pcg(int64_t rows, int64_t dim, int64_t m, torch
       const uint16_t* __restrict vl = val.data();
       for (int64_t j = 0; j < n; ++j) {
         std::memset(sl, 0, dim);
-        int64_t* __restrict out = pk + (s0 + j) * m;
+        I* __restrict out = pk + (s0 + j) * m;
         for (int64_t i = 0; i < m; ++i) {
           const int64_t t = vl[i * VS + j];
           const int64_t pick = sl[t] ? dim - m + i : t;
           sl[pick] = 1;
-          out[i] = pick;
+          out[i] = (I)pick;
         }
         if (mk) std::memcpy(mk + (s0 + j) * dim, sl, dim);
       }
     }
   }
-  return {picks, masks};
 }
 
 // ------------------------------------------------------------------ schedule: P smallest keys
@@ -329,28 +342,28 @@ static void lms_rows(T* W, const T* C, const T* y, T* e, const T* part, int64_t 
 
 // ------------------------------------------------------------------ downlink merge / server step
 // Run b: W[b, idx[b, p], S[b, p, :]] = g[b, S[b, p, :]] for the valid slots p.
-template <typename T>
-static inline void merge_run(T* Wb, const T* gb, const int64_t* ib, const int64_t* sb,
+template <typename T, typename I>
+static inline void merge_run(T* Wb, const T* gb, const int64_t* ib, const I* sb,
                              const bool* vb, int64_t P, int64_t M, int64_t D) {
   for (int64_t p = 0; p < P; ++p) {
     if (vb && !vb[p]) continue;
     T* w = Wb + ib[p] * D;
-    const int64_t* sp = sb + p * M;
+    const I* sp = sb + p * M;
     for (int64_t m = 0; m < M; ++m) w[sp[m]] = gb[sp[m]];
   }
 }
 
 // Run b: out = g + om * sum_p T_p (w_p - g), accumulated slot by slot, entry by entry (the order
 // of torch's scatter_add_ over [P * M] columns).
-template <typename T>
-static inline void uplink_run(const T* Wb, const T* gb, const int64_t* ib, const int64_t* tb,
+template <typename T, typename I>
+static inline void uplink_run(const T* Wb, const T* gb, const int64_t* ib, const I* tb,
                               const bool* vb, T om, int64_t P, int64_t M, int64_t D, T* acc,
                               T* out) {
   for (int64_t d = 0; d < D; ++d) acc[d] = T(0);
   for (int64_t p = 0; p < P; ++p) {
     if (vb && !vb[p]) continue;
     const T* w = Wb + ib[p] * D;
-    const int64_t* tp = tb + p * M;
+    const I* tp = tb + p * M;
     for (int64_t m = 0; m < M; ++m) acc[tp[m]] += w[tp[m]] - gb[tp[m]];
   }
   for (int64_t d = 0; d < D; ++d) out[d] = gb[d] + acc[d] * om;
@@ -493,8 +506,12 @@ torch::Tensor step(torch::Tensor W, torch::Tensor g, torch::Tensor idx, torch::T
   const int64_t P = (do_merge || do_up) ? idx.size(1) : 0;
   const int64_t MS = do_merge ? S.size(2) : 0, MT = do_up ? T.size(2) : 0;
   const int64_t* ip = (do_merge || do_up) ? idx.data_ptr<int64_t>() : nullptr;
-  const int64_t* sp = do_merge ? S.data_ptr<int64_t>() : nullptr;
-  const int64_t* tp = do_up ? T.data_ptr<int64_t>() : nullptr;
+  // index lists: int64, or int16 (the engine's compact masks); S and T of one dtype
+  const torch::Tensor& st0 = do_merge ? S : T;
+  const bool i16 = st0.defined() && st0.scalar_type() == torch::kInt16;
+  TORCH_CHECK(!(do_merge && do_up) || S.scalar_type() == T.scalar_type(), "step: S, T dtypes");
+  const void* sv = do_merge ? S.data_ptr() : nullptr;
+  const void* tv = do_up ? T.data_ptr() : nullptr;
   const bool* vp = given(valid) ? valid.data_ptr<bool>() : nullptr;
   auto gout = do_up ? torch::empty_like(g) : g;
   py::gil_scoped_release nogil;
@@ -511,11 +528,13 @@ torch::Tensor step(torch::Tensor W, torch::Tensor g, torch::Tensor idx, torch::T
     const F* pp = has_part ? part.data_ptr<F>() : nullptr;
     std::vector<F> acc(D);
     std::vector<int64_t> slot(K);
+    auto body = [&](const auto* sp, const auto* tp) {
+    using I = std::remove_cv_t<std::remove_pointer_t<decltype(sp)>>;
     for (int64_t r0 = 0; r0 < B; r0 += chunk) {
       const int64_t nb = std::min(chunk, B - r0);
       if (do_merge && !do_up)
         for (int64_t b = r0; b < r0 + nb; ++b)
-          merge_run<F>(Wp + b * K * D, gp + b * D, ip + b * P, sp + b * P * MS,
+          merge_run<F, I>(Wp + b * K * D, gp + b * D, ip + b * P, sp + b * P * MS,
                        vp ? vp + b * P : nullptr, P, MS, D);
       const F* cp;
       if (rff) {
@@ -532,7 +551,7 @@ torch::Tensor step(torch::Tensor W, torch::Tensor g, torch::Tensor idx, torch::T
                     pp ? pp + r0 * K : nullptr, nb * K, D, mu, sc, scaled);
         if (do_up)
           for (int64_t b = r0; b < r0 + nb; ++b)
-            uplink_run<F>(Wp + b * K * D, gp + b * D, ip + b * P, tp + b * P * MT,
+            uplink_run<F, I>(Wp + b * K * D, gp + b * D, ip + b * P, tp + b * P * MT,
                           vp ? vp + b * P : nullptr, op[b], P, MT, D, acc.data(), gop + b * D);
         continue;
       }
@@ -554,12 +573,12 @@ torch::Tensor step(torch::Tensor W, torch::Tensor g, torch::Tensor idx, torch::T
         F* Wb = Wp + b * K * D;
         const F* gb = gp + b * D;
         const F* cb = cp + (b - r0) * K * D;
-        const int64_t* sb = sp + b * P * MS;
-        const int64_t* tb = tp + b * P * MT;
+        const I* sb = sp + b * P * MS;
+        const I* tb = tp + b * P * MT;
         if (!ascending) {
           lms_rows<F>(Wb, cb, yp + b * K, ep + b * K, pp ? pp + b * K : nullptr, K, D, mu, sc,
                       scaled);
-          uplink_run<F>(Wb, gb, ib, tb, vb, op[b], P, MT, D, acc.data(), gop + b * D);
+          uplink_run<F, I>(Wb, gb, ib, tb, vb, op[b], P, MT, D, acc.data(), gop + b * D);
           continue;
         }
         F* ac = acc.data();
@@ -568,14 +587,14 @@ torch::Tensor step(torch::Tensor W, torch::Tensor g, torch::Tensor idx, torch::T
           const int64_t p = slot[k];
           if (p < 0) return;
           F* w = Wb + k * D;
-          const int64_t* s = sb + p * MS;
+          const I* s = sb + p * MS;
           for (int64_t m = 0; m < MS; ++m) w[s[m]] = gb[s[m]];
         };
         auto post = [&](int64_t k) {
           const int64_t p = slot[k];
           if (p < 0) return;
           const F* w = Wb + k * D;
-          const int64_t* t = tb + p * MT;
+          const I* t = tb + p * MT;
           for (int64_t m = 0; m < MT; ++m) ac[t[m]] += w[t[m]] - gb[t[m]];
         };
         lms_rows<F>(Wb, cb, yp + b * K, ep + b * K, pp ? pp + b * K : nullptr, K, D, mu, sc,
@@ -585,6 +604,11 @@ torch::Tensor step(torch::Tensor W, torch::Tensor g, torch::Tensor idx, torch::T
         for (int64_t d = 0; d < D; ++d) go[d] = gb[d] + ac[d] * om;
       }
     }
+    };
+    if (i16)
+      body(static_cast<const int16_t*>(sv), static_cast<const int16_t*>(tv));
+    else
+      body(static_cast<const int64_t*>(sv), static_cast<const int64_t*>(tv));
   });
   if (given(l_acc)) l_acc.add_((e * e).mean(-1, false, torch::kFloat64));  // as the engine
   return gout;
@@ -602,7 +626,8 @@ void merge(torch::Tensor W, torch::Tensor g, torch::Tensor idx, torch::Tensor S,
   py::gil_scoped_release nogil;
   AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "merge", [&] {
     for (int64_t b = 0; b < B; ++b)
-      merge_run<scalar_t>(W.data_ptr<scalar_t>() + b * K * D, g.data_ptr<scalar_t>() + b * D,
+      merge_run<scalar_t, int64_t>(W.data_ptr<scalar_t>() + b * K * D,
+                                   g.data_ptr<scalar_t>() + b * D,
                           ip + b * P, sp + b * P * M, vp ? vp + b * P : nullptr, P, M, D);
   });
 }
@@ -707,24 +732,27 @@ void resolve_downlink(torch::Tensor prev_T, torch::Tensor prev_slot, torch::Tens
   TORCH_CHECK(prev_T.is_contiguous() && prev_slot.is_contiguous() && idx.is_contiguous() &&
               fresh.is_contiguous() && out.is_contiguous(), "contiguous inputs");
   const int64_t B = idx.size(0), P = idx.size(1), K = prev_slot.size(1), M = prev_T.size(1);
-  const int64_t* pt = prev_T.data_ptr<int64_t>();
+  TORCH_CHECK(prev_T.scalar_type() == out.scalar_type() &&
+              (!fresh.numel() || fresh.scalar_type() == out.scalar_type()), "index dtypes");
+  const int64_t es = (int64_t)out.element_size();  // int64 or int16 index lists
+  const char* pt = static_cast<const char*>(prev_T.data_ptr());
   const int64_t* ps = prev_slot.data_ptr<int64_t>();
   const int64_t* ip = idx.data_ptr<int64_t>();
-  const int64_t* fr = fresh.numel() ? fresh.data_ptr<int64_t>() : nullptr;
+  const char* fr = fresh.numel() ? static_cast<const char*>(fresh.data_ptr()) : nullptr;
   const int64_t nf = fresh.numel() ? fresh.size(0) : 0;
-  int64_t* op = out.data_ptr<int64_t>();
+  char* op = static_cast<char*>(out.data_ptr());
   int64_t q = 0;
   for (int64_t b = 0; b < B; ++b)
     for (int64_t p = 0; p < P; ++p) {
       const int64_t src = ps[b * K + ip[b * P + p]];
-      const int64_t* row;
+      const char* row;
       if (src >= 0) {
-        row = pt + src * M;
+        row = pt + src * M * es;
       } else {
         TORCH_CHECK(q < nf, "resolve_downlink: not enough fresh rows");
-        row = fr + (q++) * M;
+        row = fr + (q++) * M * es;
       }
-      std::memcpy(op + (b * P + p) * M, row, M * sizeof(int64_t));
+      std::memcpy(op + (b * P + p) * M * es, row, M * es);
     }
 }
 
@@ -797,7 +825,7 @@ def load() -> Any:
             from torch.utils.cpp_extension import load_inline
 
             _module = load_inline(
-                name="psfed_engine_kernels_v4",
+                name="psfed_engine_kernels_v5",
                 cpp_sources=_CPP_SRC,
                 extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512",
                               "-ffp-contract=off", "-fno-fast-math"],

@@ -64,10 +64,12 @@ def _bounded_ints(rng: np.random.Generator, highs: np.ndarray, n: int, out: np.n
 
 
 def _floyd(rows: int, dim: int, m: int, generator: torch.Generator, device: torch.device,
-           backend: str, want_masks: bool = True) -> tuple[Tensor | None, Tensor]:
+           backend: str, want_masks: bool = True,
+           index_dtype: torch.dtype = torch.long) -> tuple[Tensor | None, Tensor]:
     """Floyd's algorithm for ``m`` of ``dim``: ``(masks [rows, dim] bool, picks [rows, m])``.
 
     ``want_masks=False`` skips building the bool masks on CPU (returns ``None`` for them there).
+    ``index_dtype``: ``torch.long`` or ``torch.int16`` (``dim`` ≤ 32767) for the picks.
     """
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, _BACKENDS))}, "
@@ -87,7 +89,8 @@ def _floyd(rows: int, dim: int, m: int, generator: torch.Generator, device: torc
             words = [st["state"] >> 64, st["state"], st["inc"] >> 64, st["inc"]]
             state = torch.from_numpy(np.array([w & (2**64 - 1) for w in words],
                                               dtype=np.uint64).view(np.int64))
-            picks_t, masks_t = kern.floyd_pcg(rows, dim, m, state, want_masks)
+            picks_t, masks_t = kern.floyd_pcg(rows, dim, m, state, want_masks,
+                                              index_dtype == torch.int16)
             return (masks_t if want_masks else None), picks_t
         out = np.empty((rows, dim), dtype=np.bool_) if want_masks else None
         picks = np.empty((rows, m), dtype=np.int64)
@@ -116,7 +119,7 @@ def _floyd(rows: int, dim: int, m: int, generator: torch.Generator, device: torc
             if out is not None:
                 out[s0 : s0 + n] = sel.reshape(n, dim)
         masks = None if out is None else torch.from_numpy(out)
-        return masks, torch.from_numpy(picks)
+        return masks, torch.from_numpy(picks).to(index_dtype)
     u = torch.rand((rows, m), generator=generator, device=device, dtype=torch.float64).t()
     hi_t = torch.arange(dim - m, dim, device=device, dtype=torch.float64)[:, None]
     t_dev = torch.minimum((u * (hi_t + 1.0)).floor_(), hi_t).long()  # [m, rows]
@@ -127,7 +130,7 @@ def _floyd(rows: int, dim: int, m: int, generator: torch.Generator, device: torc
         pick = torch.where(sel_t.gather(1, ti), dim - m + i, ti)
         sel_t.scatter_(1, pick, True)
         cols.append(pick)
-    return sel_t, torch.cat(cols, dim=1)
+    return sel_t, torch.cat(cols, dim=1).to(index_dtype)
 
 
 def floyd_masks(rows: int, dim: int, count: int, generator: torch.Generator,
@@ -152,22 +155,26 @@ def floyd_masks(rows: int, dim: int, count: int, generator: torch.Generator,
 
 
 def floyd_indices(rows: int, dim: int, count: int, generator: torch.Generator,
-                  device: torch.device | str = "cpu", backend: str = "auto") -> Tensor:
-    """:func:`floyd_masks` as index lists ``[rows, count]`` (int64, distinct within a row).
+                  device: torch.device | str = "cpu", backend: str = "auto",
+                  dtype: torch.dtype = torch.long) -> Tensor:
+    """:func:`floyd_masks` as index lists ``[rows, count]`` (distinct within a row).
 
     For ``count ≤ dim/2`` these are Floyd's picks in step order (no sort); otherwise the sorted
-    complement of the drawn set. Same random draws as :func:`floyd_masks`.
+    complement of the drawn set. Same random draws as :func:`floyd_masks`. ``dtype``: int64
+    (default) or int16 (``dim`` ≤ 32767; the engine's compact lists, same values).
     """
+    if dtype not in (torch.long, torch.int16) or (dtype == torch.int16 and dim > 32767):
+        raise ValueError(f"dtype must be torch.long, or torch.int16 for dim <= 32767, got {dtype}")
     if not 0 <= count <= dim:
         raise ValueError(f"count must be in [0, dim={dim}], got {count}")
     m = min(count, dim - count)
     small = count <= dim - count
     sel, picks = _floyd(rows, dim, m, generator, torch.device(device), backend,
-                        want_masks=not small)
+                        want_masks=not small, index_dtype=dtype)
     if small:
         return picks
     assert sel is not None
-    return mask_to_indices(~sel, count)
+    return mask_to_indices(~sel, count).to(dtype)
 
 
 def mask_to_indices(sel: Tensor, count: int) -> Tensor:
@@ -187,21 +194,22 @@ class MaskPool:
     on the generator's seed and ``chunk``. With ``prefetch`` a worker thread generates the next
     chunk while the caller computes (numpy and torch release the GIL); the stream is the same.
     ``dtype``: ``torch.bool`` or a float dtype (0/1 masks, converted once per chunk);
-    ``indices=True``: index lists ``[rows, count]`` (:func:`floyd_indices`) instead of masks.
-    Call :meth:`close` when done with a prefetching pool.
+    ``indices=True``: index lists ``[rows, count]`` (:func:`floyd_indices`) instead of masks,
+    of ``index_dtype`` (int64 or int16). Call :meth:`close` when done with a prefetching pool.
     """
 
     def __init__(self, dim: int, count: int, generator: torch.Generator,
                  device: torch.device | str = "cpu", chunk: int = 65536,
                  prefetch: bool = False, dtype: torch.dtype = torch.bool,
-                 indices: bool = False) -> None:
+                 indices: bool = False, index_dtype: torch.dtype = torch.long) -> None:
         self.dim, self.count, self.generator = dim, count, generator
         self.indices = indices
         self.device = torch.device(device)
         self.chunk = max(1, chunk)
         self.dtype = dtype
+        self.index_dtype = index_dtype
         self._buf = torch.zeros((0, count if indices else dim),
-                                dtype=torch.long if indices else dtype, device=self.device)
+                                dtype=index_dtype if indices else dtype, device=self.device)
         self._pos = 0
         self._executor: ThreadPoolExecutor | None = None
         self._next: Future[Tensor] | None = None
@@ -211,7 +219,8 @@ class MaskPool:
 
     def _generate(self) -> Tensor:
         if self.indices:
-            return floyd_indices(self.chunk, self.dim, self.count, self.generator, self.device)
+            return floyd_indices(self.chunk, self.dim, self.count, self.generator, self.device,
+                                 dtype=self.index_dtype)
         out = floyd_masks(self.chunk, self.dim, self.count, self.generator, self.device)
         return out if self.dtype == torch.bool else out.to(self.dtype)
 

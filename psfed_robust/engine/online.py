@@ -377,14 +377,17 @@ class _Masks:
     """
 
     def __init__(self, config: OnlineConfig, B: int, gen: torch.Generator, device: torch.device,
-                 init_gen: torch.Generator, prefetch: bool = False, kern: Any = None) -> None:
+                 init_gen: torch.Generator, prefetch: bool = False, kern: Any = None,
+                 compact: bool = False) -> None:
         self.cfg, self.B, self.device = config, B, device
         self.kern = kern  # compiled bookkeeping for uplink 'next' (same results)
         D, M, K = config.dim, config.share_count, config.num_clients
         self.dense = M == D
+        # compact: int16 index lists (only the compiled kernels read them; same values)
+        self.index_dtype = torch.int16 if compact and D <= 32767 else torch.long
         self.pool = MaskPool(D, M, gen, device, chunk=max(4096, min(65536, 4 * B * K)),
                              prefetch=prefetch and not self.dense and _needs_random(config),
-                             indices=True)
+                             indices=True, index_dtype=self.index_dtype)
         self.rr = config.selection == "round_robin"
         self.arange_m = torch.arange(M, device=device)
         if self.rr and not self.dense:
@@ -402,7 +405,7 @@ class _Masks:
     def _rr(self, n: int, idx: Tensor) -> Tensor:
         cfg = self.cfg
         start = (self.offsets.gather(1, idx) + n * cfg.share_count) % cfg.dim
-        return (start[..., None] + self.arange_m) % cfg.dim
+        return ((start[..., None] + self.arange_m) % cfg.dim).to(self.index_dtype)
 
     def _fresh(self, shape: tuple[int, int]) -> Tensor:
         """Fresh random index lists for ``[B, P]`` slots (coordinated: one per run, expanded)."""
@@ -428,7 +431,7 @@ class _Masks:
         if self.prev_T is None or self.prev_slot is None:
             return self._fresh((B, P))
         if self._s_buf is None or self._s_buf.numel() < B * P * M:
-            self._s_buf = torch.empty((B * P * M,), dtype=torch.long, device=self.device)
+            self._s_buf = torch.empty((B * P * M,), dtype=self.index_dtype, device=self.device)
         if self.kern is not None:
             n_need = self.kern.count_missing(self.prev_slot, idx)
             fresh = self.pool.take(n_need) if n_need else self._s_buf[:0].view(0, M)
@@ -627,8 +630,12 @@ def run_online(config: OnlineConfig, *, device: str | torch.device | None = None
 def _run_block(config: OnlineConfig, block: int, B: int, dev: torch.device, attack: Any,
                defense: Any, fast: bool, bar: Any, prefetch: bool = False,
                kern: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    # compact (int16) masks when every consumer is compiled: the fused step (PSO-Fed mean, no
+    # attack) on CPU
+    compact = kern is not None and fast and attack is None
     masks = _Masks(config, B, block_generator(config.seed, "mask", block, dev), dev,
-                   block_generator(config.seed, "init-masks", block, dev), prefetch, kern)
+                   block_generator(config.seed, "init-masks", block, dev), prefetch, kern,
+                   compact)
     try:
         return _block_loop(config, block, B, dev, attack, defense, fast, bar, masks, kern)
     finally:
