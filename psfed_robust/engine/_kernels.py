@@ -233,20 +233,40 @@ static void sched_impl(const T* keys, int64_t B, int64_t K, int64_t P, int64_t* 
 // order is (key, client); the P-th smallest is the threshold, and a scan in client order lists
 // the participants ascending
 static void sched_f32(const float* keys, int64_t B, int64_t K, int64_t P, int64_t* out) {
-  std::vector<uint64_t> packed(K), work(K);
+  // radix-style select: 256 buckets by a monotone map of the order-preserving key bits, then
+  // an exact select among the (few) keys of the bucket that holds the P-th smallest
+  std::vector<uint32_t> u(K);
+  std::vector<uint8_t> bk(K);
+  std::vector<uint64_t> cand;
   for (int64_t b = 0; b < B; ++b) {
+    uint32_t lo = 0xFFFFFFFFu, hi = 0;
     for (int64_t k = 0; k < K; ++k) {
-      uint32_t u;
-      std::memcpy(&u, keys + b * K + k, 4);
-      u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-      packed[k] = ((uint64_t)u << 32) | (uint64_t)k;
+      uint32_t v;
+      std::memcpy(&v, keys + b * K + k, 4);
+      v = (v & 0x80000000u) ? ~v : (v | 0x80000000u);
+      u[k] = v;
+      lo = std::min(lo, v);
+      hi = std::max(hi, v);
     }
-    work = packed;
-    std::nth_element(work.begin(), work.begin() + (P - 1), work.end());
-    const uint64_t thr = work[P - 1];
+    const double sc = 256.0 / ((double)(hi - lo) + 1.0);
+    int32_t cnt[256] = {0};
+    for (int64_t k = 0; k < K; ++k) {
+      const int32_t q = std::min<int32_t>(255, (int32_t)((double)(u[k] - lo) * sc));
+      bk[k] = (uint8_t)q;
+      ++cnt[q];
+    }
+    int32_t cum = 0, sel = 0;
+    while (cum + cnt[sel] < P) cum += cnt[sel++];
+    const int64_t need = P - cum;  // taken from bucket `sel`, smallest (key, client) first
+    cand.clear();
+    for (int64_t k = 0; k < K; ++k)
+      if (bk[k] == sel) cand.push_back(((uint64_t)u[k] << 32) | (uint64_t)k);
+    std::nth_element(cand.begin(), cand.begin() + (need - 1), cand.end());
+    const uint64_t thr = cand[need - 1];
     int64_t* o = out + b * P;
     for (int64_t k = 0, q = 0; k < K; ++k)
-      if (packed[k] <= thr) o[q++] = k;
+      if (bk[k] < sel || (bk[k] == sel && (((uint64_t)u[k] << 32) | (uint64_t)k) <= thr))
+        o[q++] = k;
   }
 }
 
@@ -825,7 +845,7 @@ def load() -> Any:
             from torch.utils.cpp_extension import load_inline
 
             _module = load_inline(
-                name="psfed_engine_kernels_v5",
+                name="psfed_engine_kernels_v6",
                 cpp_sources=_CPP_SRC,
                 extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512",
                               "-ffp-contract=off", "-fno-fast-math"],
