@@ -138,6 +138,7 @@ def main() -> None:
         "threads": args.threads, "device": args.device, "cpu_count": os.cpu_count(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "mask_prefetch": res.metadata["mask_prefetch"],
+        "engine_kernels": res.metadata["engine_kernels"],
         "load_average_start": round(load0, 2), "load_average_end": round(load1, 2),
         "steady_global_mse_db": round(ss.global_mse_db, 3),
         "torch": torch.__version__, "python": platform.python_version(),

@@ -20,7 +20,16 @@ One iteration ``n`` (every option in :class:`OnlineConfig`; ``K_n`` participants
 
 Runs are processed in blocks of ``run_block`` runs (on CPU at most 128 runs and at least two
 blocks from 32 runs on, run in parallel threads; all runs on CUDA); within a block the LMS step
-runs one cache-sized chunk of runs at a time (same values as one batched step). Each
+runs one cache-sized chunk of runs at a time (same values as one batched step).
+
+On CPU the hot path runs compiled kernels (:mod:`psfed_robust.engine._kernels`: mask sampler,
+schedule, data step, and merge + regressors + LMS + PSO-Fed server step fused row by row); each
+has a torch/numpy twin that gives the same bits (``metadata["engine_kernels"]`` says which ran;
+``run_online(..., use_kernels=False)`` forces the twins). The arithmetic is fixed so that both
+agree: LMS and test predictions ``wᵀz`` sum in 32 lanes folded by halving
+(:func:`~psfed_robust.engine._kernels.lane_dot_torch`), updates round product and sum separately,
+RFF arguments and the float32 cosine follow :func:`~psfed_robust.engine.data.rff_args` and
+:func:`~psfed_robust.engine.data.rff_cos`. Each
 block has its own generators, ``stable_seed(seed, "psfed_robust.engine", purpose, block)`` for
 ``purpose`` in ``init`` (problem instance, test set, round-robin offsets), ``data`` (per-iteration
 samples), ``schedule`` (one ``rand [B, K]`` per iteration: fixed = the ``participants`` smallest
@@ -557,6 +566,8 @@ def run_online(config: OnlineConfig, *, device: str | torch.device | None = None
     while torch uses ≥ 2 threads and only one block worker runs): a worker thread draws the next
     chunk of random masks while the engine computes, and torch's intra-op threads are lowered by
     one for the duration of the call (restored after). Results are identical either way.
+    ``use_kernels`` (CPU; default on): run the compiled kernels when they build (else, and when
+    off, their torch/numpy twins; same bits either way, ``metadata["engine_kernels"]``).
     """
     dev = torch.device(device if device is not None else "cpu")
     t0 = time.perf_counter()
