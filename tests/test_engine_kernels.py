@@ -85,6 +85,9 @@ def test_rff_cos_float32_accuracy_and_float64_is_torch() -> None:
     [
         {},
         {"selection": "round_robin"},
+        {"selection": "round_robin", "coordinated": True, "uplink": "same"},
+        {"selection": "round_robin", "attack": "gaussian", "num_malicious": 2,
+         "attack_params": {"p_a": 1.0, "sigma": 0.1}},
         {"coordinated": True},
         {"uplink": "same"},
         {"uplink": "independent"},

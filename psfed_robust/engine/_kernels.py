@@ -778,6 +778,36 @@ void resolve_downlink(torch::Tensor prev_T, torch::Tensor prev_slot, torch::Tens
 
 void set_slots(torch::Tensor prev_slot, torch::Tensor idx) { set_slots_impl(prev_slot, idx); }
 
+// ------------------------------------------------------------------ round-robin index lists
+// out[b, p, j] = (offsets[b, idx[b, p]] + shift + j) mod D, j < M (int64 or int16)
+torch::Tensor rr_masks(torch::Tensor offsets, torch::Tensor idx, int64_t shift, int64_t M,
+                       int64_t D, bool i16) {
+  TORCH_CHECK(offsets.is_contiguous() && idx.is_contiguous() &&
+              offsets.scalar_type() == torch::kInt64, "rr_masks: inputs");
+  const int64_t B = idx.size(0), P = idx.size(1), K = offsets.size(1);
+  auto out = torch::empty({B, P, M}, i16 ? torch::kInt16 : torch::kInt64);
+  const int64_t* op = offsets.data_ptr<int64_t>();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  py::gil_scoped_release nogil;
+  auto fill = [&](auto* o) {
+    using I = std::remove_pointer_t<decltype(o)>;
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t p = 0; p < P; ++p) {
+        const int64_t start = ((op[b * K + ip[b * P + p]] + shift) % D + D) % D;
+        I* row = o + (b * P + p) * M;
+        for (int64_t j = 0, v = start; j < M; ++j) {
+          row[j] = (I)v;
+          v = v + 1 == D ? 0 : v + 1;
+        }
+      }
+  };
+  if (i16)
+    fill(out.data_ptr<int16_t>());
+  else
+    fill(out.data_ptr<int64_t>());
+  return out;
+}
+
 // ------------------------------------------------------------------ global test MSE
 // per run: pred_j = lane dot(tf[b, j, :], g[b, :]); returns mean((ty - pred)^2) in float64 with
 // torch's ops for the difference, the conversion and the mean (as the engine's torch path)
@@ -813,6 +843,7 @@ torch::Tensor test_mse(torch::Tensor tf, torch::Tensor ty, torch::Tensor g) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("test_mse", &test_mse);
+  mod.def("rr_masks", &rr_masks);
   mod.def("advance_rff", &advance_rff);
   mod.def("advance_rff_draw", &advance_rff_draw);
   mod.def("schedule_draw", &schedule_draw);
@@ -845,7 +876,7 @@ def load() -> Any:
             from torch.utils.cpp_extension import load_inline
 
             _module = load_inline(
-                name="psfed_engine_kernels_v6",
+                name="psfed_engine_kernels_v7",
                 cpp_sources=_CPP_SRC,
                 extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512",
                               "-ffp-contract=off", "-fno-fast-math"],

@@ -413,6 +413,10 @@ class _Masks:
 
     def _rr(self, n: int, idx: Tensor) -> Tensor:
         cfg = self.cfg
+        if self.kern is not None and idx.is_contiguous():  # same lists, compiled
+            return cast(Tensor, self.kern.rr_masks(self.offsets, idx, n * cfg.share_count,
+                                                   cfg.share_count, cfg.dim,
+                                                   self.index_dtype == torch.int16))
         start = (self.offsets.gather(1, idx) + n * cfg.share_count) % cfg.dim
         return ((start[..., None] + self.arange_m) % cfg.dim).to(self.index_dtype)
 
