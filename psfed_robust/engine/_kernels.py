@@ -163,7 +163,7 @@ static void floyd_run(int64_t rows, int64_t dim, int64_t m, const int64_t* sp, I
     }
     thread_local std::vector<uint16_t> w, val;  // scratch kept between calls
     std::vector<int64_t> rej, rej2;
-    std::vector<uint8_t> sel(dim);
+    std::vector<uint8_t> sel(dim), sel4(4 * dim);
     const int64_t SUB = 4096, VS = std::min(SUB, rows) + 32;
     val.resize(m * VS);
     for (int64_t s0 = 0; s0 < rows; s0 += SUB) {
@@ -200,7 +200,26 @@ static void floyd_run(int64_t rows, int64_t dim, int64_t m, const int64_t* sp, I
       // raw pointers: stores to `out` must not make the compiler reload vector internals
       uint8_t* __restrict sl = sel.data();
       const uint16_t* __restrict vl = val.data();
-      for (int64_t j = 0; j < n; ++j) {
+      int64_t j = 0;
+      if (!mk) {  // four rows interleaved (independent chains), each exactly as below
+        uint8_t* s4 = sel4.data();
+        for (; j + 4 <= n; j += 4) {
+          std::memset(s4, 0, 4 * dim);
+          I* __restrict o0 = pk + (s0 + j) * m;
+          for (int64_t i = 0; i < m; ++i) {
+            const uint16_t* v = vl + i * VS + j;
+            const int64_t jj = dim - m + i;
+            for (int q = 0; q < 4; ++q) {
+              uint8_t* sq = s4 + q * dim;
+              const int64_t t = v[q];
+              const int64_t pick = sq[t] ? jj : t;
+              sq[pick] = 1;
+              o0[q * m + i] = (I)pick;
+            }
+          }
+        }
+      }
+      for (; j < n; ++j) {
         std::memset(sl, 0, dim);
         I* __restrict out = pk + (s0 + j) * m;
         for (int64_t i = 0; i < m; ++i) {
@@ -876,7 +895,7 @@ def load() -> Any:
             from torch.utils.cpp_extension import load_inline
 
             _module = load_inline(
-                name="psfed_engine_kernels_v7",
+                name="psfed_engine_kernels_v8",
                 cpp_sources=_CPP_SRC,
                 extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512",
                               "-ffp-contract=off", "-fno-fast-math"],
