@@ -148,8 +148,8 @@ def rff_cos(a: Tensor) -> Tensor:
     for coef in _COS_COEFS[1:]:
         c.add_(coef).mul_(r2)
     c.add_(1.0)
-    odd = (q.to(torch.int32) & 1).bool()
-    return a.copy_(torch.where(odd, -c, c))
+    sign = torch.remainder(q, 2.0).mul_(-2.0).add_(1.0)  # (−1)^q exactly (q is an integer)
+    return a.copy_(c.mul_(sign))
 
 
 def rff_features(x: Tensor, omega: Tensor, b: Tensor, out: Tensor | None = None,

@@ -682,13 +682,19 @@ def _block_loop(config: OnlineConfig, block: int, B: int, dev: torch.device, att
     mu_s = mu * scale
     # LMS chunks: (r0, r1, W, features buffer, pred, y, e, coef [.., 1], coef)
     cb = B if dev.type != "cpu" else max(1, min(B, _LMS_CHUNK_ELEMENTS // max(1, K * D)))
-    zbuf = torch.empty((cb, K, D), device=dev, dtype=dtype)
+    # the torch twin: regressors that do not depend on the chunking (float32 RFF, linear) are
+    # computed 4 chunks at a time (fewer ops, still L2-sized); float64 RFF (torch's cosine)
+    # keeps the kernel's chunks so that both give the same bits
+    chunk_free = not (config.task == "rff" and dtype == torch.float64)
+    cb_t = min(B, 4 * cb) if kern is None and chunk_free and dev.type == "cpu" else cb
+    zbuf = torch.empty((cb if kern is not None else cb_t, K, D), device=dev, dtype=dtype)
     ybuf = torch.empty((B, K), device=dev, dtype=dtype)
     pbuf = torch.empty((B, K), device=dev, dtype=dtype)
     ebuf = torch.empty((B, K), device=dev, dtype=dtype)
     cbuf = torch.empty((B, K, 1), device=dev, dtype=dtype)
     lms_chunks = [(r0, r1, W[r0:r1], zbuf[: r1 - r0], pbuf[r0:r1], ybuf[r0:r1],
-                   ebuf[r0:r1], cbuf[r0:r1], cbuf[r0:r1, :, 0]) for r0, r1 in block_ranges(B, cb)]
+                   ebuf[r0:r1], cbuf[r0:r1], cbuf[r0:r1, :, 0])
+                  for r0, r1 in block_ranges(B, cb_t)]
     pos_buf = torch.empty((B * K * max(1, config.share_count),), dtype=torch.long, device=dev)
     Wv = W.view(B * K, D)
     Wflat = W.view(-1)
