@@ -38,6 +38,7 @@ as a ``torch.bfloat16`` tensor (numpy has no bfloat16).
 
 from __future__ import annotations
 
+import functools
 import struct
 import threading
 import zlib
@@ -166,15 +167,22 @@ for _ in range(31):
     _X2N.append(_multmodp(_X2N[-1], _X2N[-1]))
 
 
-def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
-    """CRC-32 of ``A + B`` from ``crc32(A)``, ``crc32(B)`` and ``len(B)`` (zlib's algorithm)."""
+@functools.lru_cache(maxsize=64)
+def _x8n(len2: int) -> int:
+    """x^(8·len2) mod p: the operator that shifts a CRC over ``len2`` zero bytes (cached: a
+    model's payloads repeat the same few lengths)."""
     p, k, n = 1 << 31, 3, len2
     while n:
         if n & 1:
             p = _multmodp(_X2N[k & 31], p)
         n >>= 1
         k += 1
-    return _multmodp(p, crc1) ^ crc2
+    return p
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """CRC-32 of ``A + B`` from ``crc32(A)``, ``crc32(B)`` and ``len(B)`` (zlib's algorithm)."""
+    return _multmodp(_x8n(len2), crc1) ^ crc2
 
 
 class _CrcThread:

@@ -17,6 +17,7 @@ from psfed_robust.core.selectors import (
     ClientSpecificMaskSelector,
     GradientBasedSelector,
     MaskSelector,
+    RandomMaskSelector,
     StructuredMaskSelector,
     TopKMagnitudeSelector,
 )
@@ -227,6 +228,40 @@ def test_mean_fill_is_psofed_step_with_weighting() -> None:
         mk = torch.from_numpy(mask.data.copy()).repeat(4, 1)
         ref = psofed_server_step(u, mk, torch.tensor(g0), weights=torch.full((4,), w))
         np.testing.assert_allclose(out["w"].numpy(), ref.numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_mean_fill_mixed_masks_and_unnormalised_weights_match_core_step(dtype: Any) -> None:
+    """The BLAS fast path (dense + seeded + index masks, weights not summing to one) equals
+    PSO-Fed's step ``g + Σ_k ω_k T_k (u_k − g)`` computed densely by the core function."""
+    from psfed_robust.flower.strategy import _Layout
+    from psfed_robust.flower.validation import ValidUpdate
+
+    rng = np.random.default_rng(7)
+    D = 1000
+    g0 = rng.standard_normal(D).astype(dtype)
+    seeded = RandomMaskSelector(fraction=0.3, seed=3).select(D, round_num=2)
+    other = Mask.from_indices(rng.choice(D, 50, replace=False), D)
+    masks = [Mask.all_true(D), seeded, seeded, other, Mask.all_false(D), Mask.all_true(D)]
+    vals = [rng.standard_normal(m.count).astype(dtype) for m in masks]
+    valid = [ValidUpdate(node_id=i, client_id=i, mask=m, values=v, num_examples=1)
+             for i, (m, v) in enumerate(zip(masks, vals, strict=True))]
+    w = torch.tensor([0.05, 0.2, 0.1, 0.3, 0.15, 0.1], dtype=torch.float64)  # sums to 0.9
+    s = strategy(6)
+    s._weights = lambda valid, dt: w.to(dt)  # type: ignore[method-assign]
+    lay = _Layout(keys=["w"], shapes=[(D,)], dtypes=[np.dtype(dtype)], offsets=[0, D],
+                  dtype=np.dtype(dtype), size=D)
+    got, cover = s._mean_fill(valid, g0, lay)
+    assert got is not None and got.dtype == dtype
+    u = torch.tensor(g0, dtype=torch.float64).repeat(len(masks), 1)
+    mk = torch.zeros((len(masks), D), dtype=torch.bool)
+    for i, (m, v) in enumerate(zip(masks, vals, strict=True)):
+        u[i, torch.from_numpy(m.indices)] = torch.from_numpy(v.astype(np.float64))
+        mk[i, torch.from_numpy(m.indices)] = True
+    ref = psofed_server_step(u, mk, torch.tensor(g0, dtype=torch.float64), weights=w).numpy()
+    tol = 1e-6 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(got, ref, rtol=tol, atol=tol)
+    assert cover == 1.0
 
 
 def test_server_side_omniscient_adversary() -> None:

@@ -182,6 +182,13 @@ def _get_defense(name: str, params: dict[str, Any]) -> Any:
     return defenses.get_defense(name, **params)
 
 
+def _axpy(dtype: np.dtype[Any]) -> Callable[..., Any]:
+    """BLAS ``y ← a·x + y`` for ``dtype`` (float32: saxpy, else daxpy); in place on ``y``."""
+    from scipy.linalg import blas
+
+    return blas.saxpy if dtype == np.float32 else blas.daxpy  # type: ignore[no-any-return]
+
+
 def _fmt_bytes(n: float) -> str:
     return f"{n / 1e6:.3f} MB" if n >= 1e5 else f"{n:.0f} B"
 
@@ -822,7 +829,11 @@ class PSFedAvg(Strategy):
             else:
                 key = id(u.mask)
             groups.setdefault(key, []).append((wi, u))
-        acc: npt.NDArray[Any] = np.zeros(lay.size, dtype=acc_dtype)
+        axpy = _axpy(acc_dtype)
+        # ``g + Σ_k ω_k (u_k − g)`` per mask group as ``(1 − Σ ω) g_m + Σ_k ω_k u_k``: one BLAS
+        # axpy pass per reply (the order of Flower's FedAvg, which is exactly Σ ω_k u_k when the
+        # weights sum to one), instead of subtract/scale/add passes
+        acc: npt.NDArray[Any] | None = None
         cover = 0.0
         cover_mask: npt.NDArray[np.bool_] | None = None
         for key, items in groups.items():
@@ -830,16 +841,18 @@ class PSFedAvg(Strategy):
             dense = key == "dense"
             idx = None if dense else mask_indices(mask)
             g_m = g if idx is None else g.take(idx)
-            comp = acc if dense else np.zeros(mask.count, dtype=acc_dtype)
-            tmp = np.empty(mask.count, dtype=acc_dtype)
+            sw = float(sum(wi for wi, _ in items))
+            comp = np.multiply(g_m, acc_dtype.type(1.0 - sw), dtype=acc_dtype)
             for wi, u in items:
-                np.subtract(u.values, g_m, out=tmp, casting="same_kind")
-                tmp *= wi
-                comp += tmp
+                vals = np.ascontiguousarray(u.values, dtype=acc_dtype)
+                comp = axpy(vals, comp, a=float(wi))
             if dense:
                 cover = 1.0
+                acc = comp if acc is None else np.add(acc, comp - g, out=acc)
                 continue
-            acc[idx] += comp
+            if acc is None:
+                acc = g.copy()
+            acc[idx] += comp - g_m
             if cover < 1.0:
                 if cover_mask is None:
                     cover_mask = np.zeros(lay.size, dtype=bool)
@@ -851,7 +864,8 @@ class PSFedAvg(Strategy):
                 cover = groups[partial[0]][0][1].mask.fraction
             else:
                 cover = float(cover_mask.mean()) if lay.size else 0.0
-        acc += g
+        if acc is None:
+            acc = g.copy()
         new = acc.astype(lay.dtype, copy=False)
         if not bool(np.isfinite(new).all()):
             log(WARNING, "psfed: aggregate not finite; global unchanged")
