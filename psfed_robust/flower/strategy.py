@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
@@ -182,11 +183,14 @@ def _get_defense(name: str, params: dict[str, Any]) -> Any:
     return defenses.get_defense(name, **params)
 
 
-def _axpy(dtype: np.dtype[Any]) -> Callable[..., Any]:
-    """BLAS ``y ← a·x + y`` for ``dtype`` (float32: saxpy, else daxpy); in place on ``y``."""
-    from scipy.linalg import blas
-
-    return blas.saxpy if dtype == np.float32 else blas.daxpy  # type: ignore[no-any-return]
+def _axpy(x: npt.NDArray[Any], y: npt.NDArray[Any], a: float) -> None:
+    """``y ← a·x + y`` in place, one pass (torch's vectorised add; its intra-op threads are the
+    ones training already uses, unlike numpy's BLAS pool, whose spinning threads compete with
+    them). ``x`` may be a read-only view of a reply payload: it is only read."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        xt = torch.from_numpy(x)
+    torch.from_numpy(y).add_(xt, alpha=a)
 
 
 def _fmt_bytes(n: float) -> str:
@@ -829,9 +833,8 @@ class PSFedAvg(Strategy):
             else:
                 key = id(u.mask)
             groups.setdefault(key, []).append((wi, u))
-        axpy = _axpy(acc_dtype)
-        # ``g + Σ_k ω_k (u_k − g)`` per mask group as ``(1 − Σ ω) g_m + Σ_k ω_k u_k``: one BLAS
-        # axpy pass per reply (the order of Flower's FedAvg, which is exactly Σ ω_k u_k when the
+        # ``g + Σ_k ω_k (u_k − g)`` per mask group as ``(1 − Σ ω) g_m + Σ_k ω_k u_k``: one axpy
+        # pass per reply (the order of Flower's FedAvg, which is exactly Σ ω_k u_k when the
         # weights sum to one), instead of subtract/scale/add passes
         acc: npt.NDArray[Any] | None = None
         cover = 0.0
@@ -845,7 +848,7 @@ class PSFedAvg(Strategy):
             comp = np.multiply(g_m, acc_dtype.type(1.0 - sw), dtype=acc_dtype)
             for wi, u in items:
                 vals = np.ascontiguousarray(u.values, dtype=acc_dtype)
-                comp = axpy(vals, comp, a=float(wi))
+                _axpy(vals, comp, float(wi))
             if dense:
                 cover = 1.0
                 acc = comp if acc is None else np.add(acc, comp - g, out=acc)
