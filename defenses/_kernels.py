@@ -21,12 +21,12 @@ Two back ends, same result:
 from __future__ import annotations
 
 import functools
-import os
-import threading
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from psfed_robust._cpp import InlineExtension, kernels_disabled
 
 __all__ = ["batcher_network", "cpp_kernel_available", "sort_columns", "window_mean"]
 
@@ -159,9 +159,6 @@ torch::Tensor window_mean(torch::Tensor x, torch::Tensor pairs, torch::Tensor lo
 }
 """
 
-_lock = threading.Lock()
-_module: Any = None
-_failed = False
 
 
 @functools.lru_cache(maxsize=64)
@@ -216,36 +213,24 @@ def _pairs_tensor(n: int, lo: int = -1, hi: int = -1) -> Tensor:
     return torch.tensor(net, dtype=torch.int32).reshape(-1, 2).contiguous()
 
 
-def _load_cpp() -> Any:
-    global _module, _failed
-    if _module is not None or _failed:
-        return _module
-    with _lock:
-        if _module is not None or _failed:
-            return _module
-        try:
-            from torch.utils.cpp_extension import load_inline
+_EXT = InlineExtension(
+    "psfed_column_kernels_v6", _CPP_SRC, functions=["sort_columns", "window_mean"],
+    extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"],
+    extra_ldflags=["-fopenmp"],
+)
 
-            _module = load_inline(
-                name="psfed_column_kernels_v6",
-                cpp_sources=_CPP_SRC,
-                functions=["sort_columns", "window_mean"],
-                extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"],
-                extra_ldflags=["-fopenmp"],
-                verbose=False,
-            )
-        except Exception:  # no compiler, no ninja, sandbox...: the torch path is always there
-            _failed = True
-            _module = None
-    return _module
+
+def _load_cpp() -> Any:
+    """The compiled module, or ``None`` (disabled, no compiler, or the build failed)."""
+    return _EXT.get()
 
 
 def cpp_kernel_available(build: bool = True) -> bool:
     """Whether the compiled sorting-network kernel can be used (builds it if ``build``)."""
-    if os.environ.get("PSFED_NO_CPP_KERNEL", "") not in ("", "0"):
+    if kernels_disabled():
         return False
     if not build:
-        return _module is not None
+        return _EXT.built
     return _load_cpp() is not None
 
 

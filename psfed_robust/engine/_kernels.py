@@ -28,12 +28,12 @@ disables them.
 
 from __future__ import annotations
 
-import os
-import threading
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from psfed_robust._cpp import InlineExtension
 
 __all__ = ["LANES", "available", "lane_dot_torch", "load"]
 
@@ -876,35 +876,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
 }
 """
 
-_lock = threading.Lock()
-_module: Any = None
-_failed = False
+_EXT = InlineExtension(
+    "psfed_engine_kernels_v8", _CPP_SRC,
+    extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=off",
+                  "-fno-fast-math"],
+)
 
 
 def load() -> Any:
     """The compiled module, or ``None`` (disabled, no compiler, or the build failed)."""
-    global _module, _failed
-    if os.environ.get("PSFED_NO_CPP_KERNEL", "") not in ("", "0"):
-        return None
-    if _module is not None or _failed:
-        return _module
-    with _lock:
-        if _module is not None or _failed:
-            return _module
-        try:
-            from torch.utils.cpp_extension import load_inline
-
-            _module = load_inline(
-                name="psfed_engine_kernels_v8",
-                cpp_sources=_CPP_SRC,
-                extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512",
-                              "-ffp-contract=off", "-fno-fast-math"],
-                verbose=False,
-            )
-        except Exception:  # no compiler, no ninja, sandbox...: the torch paths are always there
-            _failed = True
-            _module = None
-    return _module
+    return _EXT.get()
 
 
 def available() -> bool:
