@@ -16,16 +16,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from torch import Tensor, nn
 
 from psfed_robust.core.mask import Mask
 
-__all__ = ["FlattenedModel", "TensorInfo"]
+__all__ = ["FlattenedModel", "TensorInfo", "all_finite"]
 
 
-def _all_finite(t: Tensor) -> bool:
-    """NaN/Inf check; numpy's on CPU (torch.isfinite is ~15x slower on one thread)."""
+def all_finite(t: Tensor | npt.NDArray[Any]) -> bool:
+    """NaN/Inf check of a tensor or numpy array; numpy's on CPU (torch.isfinite is ~15x slower
+    on one thread). Non-floating inputs are always finite."""
+    if isinstance(t, np.ndarray):
+        return t.dtype.kind != "f" or bool(np.isfinite(t).all())
     if not t.is_floating_point():
         return True
     if t.device.type == "cpu" and t.dtype != torch.bfloat16:
@@ -185,7 +189,7 @@ class FlattenedModel:
         t = self._as_tensor(flat, "flat")
         if t.numel() != self._num:
             raise ValueError(f"Expected {self._num} parameters, got {t.numel()}")
-        if not _all_finite(t):
+        if not all_finite(t):
             raise ValueError("flat vector contains NaN or Inf")
         with torch.no_grad():
             for info, p in zip(self._infos, self._tensors, strict=True):
@@ -225,7 +229,7 @@ class FlattenedModel:
         if t.numel() != mask.count:
             raise ValueError(f"partial has {t.numel()} values but the mask selects {mask.count}")
         self._check_mask(mask)
-        if not _all_finite(t):
+        if not all_finite(t):
             raise ValueError("partial values contain NaN or Inf")
         idx = mask.indices
         if idx.size == 0:
