@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import functools
 import io
+import warnings
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import torch
 from flwr.app import Array
 from flwr.common.constant import SType
 
-__all__ = ["array_from_numpy", "array_from_parts", "array_view", "npy_header"]
+__all__ = ["array_from_numpy", "array_from_parts", "array_view", "as_tensor", "npy_header"]
 
 _VIEW_KINDS = frozenset("biuf")  # plain numeric dtypes only (never objects or structured ones)
 
@@ -95,3 +97,13 @@ def array_view(arr: Array) -> npt.NDArray[Any]:
     except (TypeError, ValueError):
         pass  # malformed metadata: let numpy's own parser decide
     return arr.numpy()
+
+
+def as_tensor(arr: npt.NDArray[Any]) -> torch.Tensor:
+    """``torch.from_numpy`` that also takes a read-only array (e.g. a view of a message payload),
+    for tensors that are only read."""
+    if arr.flags.writeable:
+        return torch.from_numpy(arr)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(arr)

@@ -16,7 +16,6 @@ global model (``"global"``); the stored local model is never changed by evaluati
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -31,7 +30,12 @@ from psfed_robust.core.flatten import FlattenedModel
 from psfed_robust.core.mask import Mask, count_for_fraction
 from psfed_robust.core.seeding import torch_generator
 from psfed_robust.flower import _wire
-from psfed_robust.flower._arrays import array_from_numpy, array_from_parts, array_view
+from psfed_robust.flower._arrays import (
+    array_from_numpy,
+    array_from_parts,
+    array_view,
+    as_tensor,
+)
 from psfed_robust.flower._masks import gather, scatter
 from psfed_robust.flower.protocol import (
     CFG_EVAL_MODEL,
@@ -108,15 +112,6 @@ def _payload(content: RecordDict, key: str) -> memoryview:
     if not isinstance(rec, ArrayRecord) or PAYLOAD not in rec:
         raise ValueError(f"record {key!r} is not an ArrayRecord with a {PAYLOAD!r} array")
     return _wire.payload_view(rec[PAYLOAD])
-
-
-def _as_tensor(arr: npt.NDArray[Any]) -> torch.Tensor:
-    """``torch.from_numpy`` that also takes a read-only array (the tensor is only read)."""
-    if arr.flags.writeable:
-        return torch.from_numpy(arr)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(arr)
 
 
 def _config(content: RecordDict, key: str) -> ConfigRecord | None:
@@ -373,7 +368,7 @@ class PSFedClient:
         reference = local
         self.reference = reference
         self.current_mask = mask
-        self.flat_model.unflatten(_as_tensor(local))
+        self.flat_model.unflatten(as_tensor(local))
 
         spec = resolve_attack_spec(
             context, self.client_id if self.client_id is not None else 0,
@@ -489,7 +484,7 @@ class PSFedClient:
             if mask is not None and values is not None and model_kind != "local":
                 scatter(theta, mask, values.astype(theta.dtype, copy=False))
         self.current_mask = mask
-        self.flat_model.unflatten(_as_tensor(theta))
+        self.flat_model.unflatten(as_tensor(theta))
         user_cfg = {k: v for k, v in cfg.items() if not k.startswith("psfed-")}
         loss, n, extra = self.evaluate_local(user_cfg)
         metrics = MetricRecord({"loss": float(loss), METRIC_NUM_EXAMPLES: int(n)})

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import random
 import time
-import warnings
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from psfed_robust.core.selectors import (
     TopKMagnitudeSelector,
 )
 from psfed_robust.flower import _wire
-from psfed_robust.flower._arrays import array_from_numpy, array_view
+from psfed_robust.flower._arrays import array_from_numpy, array_view, as_tensor
 from psfed_robust.flower._masks import gather, mask_indices
 from psfed_robust.flower.adversary import ServerAdversary
 from psfed_robust.flower.metering import (
@@ -187,10 +186,7 @@ def _axpy(x: npt.NDArray[Any], y: npt.NDArray[Any], a: float) -> None:
     """``y ← a·x + y`` in place, one pass (torch's vectorised add; its intra-op threads are the
     ones training already uses, unlike numpy's BLAS pool, whose spinning threads compete with
     them). ``x`` may be a read-only view of a reply payload: it is only read."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        xt = torch.from_numpy(x)
-    torch.from_numpy(y).add_(xt, alpha=a)
+    torch.from_numpy(y).add_(as_tensor(x), alpha=a)
 
 
 def _fmt_bytes(n: float) -> str:
