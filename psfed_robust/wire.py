@@ -49,6 +49,7 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
+from psfed_robust import _wire_kernels
 from psfed_robust.core.mask import Mask, SeedSpec
 
 __all__ = [
@@ -322,27 +323,44 @@ def _rice_lower_bound_bytes(mask: Mask, complement: bool, m: int) -> int:
     return 2 + (best + 7) // 8
 
 
-def _rice_cost_bits(gaps: npt.NDArray[np.int64], k: int) -> int:
-    return gaps.size * (1 + k) + int(np.sum(gaps >> k))
+def _rice_sum(gaps: npt.NDArray[np.int64], k: int) -> int:
+    """``sum(gaps >> k)`` (compiled kernel when built, else numpy; the same integer)."""
+    s = _wire_kernels.rice_cost(gaps, k)
+    return int(np.sum(gaps >> k)) if s is None else s
 
 
 def _best_rice(gaps: npt.NDArray[np.int64]) -> tuple[int, int]:
-    """(k, bits) with the exactly optimal Rice parameter (the cost is convex in k)."""
+    """(k, bits): the smallest exactly optimal Rice parameter and its cost.
+
+    The cost ``m(1+k) + sum(g >> k)`` is convex in ``k`` (each ``g >> k`` has non-increasing
+    decrements), so a walk from the estimate ``log2(mean · ln 2)`` finds the minimum; walking
+    down over ties makes the choice canonical (the same k from any start or implementation).
+    """
     m = gaps.size
     if m == 0:
         return 0, 0
-    mean = float(gaps.mean())
+    mean = _rice_sum(gaps, 0) / m  # exact integer sum: the same start on every path
     k = max(0, int(np.floor(np.log2(mean * np.log(2.0)))) if mean > 1.0 else 0)
     k = min(k, 62)
-    best = _rice_cost_bits(gaps, k)
-    for step in (1, -1):
-        kk = k + step
-        while 0 <= kk <= 62:
-            c = _rice_cost_bits(gaps, kk)
+
+    def cost(kk: int) -> int:
+        return m * (1 + kk) + _rice_sum(gaps, kk)
+
+    best = cost(k)
+    up = cost(k + 1) if k < 62 else best
+    if up < best:
+        best, k = up, k + 1
+        while k < 62:
+            c = cost(k + 1)
             if c >= best:
                 break
-            best, k = c, kk
-            kk += step
+            best, k = c, k + 1
+    else:
+        while k > 0:
+            c = cost(k - 1)
+            if c > best:
+                break
+            best, k = c, k - 1
     return k, best
 
 
@@ -365,8 +383,10 @@ def _plan_gap(mask: Mask, budget: int | None) -> _GapPlan | None:
         # near density 1/2 a cheap bound usually rules the gap code out
         if m > budget and _rice_lower_bound_bytes(mask, complement, m) >= budget:
             return None
-    _, idx = _coded_set(mask)
-    gaps = np.diff(idx, prepend=np.int64(-1)) - 1
+    gaps = _wire_kernels.gaps(mask.data, complement, m)
+    if gaps is None:
+        _, idx = _coded_set(mask)
+        gaps = np.diff(idx, prepend=np.int64(-1)) - 1
     k, bits = _best_rice(gaps)
     unary_bits = bits - m * k
     return _GapPlan(complement, k, 2 + (m * k + 7) // 8 + (unary_bits + 7) // 8, gaps)
@@ -374,6 +394,9 @@ def _plan_gap(mask: Mask, budget: int | None) -> _GapPlan | None:
 
 def _encode_gap(plan: _GapPlan) -> bytes:
     k, gaps = plan.k, plan.gaps
+    body = _wire_kernels.rice_pack(gaps, k, plan.nbytes - 2)
+    if body is not None:
+        return bytes((1 if plan.complement else 0, k)) + body
     rem = _pack_fixed(gaps & ((1 << k) - 1), k) if k else b""
     out = b"".join((bytes((1 if plan.complement else 0, k)), rem, _pack_unary(gaps >> k)))
     if len(out) != plan.nbytes:  # pragma: no cover - internal consistency
@@ -396,6 +419,14 @@ def _decode_gap(buf: memoryview, size: int, count: int) -> npt.NDArray[np.bool_]
     rem_len = (m * k + 7) // 8
     if len(buf) < 2 + rem_len:
         raise WireFormatError("gap section: truncated Rice remainders")
+    if m:
+        data, err = _wire_kernels.rice_decode(
+            buf[2 : 2 + rem_len], buf[2 + rem_len :], m, k, size, complement
+        )
+        if err is not None:
+            raise WireFormatError(err)
+        if data is not None:
+            return data
     rem = _unpack_fixed(buf[2 : 2 + rem_len], m, k)
     q = _unpack_unary(buf[2 + rem_len :], m)
     data = np.ones(size, dtype=bool) if complement else np.zeros(size, dtype=bool)

@@ -1,0 +1,180 @@
+"""The wire codec's compiled gap kernels against its numpy path: the same bytes, the same masks,
+the same accept/reject verdicts; and the C library loader (build, cache, failure, disable)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_wire import masks, resign
+
+from psfed_robust import _wire_kernels
+from psfed_robust._cpp import CLibrary
+from psfed_robust.core.mask import Mask
+from psfed_robust.wire import (
+    HEADER_SIZE,
+    WireFormatError,
+    _pack_fixed,
+    _pack_unary,
+    decode_update,
+    encode_update,
+)
+
+needs_c = pytest.mark.skipif(not _wire_kernels.available(), reason="no C compiler")
+
+
+@contextmanager
+def numpy_path() -> Iterator[None]:
+    """Run the codec on its numpy path (the compiled kernels disabled)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PSFED_NO_CPP_KERNEL", "1")
+        assert not _wire_kernels.available()
+        yield
+
+
+def verdict(payload: bytes) -> tuple[str, bytes]:
+    try:
+        mask, vals = decode_update(payload)
+    except WireFormatError:
+        return "rejected", b""
+    return "ok", np.packbits(mask.data).tobytes() + vals.tobytes()
+
+
+@needs_c
+@settings(max_examples=300)
+@given(masks(max_size=20_000))
+def test_gap_and_auto_payloads_are_byte_identical(mask: Mask) -> None:
+    v = np.arange(mask.count, dtype=np.float32)
+    c_gap = encode_update(mask, v, encoding="gap").payload
+    c_auto = encode_update(mask, v).payload
+    with numpy_path():
+        assert encode_update(mask, v, encoding="gap").payload == c_gap
+        assert encode_update(mask, v).payload == c_auto
+        assert verdict(c_gap) == ("ok", np.packbits(mask.data).tobytes() + v.tobytes())
+    assert verdict(c_gap)[1] == np.packbits(mask.data).tobytes() + v.tobytes()
+
+
+@needs_c
+@settings(max_examples=400)
+@given(masks(max_size=3000), st.data())
+def test_corrupt_gap_sections_get_the_same_verdict(mask: Mask, data: st.DataObject) -> None:
+    """Mutations behind a valid CRC (flips, inserted and removed bytes in the gap section):
+    the compiled decoder accepts exactly what the numpy decoder accepts, with the same mask."""
+    ones = np.ones(mask.count, np.float32)
+    payload = bytearray(encode_update(mask, ones, encoding="gap").payload)
+    msec_end = len(payload) - 4 * mask.count
+    body = bytearray(payload[HEADER_SIZE:msec_end])
+    for _ in range(data.draw(st.integers(1, 4))):
+        op = data.draw(st.sampled_from(["flip", "flip", "insert", "delete"]))
+        if op == "insert" or not body:
+            body.insert(data.draw(st.integers(0, len(body))), data.draw(st.integers(0, 255)))
+        elif op == "delete":
+            del body[data.draw(st.integers(0, len(body) - 1))]
+        else:
+            i = data.draw(st.integers(0, len(body) - 1))
+            body[i] ^= data.draw(st.integers(1, 255))
+    bad = resign(bytes(payload[:HEADER_SIZE] + body + payload[msec_end:]))
+    got = verdict(bad)
+    with numpy_path():
+        assert verdict(bad) == got
+
+
+@needs_c
+def test_hand_made_gap_errors() -> None:
+    m = Mask.from_indices([1, 3, 8], 10)
+    gap = bytearray(encode_update(m, np.ones(3, np.float32), encoding="gap").payload)
+    assert gap[29] == 1  # Rice k = 1: remainders 1,1,0 -> 0b110 + padding; gaps 1,1,4
+    for mutate, match in [
+        (lambda b: b.__setitem__(30, b[30] | 1), "padding"),  # a padding bit of the remainders
+        (lambda b: b.__setitem__(31, 0), "unary codes"),  # the quotients' ones removed
+        (lambda b: b.__setitem__(31, b[31] | 1), "found more"),  # an extra code after the last
+    ]:
+        bad = bytearray(gap)
+        mutate(bad)
+        with pytest.raises(WireFormatError, match=match):
+            decode_update(resign(bad))
+    bad = gap[:32] + b"\x00" + gap[32:]  # a trailing zero byte after the unary stream
+    with pytest.raises(WireFormatError, match="length does not match"):
+        decode_update(resign(bad))
+
+
+@needs_c
+@pytest.mark.parametrize("k", [0, 1, 7, 31, 32, 33, 45, 62])
+def test_rice_pack_matches_numpy_packers_for_every_width(k: int) -> None:
+    rng = np.random.default_rng(k)
+    hi = min(2**62, 2 ** (k + 3))
+    g = rng.integers(0, hi, 500, dtype=np.int64)
+    g[:3] = [0, hi - 1, (1 << k) - 1 if k else 0]
+    rem = _pack_fixed(g & ((1 << k) - 1), k) if k else b""
+    expected = rem + _pack_unary(g >> k)
+    assert _wire_kernels.rice_pack(g, k, len(expected)) == expected
+    assert _wire_kernels.rice_cost(g, k) == int(np.sum(g >> k))
+
+
+@needs_c
+@pytest.mark.parametrize("complement", [False, True])
+def test_gap_scan_matches_flatnonzero(complement: bool) -> None:
+    rng = np.random.default_rng(3)
+    for size in [0, 1, 7, 8, 9, 63, 64, 65, 1000, 4099]:
+        data = rng.random(size) < 0.3
+        idx = np.flatnonzero(~data if complement else data)
+        got = _wire_kernels.gaps(data, complement, idx.size)
+        assert got is not None
+        assert np.array_equal(got, np.diff(idx, prepend=-1) - 1)
+
+
+# ---------------------------------------------------------------- the loader
+_SRC = "int psfed_test_add(int a, int b) { return a + b; }\n"
+
+
+def test_clibrary_builds_caches_and_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if os.environ.get("PSFED_NO_CPP_KERNEL") not in (None, "", "0"):
+        pytest.skip("compiled kernels disabled")
+    monkeypatch.setenv("PSFED_CACHE_DIR", str(tmp_path))
+    sig = {"psfed_test_add": (ctypes.c_int, (ctypes.c_int, ctypes.c_int))}
+    lib = CLibrary("psfed_test", _SRC, sig).get()
+    if lib is None:
+        pytest.skip("no C compiler")
+    assert lib.psfed_test_add(2, 40) == 42
+    built = list(tmp_path.glob("psfed_test-*"))
+    assert len(built) == 1  # one shared object, no temporary left behind
+    mtime = built[0].stat().st_mtime_ns
+    # a second loader with the same source reuses the cached object (no compiler call)
+    monkeypatch.setattr("subprocess.run", lambda *a, **k: pytest.fail("rebuilt"))
+    assert CLibrary("psfed_test", _SRC, sig).get().psfed_test_add(1, 1) == 2
+    assert built[0].stat().st_mtime_ns == mtime
+
+
+def test_clibrary_failure_and_disable_leave_it_unavailable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PSFED_CACHE_DIR", str(tmp_path))
+    broken = CLibrary("psfed_broken", "this is not C;\n", {})
+    assert broken.get() is None and broken.get() is None  # fails once, stays unavailable
+    monkeypatch.setenv("PSFED_NO_CPP_KERNEL", "1")
+    sig = {"psfed_test_add": (ctypes.c_int, (ctypes.c_int, ctypes.c_int))}
+    assert CLibrary("psfed_test", _SRC, sig).get() is None
+    assert _wire_kernels.gaps(np.zeros(3, bool), False, 0) is None
+
+
+def test_numpy_path_round_trips_a_large_gap_mask() -> None:
+    """The fallback still decodes what the kernels encode (and vice versa) at a real size."""
+    rng = np.random.default_rng(0)
+    mask = Mask(rng.random(200_000) < 0.9)
+    v = rng.standard_normal(mask.count).astype(np.float32)
+    p = encode_update(mask, v, encoding="gap").payload
+    with numpy_path():
+        p_np = encode_update(mask, v, encoding="gap").payload
+        m2, v2 = decode_update(p)
+    assert p == p_np and m2 == mask and np.array_equal(v2, v)
+    m3, _ = decode_update(p_np)
+    assert m3 == mask
+    assert struct.unpack_from("<Q", p, 16)[0] == mask.count
