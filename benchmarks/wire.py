@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 from psfed_robust.core.mask import Mask
-from psfed_robust.wire import decode_update, encode_update, encoding_costs
+from psfed_robust.wire import decode_update, encode_mask, encode_update, encoding_costs
 
 
 def floor_bytes(d: int, k: int, itemsize: int = 4) -> float:
@@ -122,6 +122,19 @@ def main() -> None:
                 )
                 assert m2 == plain and np.array_equal(v2, vals)
     print("(byte columns seeded/bitmap/gap: mask + 28-byte header, values excluded)")
+
+    # clustered masks: whole layers, as a structured selector picks them (10 equal layers of
+    # the flat model, every other one shared: f = 0.5); runs coding is made for these
+    print("\nlayer masks (10 layers, every other one shared), mask + header bytes:")
+    print(f"{'d':>9} {'bitmap':>9} {'gap':>9} {'runs':>6} {'auto':>6}")
+    layer_bytes: dict[str, dict[str, object]] = {}
+    for d in sizes:
+        layer = (np.arange(d) * 10 // d) % 2 == 0
+        lm = Mask(layer)
+        lc = {e: c - 4 * lm.count for e, c in encoding_costs(lm, 4).items()}
+        lauto = encode_mask(lm).encoding
+        print(f"{d:>9} {lc['bitmap']:>9} {lc['gap']:>9} {lc['runs']:>6} {lauto:>6}")
+        layer_bytes[f"{d:.0e}"] = {**lc, "auto": lauto}
     print(f"\nencode/decode at d={sizes[-1]:.0e}, auto, random non-seeded mask, fp32 values,")
     print(f"median of {args.reps} (ms; wall, and process CPU in brackets):")
     for f in fracs:
@@ -139,6 +152,7 @@ def main() -> None:
         "seeded_ratio": round(seeded_ratio, 6),
         "indexed_floor_ratio": round(indexed_floor_ratio, 6),
         "seed_format_ratio_f05_1e6": round(seed_fmt_ratio, 6),
+        "layer_mask_bytes": layer_bytes,
         "encode_ms_1e7": round(max(enc_ms.values()), 2),
         "decode_ms_1e7": round(max(dec_ms.values()), 2),
         "encode_ms_by_f": {str(f): round(v, 2) for f, v in enc_ms.items()},

@@ -2,10 +2,11 @@
 and the same accept/reject decisions as the numpy code in :mod:`psfed_robust.wire`.
 
 Why: at d = 1e7 the numpy gap path makes about a dozen int64 passes over the coded indices
-(≈ 40 ms for 1e6 members); one C pass each for the scan, the cost, the packing and the decoding
-makes it a few ms. Built with the system C compiler on first use (:class:`~psfed_robust._cpp.
-CLibrary`, ≈ 0.3 s, cached); without a compiler, or with ``PSFED_NO_CPP_KERNEL=1``, every
-function here returns ``None`` and the codec keeps its numpy path.
+(≈ 40 ms for 1e6 members); one C pass each for the run scan, the cost, the packing and the
+decoding makes it a few ms. Built with the system C compiler on first use
+(:class:`~psfed_robust._cpp.CLibrary`, ≈ 0.3 s, cached); without a compiler, or with
+``PSFED_NO_CPP_KERNEL=1``, every function here returns ``None`` and the codec keeps its numpy
+path.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import numpy.typing as npt
 
 from psfed_robust._cpp import CLibrary
 
-__all__ = ["available", "gaps", "rice_cost", "rice_decode", "rice_pack"]
+__all__ = [
+    "available", "gaps", "rice_cost", "rice_decode", "rice_pack", "run_stats", "runs",
+]
 
 _C_SOURCE = r"""
 #include <stdint.h>
@@ -51,6 +54,71 @@ int64_t psw_gaps(const uint8_t* mask, int64_t size, int complement, int64_t* gap
         }
     }
     return m;
+}
+
+/* The runs of a 0/1 byte array: for each run of ones j, z[j] = zeros since the previous run
+   (or the start) and o[j] = its length. Little-endian host (checked by the caller). Returns the
+   number of runs, or -1 if more than `cap`. */
+int64_t psw_runs(const uint8_t* x, int64_t size, int64_t* z, int64_t* o, int64_t cap) {
+    /* transitions alternate rise (into z), fall (into o): no data-dependent branch on which */
+    int64_t* dst[2] = {z, o};
+    int64_t n = 0, last = 0, i = 0;
+    uint64_t prev = 0; /* x[i-1] (0 before the start) */
+    for (; i + 8 <= size; i += 8) {
+        uint64_t w;
+        memcpy(&w, x + i, 8);
+        uint64_t t = w ^ ((w << 8) | prev); /* byte b set iff x[i+b] != x[i+b-1] */
+        prev = w >> 56;
+        while (t) {
+            int64_t j = i + (__builtin_ctzll(t) >> 3);
+            t &= t - 1;
+            if ((n >> 1) >= cap) return -1;
+            dst[n & 1][n >> 1] = j - last;
+            last = j;
+            ++n;
+        }
+    }
+    for (; i < size; ++i) {
+        if ((uint64_t)x[i] != prev) {
+            if ((n >> 1) >= cap) return -1;
+            dst[n & 1][n >> 1] = i - last;
+            last = i;
+            ++n;
+            prev = x[i];
+        }
+    }
+    if (n & 1) { o[n >> 1] = size - last; ++n; }
+    return n >> 1;
+}
+
+/* Run statistics of a 0/1 byte array in one pass: out[0] runs of ones, out[1] runs of length
+   one, out[2] single zeros between two ones, out[3] one past the last one (0 if none). */
+void psw_run_stats(const uint8_t* x, int64_t size, int64_t* out) {
+    const uint64_t ONES = 0x0101010101010101ULL;
+    int64_t runs = 0, iso1 = 0, iso0 = 0, last = 0, i = 0;
+    uint64_t prev = 0; /* x[i-1] */
+    for (; i + 8 <= size; i += 8) {
+        uint64_t w, nxt = 0;
+        memcpy(&w, x + i, 8);
+        if (i + 8 < size) nxt = x[i + 8];
+        uint64_t back = (w << 8) | prev, ahead = (w >> 8) | (nxt << 56);
+        uint64_t rise = w & ~back & ONES;
+        /* bytes are 0/1: a multiply sums them (no popcount instruction needed) */
+        runs += (int64_t)((rise * ONES) >> 56);
+        iso1 += (int64_t)(((rise & ~ahead & ONES) * ONES) >> 56);
+        iso0 += (int64_t)(((~w & back & ahead & ONES) * ONES) >> 56);
+        if (w) last = i + 8 - (__builtin_clzll(w) >> 3);
+        prev = w >> 56;
+    }
+    for (; i < size; ++i) {
+        uint64_t b = x[i], nx = (i + 1 < size) ? x[i + 1] : 0;
+        runs += (int64_t)(b & !prev);
+        iso1 += (int64_t)(b & !prev & !nx);
+        iso0 += (int64_t)(!b & prev & nx);
+        if (b) last = i + 1;
+        prev = b;
+    }
+    out[0] = runs; out[1] = iso1; out[2] = iso0; out[3] = last;
 }
 
 /* sum_i (gaps_i >> k): the unary part of the Rice cost. */
@@ -164,6 +232,8 @@ _LIB = CLibrary(
     _C_SOURCE,
     {
         "psw_gaps": (_I64, (_P, _I64, ctypes.c_int, _P, _I64)),
+        "psw_runs": (_I64, (_P, _I64, _P, _P, _I64)),
+        "psw_run_stats": (None, (_P, _I64, _P)),
         "psw_rice_sum": (_I64, (_P, _I64, ctypes.c_int)),
         "psw_rice_pack": (_I64, (_P, _I64, ctypes.c_int, _P, _I64)),
         "psw_rice_decode": (
@@ -199,6 +269,35 @@ def gaps(data: npt.NDArray[np.bool_], complement: bool, m: int) -> npt.NDArray[n
     if n != m:  # pragma: no cover - the caller's count is the mask's own
         raise AssertionError(f"gap scan found {n} members, expected {m}")
     return out
+
+
+def runs(
+    data: npt.NDArray[np.bool_], cap: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]] | None:
+    """(z, o): for each run of ``True``, the ``False`` before it (since the previous run) and its
+    length; ``cap`` bounds the number of runs (``min(count, size - count + 1)``)."""
+    lib = _lib()
+    if lib is None:
+        return None
+    data = np.ascontiguousarray(data)
+    z = np.empty(cap, dtype=np.int64)
+    o = np.empty(cap, dtype=np.int64)
+    n = lib.psw_runs(_ptr(data), data.size, _ptr(z), _ptr(o), cap)
+    if n < 0:  # pragma: no cover - the caller's bound is exact
+        raise AssertionError(f"more than {cap} runs")
+    return z[:n], o[:n]
+
+
+def run_stats(data: npt.NDArray[np.bool_]) -> tuple[int, int, int, int] | None:
+    """(runs of ``True``, runs of length 1, single ``False`` between two ``True``, one past the
+    last ``True``) in one pass."""
+    lib = _lib()
+    if lib is None:
+        return None
+    data = np.ascontiguousarray(data)
+    out = np.zeros(4, dtype=np.int64)
+    lib.psw_run_stats(_ptr(data), data.size, _ptr(out))
+    return int(out[0]), int(out[1]), int(out[2]), int(out[3])
 
 
 def rice_cost(g: npt.NDArray[np.int64], k: int) -> int | None:

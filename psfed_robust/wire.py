@@ -5,7 +5,7 @@ Layout (all integers little-endian; full description and byte costs in ``docs/wi
     offset  size  field
     0       4     magic b"PSFW"
     4       1     version (1)
-    5       1     mask encoding id (0 dense, 1 seeded, 2 bitmap, 3 gap)
+    5       1     mask encoding id (0 dense, 1 seeded, 2 bitmap, 3 gap, 4 runs)
     6       1     value dtype id (0 none = mask only, 1 float16, 2 float32, 3 float64, 4 bfloat16)
     7       1     reserved (0)
     8       8     size   (u64: length of the flat vector)
@@ -20,12 +20,19 @@ Mask encodings:
 - ``seeded``: the mask's :class:`~psfed_robust.core.mask.SeedSpec` (kind byte + the u64 fields that
   kind uses); the receiver regenerates the mask with ``SeedSpec.materialize()``.
 - ``bitmap``: ``np.packbits(mask, bitorder="little")`` — ``ceil(size/8)`` bytes, zero padding.
-- ``gap``: gap-coded sorted indices of the *smaller* of the mask and its complement, either
+- ``gap``: gap-coded sorted indices of the *smaller* of the mask and its complement,
   Golomb–Rice with the exactly optimal parameter ``k`` (remainders packed at ``k`` bits each, then
-  the quotients in unary), or Elias-gamma coded run lengths (best for clustered masks such as
-  whole layers). Encode and decode are vectorised numpy (no Python loop over indices).
+  the quotients in unary): sparse or very dense scattered masks.
+- ``runs``: the mask as runs (per run of members: the non-members before it, its length), each
+  sequence Golomb–Rice coded with its own optimal ``k``: a few bytes for clustered masks such as
+  whole layers (structured selectors), where a bitmap costs ``size/8``.
 
-``encoding="auto"`` picks the cheapest exact encoding (ties: dense, seeded, bitmap, gap).
+Encode and decode use small compiled C kernels (:mod:`psfed_robust._wire_kernels`) when a C
+compiler is available, else vectorised numpy (no Python loop over indices); both give the same
+bytes and the same verdicts.
+
+``encoding="auto"`` picks the cheapest exact encoding (ties: dense, seeded, bitmap, gap, runs);
+a candidate is skipped only when a cheap lower bound shows it cannot be cheaper.
 
 Decoding never yields a wrong mask: the CRC covers the header and the body, and every structural
 property is checked as well (lengths exact, no trailing bytes, padding bits zero, count equals the
@@ -78,7 +85,7 @@ MAX_SIZE: Final = 1 << 40
 _HEADER = struct.Struct("<4sBBBBQQI")
 _PREFIX = struct.Struct("<4sBBBBQQ")  # the CRC-covered part of the header
 
-ENCODINGS: Final = ("dense", "seeded", "bitmap", "gap")
+ENCODINGS: Final = ("dense", "seeded", "bitmap", "gap", "runs")
 _ENC_ID: Final = {name: i for i, name in enumerate(ENCODINGS)}
 
 # dtype id -> (name, numpy little-endian dtype, item size)
@@ -209,11 +216,6 @@ class _CrcThread:
 
 
 # ====================================================================== bit helpers
-def _bit_length(v: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
-    """Bit length of positive int64 values below 2**52 (exact, via the float exponent)."""
-    return np.frexp(v.astype(np.float64))[1].astype(np.int64)
-
-
 def _pack_fixed(values: npt.NDArray[np.int64], width: int) -> bytes:
     """Pack each value (< 2**width) in ``width`` bits, MSB first, concatenated; zero padding."""
     if width == 0 or values.size == 0:
@@ -224,13 +226,15 @@ def _pack_fixed(values: npt.NDArray[np.int64], width: int) -> bytes:
     return np.packbits(bits.reshape(-1)).tobytes()
 
 
-def _unpack_fixed(buf: memoryview, n: int, width: int) -> npt.NDArray[np.int64]:
+def _unpack_fixed(
+    buf: memoryview, n: int, width: int, what: str = "gap section"
+) -> npt.NDArray[np.int64]:
     if width == 0 or n == 0:
         return np.zeros(n, dtype=np.int64)
     nbits = n * width
     bits = np.unpackbits(np.frombuffer(buf, dtype=np.uint8))
     if bits[nbits:].any():
-        raise WireFormatError("gap section: non-zero padding after the Rice remainders")
+        raise WireFormatError(f"{what}: non-zero padding after the Rice remainders")
     mat = bits[:nbits].reshape(n, width)
     out = mat[:, 0].astype(np.int64)
     for j in range(1, width):
@@ -249,27 +253,40 @@ def _pack_unary(q: npt.NDArray[np.int64]) -> bytes:
     return np.packbits(bits).tobytes()
 
 
-def _unpack_unary(buf: memoryview, n: int) -> npt.NDArray[np.int64]:
+def _unpack_unary(buf: memoryview, n: int, what: str = "gap section") -> npt.NDArray[np.int64]:
     """Inverse of :func:`_pack_unary`; exactly ``n`` codes filling ``buf`` up to padding."""
     raw = np.frombuffer(buf, dtype=np.uint8)
     if n == 0:
         if raw.size:
-            raise WireFormatError("gap section: unexpected unary bytes")
+            raise WireFormatError(f"{what}: unexpected unary bytes")
         return np.zeros(0, dtype=np.int64)
     ones = np.flatnonzero(np.unpackbits(raw)).astype(np.int64)
     if ones.size != n:
-        raise WireFormatError(f"gap section: expected {n} unary codes, found {ones.size}")
+        raise WireFormatError(f"{what}: expected {n} unary codes, found {ones.size}")
     if (int(ones[-1]) >> 3) != raw.size - 1:
-        raise WireFormatError("gap section: unary stream length does not match its codes")
+        raise WireFormatError(f"{what}: unary stream length does not match its codes")
     return np.diff(ones, prepend=-1) - 1
 
 
-# ====================================================================== gap coding
+# ====================================================================== gap and runs coding
 def _coded_set(mask: Mask) -> tuple[bool, npt.NDArray[np.int64]]:
     """(complement?, sorted indices of the smaller of the mask and its complement)."""
     if mask.count * 2 > mask.size:
         return True, np.flatnonzero(np.logical_not(mask.data)).astype(np.int64, copy=False)
     return False, mask.indices
+
+
+def _packed_words(mask: Mask, complement: bool = False) -> npt.NDArray[np.uint64]:
+    """The mask (or its complement) as little-endian u64 words: bit i = member i; zero padding."""
+    size = mask.size
+    packed = np.packbits(mask.data, bitorder="little")
+    words = np.zeros((packed.size + 7) // 8, dtype="<u8")
+    words.view(np.uint8)[: packed.size] = packed
+    if complement:
+        np.invert(words, out=words)
+        if size % 64:
+            words[-1] &= np.uint64((1 << (size % 64)) - 1)
+    return words
 
 
 def _shift_words(x: npt.NDArray[np.uint64], s: int) -> npt.NDArray[np.uint64]:
@@ -280,6 +297,18 @@ def _shift_words(x: npt.NDArray[np.uint64], s: int) -> npt.NDArray[np.uint64]:
     return (x >> np.uint64(s)) | (nxt << np.uint64(64 - s))
 
 
+def _shift_back(x: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    """Bit i of the result = bit i-1 of the stream (0 for i = 0)."""
+    prv = np.empty_like(x)
+    prv[1:] = x[:-1]
+    prv[:1] = 0
+    return (x << np.uint64(1)) | (prv >> np.uint64(63))
+
+
+def _popcount(x: npt.NDArray[np.uint64]) -> int:
+    return int(np.bitwise_count(x).sum())
+
+
 def _rice_lower_bound_bytes(mask: Mask, complement: bool, m: int) -> int:
     """A lower bound on the gap section's bytes, from popcounts over the packed mask.
 
@@ -288,14 +317,7 @@ def _rice_lower_bound_bytes(mask: Mask, complement: bool, m: int) -> int:
     member fix: ``sum(g >> k) >= sum over known + max(n_r * (3 >> k), (S_r - n_r (2^k-1)) / 2^k)``.
     O(size/64) word operations, so ``auto`` rules the gap code out cheaply near density 1/2.
     """
-    size = mask.size
-    packed = np.packbits(mask.data, bitorder="little")
-    words = np.zeros((packed.size + 7) // 8, dtype="<u8")
-    words.view(np.uint8)[: packed.size] = packed
-    if complement:
-        np.invert(words, out=words)
-        if size % 64:
-            words[-1] &= np.uint64((1 << (size % 64)) - 1)
+    words = _packed_words(mask, complement)
     nzw = np.flatnonzero(words)
     first_w, last_w = int(nzw[0]), int(nzw[-1])
     first = 64 * first_w + (int(words[first_w]) & -int(words[first_w])).bit_length() - 1
@@ -304,9 +326,9 @@ def _rice_lower_bound_bytes(mask: Mask, complement: bool, m: int) -> int:
     y2 = _shift_words(words, 2)
     y3 = _shift_words(words, 3)
     c = [
-        int(np.bitwise_count(words & y1).sum()),
-        int(np.bitwise_count(words & ~y1 & y2).sum()),
-        int(np.bitwise_count(words & ~y1 & ~y2 & y3).sum()),
+        _popcount(words & y1),
+        _popcount(words & ~y1 & y2),
+        _popcount(words & ~y1 & ~y2 & y3),
     ]
     if first < 3:
         c[first] += 1  # the first gap counts the zeros before the first member
@@ -323,28 +345,29 @@ def _rice_lower_bound_bytes(mask: Mask, complement: bool, m: int) -> int:
     return 2 + (best + 7) // 8
 
 
-def _rice_sum(gaps: npt.NDArray[np.int64], k: int) -> int:
-    """``sum(gaps >> k)`` (compiled kernel when built, else numpy; the same integer)."""
-    s = _wire_kernels.rice_cost(gaps, k)
-    return int(np.sum(gaps >> k)) if s is None else s
+def _rice_sum(values: npt.NDArray[np.int64], k: int) -> int:
+    """``sum(values >> k)`` (compiled kernel when built, else numpy; the same integer)."""
+    s = _wire_kernels.rice_cost(values, k)
+    return int(np.sum(values >> k)) if s is None else s
 
 
-def _best_rice(gaps: npt.NDArray[np.int64]) -> tuple[int, int]:
-    """(k, bits): the smallest exactly optimal Rice parameter and its cost.
+def _best_rice(values: npt.NDArray[np.int64]) -> tuple[int, int]:
+    """(k, bits): the smallest exactly optimal Rice parameter and the codes' cost
+    ``n(1+k) + sum(v >> k)``.
 
-    The cost ``m(1+k) + sum(g >> k)`` is convex in ``k`` (each ``g >> k`` has non-increasing
-    decrements), so a walk from the estimate ``log2(mean · ln 2)`` finds the minimum; walking
-    down over ties makes the choice canonical (the same k from any start or implementation).
+    The cost is convex in ``k`` (each ``v >> k`` has non-increasing decrements), so a walk from
+    the estimate ``log2(mean · ln 2)`` finds the minimum; walking down over ties makes the choice
+    canonical (the same k from any start or implementation).
     """
-    m = gaps.size
-    if m == 0:
+    n = values.size
+    if n == 0:
         return 0, 0
-    mean = _rice_sum(gaps, 0) / m  # exact integer sum: the same start on every path
+    mean = _rice_sum(values, 0) / n  # exact integer sum: the same start on every path
     k = max(0, int(np.floor(np.log2(mean * np.log(2.0)))) if mean > 1.0 else 0)
     k = min(k, 62)
 
     def cost(kk: int) -> int:
-        return m * (1 + kk) + _rice_sum(gaps, kk)
+        return n * (1 + kk) + _rice_sum(values, kk)
 
     best = cost(k)
     up = cost(k + 1) if k < 62 else best
@@ -362,6 +385,39 @@ def _best_rice(gaps: npt.NDArray[np.int64]) -> tuple[int, int]:
                 break
             best, k = c, k - 1
     return k, best
+
+
+def _rice_body_bytes(n: int, k: int, bits: int) -> int:
+    """Bytes of a Rice body: ``n`` remainders of ``k`` bits, then the unary codes, each padded."""
+    return (n * k + 7) // 8 + (bits - n * k + 7) // 8
+
+
+def _rice_body(values: npt.NDArray[np.int64], k: int, nbytes: int) -> bytes:
+    """Remainders (k bits each, MSB first) then quotients in unary; ``nbytes`` as planned."""
+    body = _wire_kernels.rice_pack(values, k, nbytes)
+    if body is None:
+        rem = _pack_fixed(values & ((1 << k) - 1), k) if k else b""
+        body = rem + _pack_unary(values >> k)
+    if len(body) != nbytes:  # pragma: no cover - internal consistency
+        raise AssertionError(f"Rice body of {len(body)} bytes != planned {nbytes}")
+    return body
+
+
+def _rice_values(body: memoryview, n: int, k: int, size: int, what: str) -> npt.NDArray[np.int64]:
+    """Decode ``n`` Rice codes filling ``body`` exactly; every value is checked ``<= size``."""
+    if k > 62:
+        raise WireFormatError(f"{what}: Rice parameter {k} out of range")
+    rem_len = (n * k + 7) // 8
+    if len(body) < rem_len:
+        raise WireFormatError(f"{what}: truncated Rice remainders")
+    rem = _unpack_fixed(body[:rem_len], n, k, what)
+    q = _unpack_unary(body[rem_len:], n, what)
+    if n and int(q.max()) > (size >> k):  # so that q << k cannot overflow
+        raise WireFormatError(f"{what}: gap out of range")
+    v = (q << k) | rem
+    if n and int(v.max()) > size:
+        raise WireFormatError(f"{what}: gap out of range")
+    return v
 
 
 @dataclass
@@ -388,20 +444,12 @@ def _plan_gap(mask: Mask, budget: int | None) -> _GapPlan | None:
         _, idx = _coded_set(mask)
         gaps = np.diff(idx, prepend=np.int64(-1)) - 1
     k, bits = _best_rice(gaps)
-    unary_bits = bits - m * k
-    return _GapPlan(complement, k, 2 + (m * k + 7) // 8 + (unary_bits + 7) // 8, gaps)
+    return _GapPlan(complement, k, 2 + _rice_body_bytes(m, k, bits), gaps)
 
 
 def _encode_gap(plan: _GapPlan) -> bytes:
-    k, gaps = plan.k, plan.gaps
-    body = _wire_kernels.rice_pack(gaps, k, plan.nbytes - 2)
-    if body is not None:
-        return bytes((1 if plan.complement else 0, k)) + body
-    rem = _pack_fixed(gaps & ((1 << k) - 1), k) if k else b""
-    out = b"".join((bytes((1 if plan.complement else 0, k)), rem, _pack_unary(gaps >> k)))
-    if len(out) != plan.nbytes:  # pragma: no cover - internal consistency
-        raise AssertionError(f"gap size {len(out)} != planned {plan.nbytes}")
-    return out
+    body = _rice_body(plan.gaps, plan.k, plan.nbytes - 2)
+    return bytes((1 if plan.complement else 0, plan.k)) + body
 
 
 def _decode_gap(buf: memoryview, size: int, count: int) -> npt.NDArray[np.bool_]:
@@ -427,15 +475,11 @@ def _decode_gap(buf: memoryview, size: int, count: int) -> npt.NDArray[np.bool_]
             raise WireFormatError(err)
         if data is not None:
             return data
-    rem = _unpack_fixed(buf[2 : 2 + rem_len], m, k)
-    q = _unpack_unary(buf[2 + rem_len :], m)
+    gaps = _rice_values(buf[2:], m, k, size, "gap section")
     data = np.ones(size, dtype=bool) if complement else np.zeros(size, dtype=bool)
     if m:
         # every gap < size (so no int64 overflow below); then the indices, strictly increasing
         # by construction, must all lie in [0, size)
-        if int(q.max()) > (size >> k):
-            raise WireFormatError("gap section: gap out of range")
-        gaps = (q << k) | rem
         if int(gaps.max()) >= size:
             raise WireFormatError("gap section: gap out of range")
         idx = np.cumsum(gaps + 1) - 1
@@ -443,6 +487,136 @@ def _decode_gap(buf: memoryview, size: int, count: int) -> npt.NDArray[np.bool_]
             raise WireFormatError("gap section: index out of range")
         data[idx] = not complement
     return data
+
+
+# runs: per run of members j, z_j = non-members before it (since the previous run), o_j = its
+# length; coded canonically as zc = (z_0, z_1 - 1, ...) and oc = o - 1, each a Rice body
+_RUNS_HEAD: Final = 18  # kz, ko, u64 number of runs, u64 bytes of the z body
+_RUNS = struct.Struct("<BBQQ")
+
+
+def _mask_runs(data: npt.NDArray[np.bool_], count: int) -> tuple[
+    npt.NDArray[np.int64], npt.NDArray[np.int64]
+]:
+    """(z, o) of a mask: one compiled scan when built, else numpy (the same arrays)."""
+    size = data.shape[0]
+    got = _wire_kernels.runs(data, min(count, size - count + 1))
+    if got is not None:
+        return got
+    d = np.diff(data.view(np.int8), prepend=np.int8(0), append=np.int8(0))
+    starts = np.flatnonzero(d == 1)
+    ends = np.flatnonzero(d == -1)
+    z = starts - np.concatenate((np.zeros(1, np.int64), ends[:-1]))
+    return z.astype(np.int64, copy=False), (ends - starts).astype(np.int64, copy=False)
+
+
+def _rice_bits_lower_bound(n: int, zeros: int, total: int) -> int:
+    """A lower bound on the bits of a Rice code (any k) of ``n`` values, ``zeros`` of them 0,
+    summing to ``total`` (a nonzero ``v`` has ``v >> k >= (v - 2^k + 1) / 2^k``; exact at k=0)."""
+    if n == 0:
+        return 0
+    best = n + total  # k = 0
+    for k in range(1, 63):
+        if n * (1 + k) >= best:
+            break
+        rest = max(0, total - (n - zeros) * ((1 << k) - 1))
+        best = min(best, n * (1 + k) + (-(-rest >> k)))
+    return best
+
+
+def _run_stats(mask: Mask) -> tuple[int, int, int, int]:
+    """(runs of members, runs of length 1, single non-members between two runs, one past the
+    last member): one compiled pass, else popcounts over the packed mask."""
+    got = _wire_kernels.run_stats(mask.data)
+    if got is not None:
+        return got
+    if mask.count == 0:
+        return 0, 0, 0, 0
+    w = _packed_words(mask)
+    back, ahead = _shift_back(w), _shift_words(w, 1)
+    last_w = int(np.flatnonzero(w)[-1])
+    return (
+        _popcount(w & ~back),  # run starts
+        _popcount(w & ~back & ~ahead),
+        _popcount(~w & back & ahead),
+        64 * last_w + int(w[last_w]).bit_length(),
+    )
+
+
+def _runs_lower_bound_bytes(mask: Mask) -> int:
+    """A lower bound on the runs section's bytes from the run statistics: the number of runs,
+    the runs of length 1 (oc = 0) and the single non-members between two runs (zc = 0)."""
+    count = mask.count
+    if count == 0:
+        return _RUNS_HEAD
+    n, o_zeros, z_zeros, end = _run_stats(mask)
+    z_zeros += int(mask.data[0])  # z_0 = 0
+    lb_z = _rice_bits_lower_bound(n, z_zeros, end - count - (n - 1))
+    lb_o = _rice_bits_lower_bound(n, o_zeros, count - n)
+    return _RUNS_HEAD + (lb_z + 7) // 8 + (lb_o + 7) // 8
+
+
+@dataclass
+class _RunsPlan:
+    zc: npt.NDArray[np.int64]
+    oc: npt.NDArray[np.int64]
+    kz: int
+    ko: int
+    z_body: int
+    o_body: int
+
+    @property
+    def nbytes(self) -> int:
+        return _RUNS_HEAD + self.z_body + self.o_body
+
+
+def _plan_runs(mask: Mask) -> _RunsPlan:
+    z, o = _mask_runs(mask.data, mask.count)
+    zc = z  # a fresh array: canonicalised in place
+    zc[1:] -= 1
+    oc = o
+    oc -= 1
+    kz, bz = _best_rice(zc)
+    ko, bo = _best_rice(oc)
+    n = zc.size
+    return _RunsPlan(zc, oc, kz, ko, _rice_body_bytes(n, kz, bz), _rice_body_bytes(n, ko, bo))
+
+
+def _encode_runs(plan: _RunsPlan) -> bytes:
+    return b"".join((
+        _RUNS.pack(plan.kz, plan.ko, plan.zc.size, plan.z_body),
+        _rice_body(plan.zc, plan.kz, plan.z_body),
+        _rice_body(plan.oc, plan.ko, plan.o_body),
+    ))
+
+
+def _decode_runs(buf: memoryview, size: int, count: int) -> npt.NDArray[np.bool_]:
+    if len(buf) < _RUNS_HEAD:
+        raise WireFormatError("runs section: truncated")
+    kz, ko, n, zlen = _RUNS.unpack_from(buf)
+    if n > min(count, size - count + 1) or (n == 0) != (count == 0):
+        raise WireFormatError(f"runs section: {n} runs impossible for count {count} of {size}")
+    if zlen > len(buf) - _RUNS_HEAD:
+        raise WireFormatError("runs section: truncated")
+    zc = _rice_values(buf[_RUNS_HEAD : _RUNS_HEAD + zlen], n, kz, size, "runs section")
+    oc = _rice_values(buf[_RUNS_HEAD + zlen :], n, ko, size, "runs section")
+    # each value <= size: the float sums bound the exact int64 sums below against overflow
+    if float(zc.sum(dtype=np.float64)) + float(oc.sum(dtype=np.float64)) + 2 * n > 2 * size + 2:
+        raise WireFormatError("runs section: runs exceed the size")
+    z, o = zc, oc + 1
+    z[1:] += 1
+    if int(o.sum()) != count:
+        raise WireFormatError(f"runs section: runs hold {int(o.sum())} members, header {count}")
+    tail = size - int(z.sum()) - count
+    if tail < 0:
+        raise WireFormatError("runs section: runs exceed the size")
+    lengths = np.empty(2 * n + 1, dtype=np.int64)
+    lengths[0 : 2 * n : 2] = z
+    lengths[1 : 2 * n : 2] = o
+    lengths[-1] = tail
+    flags = np.zeros(2 * n + 1, dtype=bool)
+    flags[1::2] = True
+    return np.repeat(flags, lengths)
 
 
 # ====================================================================== seeded
@@ -543,9 +717,12 @@ def _mask_section(mask: Mask, encoding: str, spec: SeedSpec | None) -> tuple[str
         plan = _plan_gap(mask, None)
         assert plan is not None
         return "gap", _encode_gap(plan)
+    if encoding == "runs":
+        return "runs", _encode_runs(_plan_runs(mask))
     if encoding != "auto":
         raise ValueError(f"unknown encoding {encoding!r}; allowed: 'auto', {', '.join(ENCODINGS)}")
-    # auto: the cheapest exact encoding (each candidate's exact cost, or a lower bound >= best)
+    # auto: the cheapest exact encoding (ties: dense, seeded, bitmap, gap, runs); each
+    # candidate's exact cost, unless a lower bound already shows it is not cheaper
     if count == size:
         return "dense", b""
     best: tuple[int, str] = ((size + 7) // 8, "bitmap")
@@ -553,10 +730,16 @@ def _mask_section(mask: Mask, encoding: str, spec: SeedSpec | None) -> tuple[str
         seeded = _encode_seed(spec)
         if len(seeded) <= best[0]:
             best = (len(seeded), "seeded")
-            if best[0] <= 2:  # nothing (but dense) is cheaper than 2 bytes
-                return "seeded", seeded
     plan = _plan_gap(mask, best[0])
     if plan is not None and plan.nbytes < best[0]:
+        best = (plan.nbytes, "gap")
+    # a run costs >= 2 bits: runs >= 18 + 2 bytes unless the mask is empty
+    if best[0] > _RUNS_HEAD + 2 and _runs_lower_bound_bytes(mask) < best[0]:
+        runs = _plan_runs(mask)
+        if runs.nbytes < best[0]:
+            return "runs", _encode_runs(runs)
+    if best[1] == "gap":
+        assert plan is not None
         return "gap", _encode_gap(plan)
     if best[1] == "seeded":
         assert spec is not None
@@ -706,8 +889,10 @@ def _decode_mask_section(enc: str, msec: memoryview, size: int, count: int) -> M
         if size % 8 and raw[-1] >> (size % 8):
             raise WireFormatError("bitmap: non-zero padding bits")
         data = np.unpackbits(raw, count=size, bitorder="little").view(bool)
-    else:
+    elif enc == "gap":
         data = _decode_gap(msec, size, count)
+    else:
+        data = _decode_runs(msec, size, count)
     mask = Mask._trusted(data)
     if mask.count != count or mask.size != size:
         raise WireFormatError(f"mask has {mask.count} of {mask.size} set, header says {count}")

@@ -20,7 +20,9 @@ from psfed_robust.wire import (
     WireFormatError,
     _best_rice,
     _plan_gap,
+    _plan_runs,
     _rice_lower_bound_bytes,
+    _runs_lower_bound_bytes,
     decode_mask,
     decode_update,
     encode_mask,
@@ -80,7 +82,7 @@ def expected_values(v: object) -> object:
 
 
 def applicable(mask: Mask) -> list[str]:
-    out = ["bitmap", "gap"]
+    out = ["bitmap", "gap", "runs"]
     if mask.count == mask.size:
         out.append("dense")
     if mask.seed_spec is not None:
@@ -211,14 +213,42 @@ def test_rice_parameter_is_optimal(gaps: list[int]) -> None:
 
 
 @given(masks(max_size=3000))
-def test_gap_lower_bound_is_a_lower_bound(mask: Mask) -> None:
+def test_planned_costs_match_an_independent_count_and_bounds_hold(mask: Mask) -> None:
+    """The gap plan's cost equals the Rice cost of the gaps of the flatnonzero indices
+    (counted per gap in Python); the runs plan's cost is the real section's; both cheap lower
+    bounds that let ``auto`` skip a plan never exceed the exact cost."""
     complement = mask.count * 2 > mask.size
-    m = mask.size - mask.count if complement else mask.count
-    if m == 0:
-        return
+    idx = np.flatnonzero(~mask.data if complement else mask.data)
+    gaps = np.diff(idx, prepend=-1) - 1
     plan = _plan_gap(mask, None)
     assert plan is not None
-    assert _rice_lower_bound_bytes(mask, complement, m) <= plan.nbytes
+    k = plan.k
+    bits = _rice_cost_bits(gaps, k)
+    assert plan.nbytes == 2 + (gaps.size * k + 7) // 8 + (bits - gaps.size * k + 7) // 8
+    costs = encoding_costs(mask, 4)
+    assert costs["gap"] - HEADER_SIZE - 4 * mask.count == plan.nbytes
+    runs = _plan_runs(mask)
+    assert costs["runs"] - HEADER_SIZE - 4 * mask.count == runs.nbytes
+    assert _runs_lower_bound_bytes(mask) <= runs.nbytes
+    if gaps.size:
+        assert _rice_lower_bound_bytes(mask, complement, gaps.size) <= plan.nbytes
+
+
+def test_runs_layout_and_layer_masks() -> None:
+    m = Mask.from_indices([1, 3, 8], size=10)
+    r = encode_mask(m, encoding="runs")
+    # runs z = 1,1,4 (canonical 1,0,3), o = 1,1,1 (canonical 0,0,0); both Rice k = 0
+    assert r.payload[28:46] == bytes([0, 0]) + struct.pack("<QQ", 3, 1)
+    assert r.payload[46:] == bytes([0b01100010, 0b11100000])  # 01|1|0001 ; 1|1|1
+    assert decode_mask(r.payload) == m
+    # whole layers: two blocks of a 1e6 model cost a few bytes, not a bitmap
+    data = np.zeros(1_000_000, bool)
+    data[1000:400_000] = True
+    data[700_000:900_000] = True
+    layers = Mask(data)
+    e = encode_mask(layers)
+    assert e.encoding == "runs" and e.mask_bytes < 40
+    assert decode_mask(e.payload) == layers
 
 
 def test_gap_uses_complement_for_dense_masks() -> None:
@@ -274,6 +304,10 @@ SMALL = [
     (Mask.random(64, 0.25, seed=3), "seeded"),
     (ClientSpecificMaskSelector(0.5, seed=1).select(40, 1, client_id=2), "seeded"),
     (Mask.all_false(9), "gap"),
+    (Mask.from_indices([1, 3, 8], 10), "runs"),
+    (Mask(np.arange(40) % 7 != 0), "runs"),
+    (Mask(np.arange(50) >= 20), "runs"),
+    (Mask.all_false(9), "runs"),
 ]
 
 
@@ -414,3 +448,41 @@ def test_crc32_backend_is_isal_when_installed() -> None:
 
     pytest.importorskip("isal")
     assert CRC32_BACKEND == "isal"
+
+
+def test_runs_structural_checks_behind_a_valid_crc() -> None:
+    """A runs section that the CRC cannot catch (re-signed) still never yields a wrong mask."""
+    size, v = 50, np.ones(30, np.float32)
+    a = Mask(np.arange(size) >= 20)  # one run: z = 20, o = 30
+    good = encode_update(a, v, encoding="runs").payload
+    assert decode_update(good)[0] == a
+
+    def section(mask: Mask) -> bytes:
+        e = encode_mask(mask, encoding="runs")
+        return e.payload[HEADER_SIZE:]
+
+    def framed(sec: bytes) -> bytes:  # a's header (size 50, count 30) and values
+        return resign(good[:HEADER_SIZE] + sec + v.tobytes())
+
+    def with_head(n: int, zlen: int) -> bytes:
+        sec = bytearray(section(a))
+        struct.pack_into("<QQ", sec, 2, n, zlen)
+        return framed(bytes(sec))
+
+    for n, zlen, match in [
+        (2, 1, "unary codes"),  # two runs announced, one code in each body
+        (22, 1, "impossible"),  # more runs than size - count + 1 allow
+        (0, 0, "impossible"),  # no runs but a count of 30
+        (1, 10**6, "truncated"),
+    ]:
+        with pytest.raises(WireFormatError, match=match):
+            decode_update(with_head(n, zlen))
+    # the run of [40, 70) from a size-80 mask: 40 + 30 > 50
+    with pytest.raises(WireFormatError, match="exceed"):
+        decode_update(framed(section(Mask((np.arange(80) >= 40) & (np.arange(80) < 70)))))
+    # 29 members in the runs but a count of 30 in the header
+    with pytest.raises(WireFormatError, match="members"):
+        decode_update(framed(section(Mask((np.arange(size) >= 20) & (np.arange(size) < 49)))))
+    # a valid section of another mask with the same size and count decodes to that mask
+    b = Mask((np.arange(size) < 10) | ((np.arange(size) >= 20) & (np.arange(size) < 40)))
+    assert decode_update(framed(section(b)))[0] == b

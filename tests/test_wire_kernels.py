@@ -22,8 +22,10 @@ from psfed_robust.core.mask import Mask
 from psfed_robust.wire import (
     HEADER_SIZE,
     WireFormatError,
+    _mask_runs,
     _pack_fixed,
     _pack_unary,
+    _run_stats,
     decode_update,
     encode_update,
 )
@@ -120,6 +122,21 @@ def test_rice_pack_matches_numpy_packers_for_every_width(k: int) -> None:
 
 
 @needs_c
+@pytest.mark.parametrize("p", [0.0, 0.05, 0.5, 0.95, 1.0])
+def test_run_stats_match_the_popcount_path(p: float) -> None:
+    rng = np.random.default_rng(5)
+    for size in [0, 1, 2, 3, 7, 8, 9, 15, 16, 17, 64, 65, 1000, 4099]:
+        mask = Mask(rng.random(size) < p)
+        got = _run_stats(mask)
+        with numpy_path():
+            assert _run_stats(mask) == got
+        z, o = _mask_runs(mask.data.copy(), mask.count)
+        assert got[0] == z.size and got[1] == int((o == 1).sum())
+        assert got[2] == int((z[1:] == 1).sum())
+        assert got[3] == int(z.sum() + o.sum())
+
+
+@needs_c
 @pytest.mark.parametrize("complement", [False, True])
 def test_gap_scan_matches_flatnonzero(complement: bool) -> None:
     rng = np.random.default_rng(3)
@@ -129,6 +146,29 @@ def test_gap_scan_matches_flatnonzero(complement: bool) -> None:
         got = _wire_kernels.gaps(data, complement, idx.size)
         assert got is not None
         assert np.array_equal(got, np.diff(idx, prepend=-1) - 1)
+
+
+@needs_c
+@pytest.mark.parametrize("p", [0.0, 0.05, 0.5, 0.95, 1.0])
+def test_run_scan_matches_a_python_loop(p: float) -> None:
+    rng = np.random.default_rng(3)
+    for size in [0, 1, 7, 8, 9, 15, 16, 17, 63, 64, 65, 1000, 4099]:
+        data = rng.random(size) < p
+        z, o, prev_end, start = [], [], 0, 0
+        for i, x in enumerate([*data.tolist(), False]):
+            if x and (i == 0 or not data[i - 1]):
+                z.append(i - prev_end)
+                start = i
+            elif not x and i > 0 and data[i - 1]:
+                o.append(i - start)
+                prev_end = i
+        count = int(data.sum())
+        got = _wire_kernels.runs(data, min(count, size - count + 1))
+        assert got is not None
+        assert got[0].tolist() == z and got[1].tolist() == o
+        with numpy_path():
+            zn, on = _mask_runs(data, count)
+        assert zn.tolist() == z and on.tolist() == o
 
 
 # ---------------------------------------------------------------- the loader
@@ -162,7 +202,7 @@ def test_clibrary_failure_and_disable_leave_it_unavailable(
     monkeypatch.setenv("PSFED_NO_CPP_KERNEL", "1")
     sig = {"psfed_test_add": (ctypes.c_int, (ctypes.c_int, ctypes.c_int))}
     assert CLibrary("psfed_test", _SRC, sig).get() is None
-    assert _wire_kernels.gaps(np.zeros(3, bool), False, 0) is None
+    assert _wire_kernels.runs(np.zeros(3, bool), 0) is None
 
 
 def test_numpy_path_round_trips_a_large_gap_mask() -> None:
