@@ -30,7 +30,7 @@ lint: install
 
 bench: install
 	$(PY) benchmarks/wire.py
-	$(PY) benchmarks/defenses.py
+	$(PY) benchmarks/aggregators.py
 	$(PY) benchmarks/engine.py
 	$(PY) benchmarks/flower_round.py
 

@@ -10,7 +10,7 @@ coordinates (both sides on the same smaller input, stated in the table).
 Prints a table, then ONE JSON line with ``min_speedup_vs_flower`` and ``max_abs_diff_vs_flower``
 (max |ours - flower| / max |flower|, over the compared rules).
 
-    python benchmarks/defenses.py [--d 1000000] [--k 100] [--bulyan-d 100000] [--reps 5]
+    python benchmarks/aggregators.py [--d 1000000] [--k 100] [--bulyan-d 100000] [--reps 5]
 """
 
 from __future__ import annotations

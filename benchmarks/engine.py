@@ -23,7 +23,8 @@ import time
 # OpenMP threads that sleep instead of spinning: on a shared 2-core machine spinning workers
 # make every torch op many times slower whenever another process holds a core.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-# benchmarks/ holds scripts named like top-level packages (defenses.py): keep it off the path
+# run as a file, benchmarks/ would come first on sys.path: keep it off, so that a script name
+# can never shadow a top-level package
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(
     os.path.abspath(__file__))]
 
