@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from psfed_robust.core.flatten import FlattenedModel
+from psfed_robust.core.flatten import FlattenedModel, all_finite
 from psfed_robust.core.mask import Mask
 
 
@@ -178,3 +178,23 @@ def test_empty_model() -> None:
     fm = FlattenedModel(nn.ReLU())
     assert fm.num_parameters == 0 and fm.flatten().numel() == 0
     assert fm.extract(Mask.all_false(0)).numel() == 0
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_all_finite_exact_including_sum_overflow(dtype: type) -> None:
+    info = np.finfo(dtype)
+    x = np.linspace(-1, 1, 1001).astype(dtype)
+    assert all_finite(x) and all_finite(torch.from_numpy(x))
+    big = np.full(64, info.max, dtype)  # finite values whose sum overflows
+    assert all_finite(big) and all_finite(-big)
+    for bad in (np.nan, np.inf, -np.inf):
+        for arr in (x, big):
+            y = arr.copy()
+            y[len(y) // 2] = bad
+            assert not all_finite(y) and not all_finite(torch.from_numpy(y))
+    y = big.copy()
+    y[0], y[1] = np.inf, -np.inf  # +inf + -inf: the sum is NaN, still rejected
+    assert not all_finite(y)
+    assert all_finite(np.zeros(0, dtype)) and all_finite(np.zeros((3, 4), dtype))
+    assert not all_finite(np.array([[0, 1], [np.nan, 2]], dtype))
+    assert all_finite(np.arange(5)) and all_finite(torch.arange(5))

@@ -361,3 +361,78 @@ def test_bytes_metrics_present_and_about_fraction_of_dense() -> None:
         assert m["bytes-down-unique"] < m["bytes-down-total"]
         first = res.train_metrics_clientapp[1]
         assert first["bytes-down-per-client"] > dense  # first contact carries the dense init
+
+
+# ---------------------------------------------------------------------------- round-trip reuse
+def test_own_aggregate_is_not_reread_but_a_changed_record_is() -> None:
+    s = strategy(4)
+    msgs, _ = _round_inputs(s)
+    mask = s._sent[msgs[0].metadata.dst_node_id].mask
+    replies = [build_train_reply(m, mask, np.full(mask.count, float(i), np.float32),
+                                 client_id=i) for i, m in enumerate(msgs)]
+    out, _ = s.aggregate_train(1, replies)
+    assert out is not None
+    g1 = s._global
+    grid = StaticGrid(range(10, 14), {10 + i: i for i in range(4)})
+    s.configure_train(2, out, ConfigRecord(), grid)  # Strategy.start hands the record back
+    assert s._global is g1  # not concatenated again
+    np.testing.assert_array_equal(s.global_flat, out["w"].numpy())
+    # the same record object with a replaced Array, or a fresh record: read again
+    out["w"] = Array(np.full(16, 7.0, np.float32))
+    s.configure_train(3, out, ConfigRecord(), grid)
+    np.testing.assert_array_equal(s.global_flat, 7.0)
+    fresh = ArrayRecord({"w": Array(np.full(16, 2.0, np.float32))})
+    s.configure_train(4, fresh, ConfigRecord(), grid)
+    np.testing.assert_array_equal(s.global_flat, 2.0)
+    s.configure_train(5, out, ConfigRecord(), grid)  # no longer the strategy's own record
+    np.testing.assert_array_equal(s.global_flat, 7.0)
+
+
+def test_mixed_dtype_aggregate_is_reread() -> None:
+    s = strategy(2, mask_fraction=1.0)
+    arrays = ArrayRecord({"a": Array(np.zeros(4, np.float16)), "b": Array(np.zeros(4, np.float32))})
+    grid = StaticGrid([5, 6], {5: 0, 6: 1})
+    msgs = list(s.configure_train(1, arrays, ConfigRecord(), grid))
+    replies = [build_train_reply(m, s._sent[m.metadata.dst_node_id].mask,
+                                 np.full(8, 1 / 3, np.float32), client_id=i)
+               for i, m in enumerate(msgs)]
+    out, _ = s.aggregate_train(1, replies)
+    assert out is not None
+    s.configure_train(2, out, ConfigRecord(), grid)
+    # the float16 layer holds the rounded value: the flat global is what the record says
+    want = np.concatenate([out["a"].numpy().astype(np.float32), out["b"].numpy()])
+    np.testing.assert_array_equal(s.global_flat, want)
+
+
+# ---------------------------------------------------------------------------- train config
+def test_train_config_sends_only_non_default_switches() -> None:
+    from psfed_robust.flower.protocol import (
+        CFG_CLIENT_ID,
+        CFG_SEND_SCORES,
+        CFG_UPLINK,
+        CFG_UPLINK_ENCODING,
+        KEY_CONFIG,
+    )
+
+    switches = (CFG_UPLINK, CFG_UPLINK_ENCODING, CFG_SEND_SCORES, CFG_CLIENT_ID)
+    grid = StaticGrid([5, 6], {5: 0, 6: 1})
+    arrays = ArrayRecord({"w": Array(np.zeros(8, np.float32))})
+    s = strategy(2)
+    # user entries with the protocol's names never reach the client
+    user = ConfigRecord({"lr": 0.1, CFG_UPLINK: "client", CFG_SEND_SCORES: True,
+                         CFG_CLIENT_ID: 9})
+    cfg = next(iter(s.configure_train(1, arrays, user, grid))).content[KEY_CONFIG]
+    assert not any(k in cfg for k in switches) and cfg["lr"] == 0.1
+    # later rounds: client ids are known but not sent unless the strategy identifies clients
+    msgs = list(s.configure_train(1, arrays, ConfigRecord(), grid))
+    s.aggregate_train(1, [build_train_reply(m, s._sent[m.metadata.dst_node_id].mask,
+                                            np.zeros(s._sent[m.metadata.dst_node_id].mask.count,
+                                                     np.float32), client_id=i)
+                          for i, m in enumerate(msgs)])
+    msgs = list(s.configure_train(2, arrays, ConfigRecord(), grid))
+    assert not any(k in m.content[KEY_CONFIG] for m in msgs for k in switches)
+    assert len({id(m.content[KEY_CONFIG]) for m in msgs}) == 1
+    s = strategy(2, uplink="client", encoding="bitmap", mask_strategy="gradient")
+    cfg = next(iter(s.configure_train(1, arrays, ConfigRecord(), grid))).content[KEY_CONFIG]
+    assert cfg[CFG_UPLINK] == "client" and cfg[CFG_UPLINK_ENCODING] == "bitmap"
+    assert cfg[CFG_SEND_SCORES] is True

@@ -45,6 +45,8 @@ from psfed_robust.flower.protocol import (
     CFG_UPLINK,
     CFG_UPLINK_ENCODING,
     CFG_UPLINK_FRACTION,
+    DEFAULT_UPLINK,
+    DEFAULT_UPLINK_ENCODING,
     KEY_ATTACK,
     KEY_CONFIG,
     KEY_DOWN,
@@ -394,7 +396,7 @@ class PSFedClient:
             after = self.flat_model.flatten_numpy().astype(dtype, copy=False)
 
         # uplink mask
-        uplink = str(cfg.get(CFG_UPLINK, "downlink"))
+        uplink = str(cfg.get(CFG_UPLINK, DEFAULT_UPLINK))
         if uplink == "client":
             frac = float(cfg.get(CFG_UPLINK_FRACTION, mask.fraction))
             k_up = count_for_fraction(size, frac)
@@ -429,7 +431,7 @@ class PSFedClient:
         arrays: dict[str, Array] = {
             PAYLOAD: _wire.encode_array(
                 up_mask, np.ascontiguousarray(up_values),
-                str(cfg.get(CFG_UPLINK_ENCODING, "auto")),
+                str(cfg.get(CFG_UPLINK_ENCODING, DEFAULT_UPLINK_ENCODING)),
             )
         }
         if scores is not None:

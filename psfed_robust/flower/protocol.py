@@ -21,6 +21,8 @@ __all__ = [
     "CFG_UPLINK",
     "CFG_UPLINK_ENCODING",
     "CFG_UPLINK_FRACTION",
+    "DEFAULT_UPLINK",
+    "DEFAULT_UPLINK_ENCODING",
     "KEY_ATTACK",
     "KEY_CONFIG",
     "KEY_DOWN",
@@ -78,6 +80,12 @@ CFG_UPLINK_FRACTION: Final = "psfed-uplink-fraction"
 CFG_UPLINK_ENCODING: Final = "psfed-uplink-encoding"
 #: True when the server wants per-coordinate |grad| scores in the reply (gradient selector)
 CFG_SEND_SCORES: Final = "psfed-send-scores"
+#: what a client assumes when a switch is absent. The server sends ``psfed-uplink``,
+#: ``psfed-uplink-encoding`` and ``psfed-send-scores`` only when they differ from these
+#: (``False`` for send-scores): every config entry is rebuilt as protobuf objects many times
+#: per message by Flower's serialization (object ids are recomputed level by level)
+DEFAULT_UPLINK: Final = "downlink"
+DEFAULT_UPLINK_ENCODING: Final = "auto"
 #: evaluate: "merged" (local model + global shared values, in a copy), "local" or "global"
 CFG_EVAL_MODEL: Final = "psfed-eval-model"
 #: query: what is asked ("identity")

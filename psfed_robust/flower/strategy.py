@@ -60,6 +60,8 @@ from psfed_robust.flower.protocol import (
     CFG_UPLINK,
     CFG_UPLINK_ENCODING,
     CFG_UPLINK_FRACTION,
+    DEFAULT_UPLINK,
+    DEFAULT_UPLINK_ENCODING,
     KEY_ATTACK,
     KEY_CONFIG,
     KEY_DOWN,
@@ -328,6 +330,7 @@ class PSFedAvg(Strategy):
         self._layout: _Layout | None = None
         self._global: npt.NDArray[Any] | None = None
         self._arrays: ArrayRecord | None = None
+        self._own: tuple[ArrayRecord, list[tuple[str, Array, tuple[Any, ...]]]] | None = None
         self._layout_fm: FlattenedModel | None = None
         self._node_to_cid: dict[int, ClientId] = {}
         self._synced: set[int] = set()
@@ -362,7 +365,22 @@ class PSFedAvg(Strategy):
         """The node_id → stable client id map learned so far."""
         return dict(self._node_to_cid)
 
+    def _own_arrays(self, arrays: ArrayRecord) -> bool:
+        """True when ``arrays`` is, unchanged, the record :meth:`_to_arrays` built from
+        ``self._global`` (same record, same Array objects, same data bytes, one dtype): the
+        flat global is then already at hand and need not be concatenated again."""
+        own = self._own
+        if own is None or arrays is not own[0] or len(arrays) != len(own[1]):
+            return False
+        for (k, arr, meta), (k2, arr2) in zip(own[1], arrays.items(), strict=True):
+            if k != k2 or arr is not arr2 or (arr.data, arr.dtype, arr.shape) != meta:
+                return False
+        return True
+
     def _read_arrays(self, arrays: ArrayRecord) -> None:
+        if self._global is not None and self._own_arrays(arrays):
+            return  # the record this strategy returned last round (Strategy.start hands it back)
+        self._own = None
         keys = list(arrays.keys())
         if not keys:
             raise ValueError("the global ArrayRecord is empty")
@@ -396,7 +414,11 @@ class PSFedAvg(Strategy):
             part = flat[lay.offsets[i] : lay.offsets[i + 1]].reshape(lay.shapes[i])
             out[k] = array_from_numpy(np.ascontiguousarray(part.astype(lay.dtypes[i],
                                                                          copy=False)))
-        return ArrayRecord(out)
+        rec = ArrayRecord(out)
+        if flat is self._global and all(d == lay.dtype for d in lay.dtypes):
+            # the record holds exactly the global's values: remember it (see _own_arrays)
+            self._own = (rec, [(k, a, (a.data, a.dtype, a.shape)) for k, a in rec.items()])
+        return rec
 
     def _flat_model(self) -> FlattenedModel:
         lay, g = self._layout, self._global
@@ -558,8 +580,11 @@ class PSFedAvg(Strategy):
             ckey = (want_scores, cid if self.identify_clients else None)
             if ckey not in cfg_cache:
                 c = dict(cfg)
-                c[CFG_SEND_SCORES] = want_scores
-                if cid is not None:
+                c.pop(CFG_SEND_SCORES, None)  # absent means False (protocol.DEFAULT_UPLINK)
+                c.pop(CFG_CLIENT_ID, None)
+                if want_scores:
+                    c[CFG_SEND_SCORES] = True
+                if cid is not None and self.identify_clients:  # else one record for all nodes
                     c[CFG_CLIENT_ID] = cid
                 cfg_cache[ckey] = ConfigRecord(c)
             attack = self.client_attacks.get(cid) if (with_attacks and cid is not None) else None
@@ -609,8 +634,13 @@ class PSFedAvg(Strategy):
         )
         nodes = self._identify(grid, nodes)
         cfg = self._base_config(server_round, config)
-        cfg[CFG_UPLINK] = self.uplink
-        cfg[CFG_UPLINK_ENCODING] = self.encoding
+        # switches at the client's defaults are not sent (see protocol.DEFAULT_UPLINK)
+        for key, value, default in ((CFG_UPLINK, self.uplink, DEFAULT_UPLINK),
+                                    (CFG_UPLINK_ENCODING, self.encoding,
+                                     DEFAULT_UPLINK_ENCODING)):
+            cfg.pop(key, None)
+            if value != default:
+                cfg[key] = value
         if self.uplink_fraction is not None:
             cfg[CFG_UPLINK_FRACTION] = float(self.uplink_fraction)
 
