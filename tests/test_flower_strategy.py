@@ -436,3 +436,62 @@ def test_train_config_sends_only_non_default_switches() -> None:
     cfg = next(iter(s.configure_train(1, arrays, ConfigRecord(), grid))).content[KEY_CONFIG]
     assert cfg[CFG_UPLINK] == "client" and cfg[CFG_UPLINK_ENCODING] == "bitmap"
     assert cfg[CFG_SEND_SCORES] is True
+
+
+# ---------------------------------------------------------------------------- deferred finite check
+def test_fast_mean_defers_finite_check_and_still_rejects_non_finite(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import psfed_robust.flower.strategy as strategy_mod
+    import psfed_robust.flower.validation as validation_mod
+
+    calls: list[int] = []
+    real = validation_mod.all_finite
+
+    def counting(x: Any) -> bool:
+        calls.append(1)
+        return real(x)
+
+    monkeypatch.setattr(validation_mod, "all_finite", counting)
+    monkeypatch.setattr(strategy_mod, "all_finite", counting)
+
+    def replies_for(s: PSFedAvg, msgs: list[Message], bad: float | None) -> list[Message]:
+        out = []
+        for i, m in enumerate(msgs):
+            mask = s._sent[m.metadata.dst_node_id].mask
+            vals = np.full(mask.count, float(i), np.float32)
+            if bad is not None and i == 1:  # a non-finite reply, then node 1's valid one
+                nan_vals = vals.astype(np.float64)
+                nan_vals[0] = bad
+                out.append(build_train_reply(m, mask, nan_vals, client_id=i))
+            out.append(build_train_reply(m, mask, vals, client_id=i))
+        return out
+
+    ref = strategy(4)
+    msgs, _ = _round_inputs(ref)
+    want, _ = ref.aggregate_train(1, replies_for(ref, msgs, None))
+    assert want is not None
+    assert len(calls) == 1  # the aggregate only, not each of the 4 replies
+    for bad in (np.nan, np.inf, -np.inf, 1e300):  # 1e300: finite float64, Inf in float32
+        s = strategy(4)
+        msgs, _ = _round_inputs(s)
+        got, metrics = s.aggregate_train(1, replies_for(s, msgs, bad))
+        assert got is not None and metrics is not None
+        assert metrics["rejected.non-finite"] == 1 and metrics["accepted-replies"] == 4
+        assert "rejected.duplicate-reply" not in metrics  # as if checked before the duplicate
+        assert got["w"].numpy().tobytes() == want["w"].numpy().tobytes()
+
+
+def test_fast_mean_overflow_of_finite_replies_keeps_the_model() -> None:
+    s = strategy(2, mask_fraction=1.0)
+    msgs, g0 = _round_inputs(s, 2)
+    big = np.finfo(np.float32).max
+    replies = [build_train_reply(m, s._sent[m.metadata.dst_node_id].mask,
+                                 np.full(16, big, np.float32), client_id=i, num_examples=1)
+               for i, m in enumerate(msgs)]
+    s.weighting, s.fraction_train = "expected", 0.25  # weights 1/(2·0.25) = 2: overflow
+    out, metrics = s.aggregate_train(1, replies)
+    assert out is not None and metrics is not None
+    assert metrics["accepted-replies"] == 2 and metrics.get("rejected.non-finite", 0) == 0
+    assert metrics["aggregation-failed"] == 1.0
+    np.testing.assert_array_equal(s.global_flat, g0)

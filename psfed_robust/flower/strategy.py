@@ -28,7 +28,7 @@ from flwr.supercore import log
 from torch import nn
 
 from psfed_robust.core.aggregation import server_weights
-from psfed_robust.core.flatten import FlattenedModel
+from psfed_robust.core.flatten import FlattenedModel, all_finite
 from psfed_robust.core.mask import Mask, count_for_fraction
 from psfed_robust.core.selectors import (
     ClientSpecificMaskSelector,
@@ -677,33 +677,25 @@ class PSFedAvg(Strategy):
         if lay is None or g0 is None:
             log(WARNING, "psfed: aggregate_train before configure_train; nothing to do")
             return None, None
-        reasons: Counter[str] = Counter()
-        valid: list[ValidUpdate] = []
-        by_node: dict[int, ValidUpdate] = {}
-        up_bytes: list[int] = []
-        up_floor: list[int] = []
-        max_payload = 9 * lay.size + 65536
-        for msg in replies:
-            try:
-                upd = self._check_train_reply(msg, lay, max_payload)
-                if upd.node_id in by_node:
-                    raise ReplyRejected("duplicate-reply", f"node {upd.node_id}")
-                cid_owner = {v.client_id: v.node_id for v in valid}
-                if upd.client_id in cid_owner:
-                    raise ReplyRejected("duplicate-client-id", repr(upd.client_id))
-                by_node[upd.node_id] = upd
-                valid.append(upd)
-                try:
-                    up_bytes.append(message_bytes(msg))
-                except Exception:
-                    up_bytes.append(0)
-                up_floor.append(update_floor_bytes(upd.mask, lay.dtype.itemsize))
-            except ReplyRejected as e:
-                reasons[e.reason] += 1
-                log(WARNING, "psfed round %d: reply dropped (%s)", server_round, e)
-            except Exception as e:
-                reasons["malformed"] += 1
-                log(WARNING, "psfed round %d: reply dropped (malformed: %s)", server_round, e)
+        replies = list(replies)
+        # With the fast mean, the per-reply NaN/Inf check is deferred to the aggregate: a
+        # NaN/Inf value with a positive weight makes the weighted sum non-finite, so a finite
+        # aggregate proves every accepted reply finite (one pass per reply saved). Otherwise
+        # the replies are validated again with the check, exactly as if it had run first.
+        defer = self._fast_mean(lay)
+        valid, reasons, up_bytes, up_floor, dropped = self._validate_train(
+            replies, lay, check_finite=not defer
+        )
+        pre: tuple[npt.NDArray[Any] | None, float] | None = None
+        if defer and valid:
+            pre = self._mean_fill(valid, g0, lay, warn=False)
+            if pre[0] is None:
+                pre = None
+                valid, reasons, up_bytes, up_floor, dropped = self._validate_train(
+                    replies, lay, check_finite=True
+                )
+        for detail in dropped:
+            log(WARNING, "psfed round %d: reply dropped (%s)", server_round, detail)
 
         for upd in valid:  # learn identities and sync state only from valid replies
             self._node_to_cid.setdefault(upd.node_id, upd.client_id)
@@ -733,7 +725,9 @@ class PSFedAvg(Strategy):
             out_arrays = self._arrays
             metrics["coverage"] = 0.0
         else:
-            new, coverage = self._aggregate(server_round, valid, g0, lay)
+            new, coverage = pre if pre is not None else self._aggregate(
+                server_round, valid, g0, lay
+            )
             if new is None:
                 reasons["aggregation-failed"] += 1
                 metrics["aggregation-failed"] = 1.0
@@ -766,7 +760,43 @@ class PSFedAvg(Strategy):
         )
         return out_arrays, MetricRecord(dict(metrics))
 
-    def _check_train_reply(self, msg: Message, lay: _Layout, max_payload: int) -> ValidUpdate:
+    def _validate_train(
+        self, replies: list[Message], lay: _Layout, *, check_finite: bool
+    ) -> tuple[list[ValidUpdate], Counter[str], list[int], list[int], list[str]]:
+        """``(valid, reasons, up bytes, up floor bytes, why each dropped reply was dropped)``."""
+        reasons: Counter[str] = Counter()
+        valid: list[ValidUpdate] = []
+        by_node: dict[int, ValidUpdate] = {}
+        up_bytes: list[int] = []
+        up_floor: list[int] = []
+        dropped: list[str] = []
+        max_payload = 9 * lay.size + 65536
+        for msg in replies:
+            try:
+                upd = self._check_train_reply(msg, lay, max_payload, check_finite)
+                if upd.node_id in by_node:
+                    raise ReplyRejected("duplicate-reply", f"node {upd.node_id}")
+                cid_owner = {v.client_id: v.node_id for v in valid}
+                if upd.client_id in cid_owner:
+                    raise ReplyRejected("duplicate-client-id", repr(upd.client_id))
+                by_node[upd.node_id] = upd
+                valid.append(upd)
+                try:
+                    up_bytes.append(message_bytes(msg))
+                except Exception:
+                    up_bytes.append(0)
+                up_floor.append(update_floor_bytes(upd.mask, lay.dtype.itemsize))
+            except ReplyRejected as e:
+                reasons[e.reason] += 1
+                dropped.append(str(e))
+            except Exception as e:
+                reasons["malformed"] += 1
+                dropped.append(f"malformed: {e}")
+        return valid, reasons, up_bytes, up_floor, dropped
+
+    def _check_train_reply(
+        self, msg: Message, lay: _Layout, max_payload: int, check_finite: bool = True
+    ) -> ValidUpdate:
         try:
             nid = int(msg.metadata.src_node_id)
             mtype = msg.metadata.message_type
@@ -786,6 +816,7 @@ class PSFedAvg(Strategy):
             expected_clients=self.expected_clients,
             want_scores=sent.want_scores,
             max_payload_bytes=max_payload,
+            check_finite=check_finite,
         )
 
     def _weights(self, valid: list[ValidUpdate], dtype: torch.dtype) -> torch.Tensor:
@@ -805,8 +836,7 @@ class PSFedAvg(Strategy):
     def _aggregate(
         self, server_round: int, valid: list[ValidUpdate], g0: npt.NDArray[Any], lay: _Layout
     ) -> tuple[npt.NDArray[Any] | None, float]:
-        if (self.adversary is None and self.aggregation_mode == "fill"
-                and type(self.aggregator).__name__ == "Mean" and lay.dtype.kind == "f"):
+        if self._fast_mean(lay):
             return self._mean_fill(valid, g0, lay)
         g = torch.from_numpy(g0.copy())
         k = len(valid)
@@ -835,8 +865,13 @@ class PSFedAvg(Strategy):
             return None, coverage
         return np.array(new_np, copy=True), coverage
 
+    def _fast_mean(self, lay: _Layout) -> bool:
+        """Whether :meth:`_mean_fill` aggregates (the default mean, fill mode, no adversary)."""
+        return (self.adversary is None and self.aggregation_mode == "fill"
+                and type(self.aggregator).__name__ == "Mean" and lay.dtype.kind == "f")
+
     def _mean_fill(
-        self, valid: list[ValidUpdate], g0: npt.NDArray[Any], lay: _Layout
+        self, valid: list[ValidUpdate], g0: npt.NDArray[Any], lay: _Layout, *, warn: bool = True
     ) -> tuple[npt.NDArray[Any] | None, float]:
         """PSO-Fed's step ``g + Σ_k ω_k T_k (u_k − g)`` without building dense ``[K, D]`` tensors.
 
@@ -896,8 +931,9 @@ class PSFedAvg(Strategy):
         if acc is None:
             acc = g.copy()
         new = acc.astype(lay.dtype, copy=False)
-        if not bool(np.isfinite(new).all()):
-            log(WARNING, "psfed: aggregate not finite; global unchanged")
+        if not all_finite(new):
+            if warn:
+                log(WARNING, "psfed: aggregate not finite; global unchanged")
             return None, cover
         return new, cover
 

@@ -181,8 +181,13 @@ def parse_train_reply(
     expected_clients: Collection[ClientId] | None = None,
     want_scores: bool = False,
     max_payload_bytes: int | None = None,
+    check_finite: bool = True,
 ) -> ValidUpdate:
-    """Validate a ``train.psfed`` reply; raise :class:`ReplyRejected` on any defect."""
+    """Validate a ``train.psfed`` reply; raise :class:`ReplyRejected` on any defect.
+
+    ``check_finite=False`` skips only the NaN/Inf check of the values (a caller that proves
+    them finite otherwise, e.g. by a finite weighted sum, and re-validates when it cannot).
+    """
     try:
         return _parse_train(
             msg,
@@ -193,6 +198,7 @@ def parse_train_reply(
             expected_clients=expected_clients,
             want_scores=want_scores,
             max_payload_bytes=max_payload_bytes,
+            check_finite=check_finite,
         )
     except ReplyRejected:
         raise
@@ -212,6 +218,7 @@ def _parse_train(
     expected_clients: Collection[ClientId] | None,
     want_scores: bool,
     max_payload_bytes: int | None,
+    check_finite: bool = True,
 ) -> ValidUpdate:
     if msg.has_error():
         err = msg.error
@@ -253,12 +260,12 @@ def _parse_train(
         )
     if values.dtype.kind != "f":
         raise ReplyRejected("bad-dtype", f"values dtype {values.dtype}")
-    if not all_finite(values):
+    if check_finite and not all_finite(values):
         raise ReplyRejected("non-finite", "NaN or Inf in values")
     if values.dtype != model_dtype:
         with np.errstate(over="ignore", invalid="ignore"):
             cast = values.astype(model_dtype)
-        if not all_finite(cast):  # e.g. a float64 value beyond float32's range
+        if check_finite and not all_finite(cast):  # e.g. a float64 beyond float32's range
             raise ReplyRejected("non-finite", "NaN or Inf in values after the cast to "
                                 f"{model_dtype}")
         cast.setflags(write=False)
