@@ -157,6 +157,34 @@ def test_transport_counts_the_serialized_bytes() -> None:
     )
 
 
+def test_transport_computes_each_object_id_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As Flower's push paths (no_object_id_recompute): one deflate of a record for its id and
+    one for its contents, not one per level of the tree above it; same bytes and ids."""
+    import hashlib
+
+    from flwr.supercore.inflatable import inflatable_object
+
+    rec = RecordDict({"arrays": ArrayRecord([np.arange(1000, dtype=np.float32)]),
+                      "config": ConfigRecord({"server-round": 1, "x": "y"})})
+    msg = Message(rec, dst_node_id=7, message_type="train")
+    want_id = msg.object_id
+    calls: list[int] = []
+    real = ConfigRecord.deflate
+
+    def counting(self: ConfigRecord) -> bytes:
+        calls.append(1)
+        return real(self)
+
+    hashed: list[int] = []
+    monkeypatch.setattr(ConfigRecord, "deflate", counting)
+    monkeypatch.setattr(inflatable_object, "get_object_id",
+                        lambda b: hashed.append(1) or hashlib.sha256(b).hexdigest())
+    copy, n = transport(msg)
+    assert len(calls) == 2
+    assert len(hashed) <= 6  # Message, RecordDict, 2 records, Array, ArrayChunk: at most once
+    assert n == message_bytes(msg) and copy.object_id == want_id
+
+
 def test_loopback_turns_a_crash_into_an_error_reply_and_keeps_the_state() -> None:
     app = ClientApp()
 

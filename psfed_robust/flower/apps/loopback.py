@@ -37,7 +37,10 @@ from flwr.common.constant import (
     ErrorCode,
 )
 from flwr.serverapp import Grid, ServerApp
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.inflatable.inflatable_object import (
+    get_all_nested_objects,
+    no_object_id_recompute,
+)
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
@@ -58,11 +61,20 @@ class Traffic:
 
 
 def transport(msg: Message) -> tuple[Message, int]:
-    """Deflate ``msg`` to bytes and inflate a fresh copy; return ``(copy, bytes)``."""
-    objs = get_all_nested_objects(msg)
-    contents = {oid: o.deflate() for oid, o in objs.items()}
+    """Deflate ``msg`` to bytes and inflate a fresh copy; return ``(copy, bytes)``.
+
+    Object ids are computed once per object and message, inside Flower's
+    ``no_object_id_recompute()``, as Flower's own push paths do (``http_grid`` for the
+    ServerApp, ``run_clientapp.push_message`` for replies); without it every level of the tree
+    recomputes its children's ids (each record re-deflated ~15 times, each array chunk hashed
+    twice), work no Flower runtime does.
+    """
+    with no_object_id_recompute():
+        objs = get_all_nested_objects(msg)
+        contents = {oid: o.deflate() for oid, o in objs.items()}
+        root = msg.object_id
     size = sum(len(c) for c in contents.values())
-    out = inflate_object_from_contents(msg.object_id, contents)
+    out = inflate_object_from_contents(root, contents)
     if not isinstance(out, Message):  # pragma: no cover - Flower invariant
         raise TypeError(f"inflated a {type(out).__name__}, expected Message")
     # the message id is not part of the object body; carry it over as the runtimes do
