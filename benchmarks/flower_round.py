@@ -40,8 +40,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-# Run as a file, Python puts benchmarks/ first on sys.path, where benchmarks/defenses.py would
-# shadow the ``defenses`` package that PSFedAvg imports: use the repository root instead.
+# Run as a file, Python puts benchmarks/ first on sys.path, where a script named like one of the
+# project's top-level packages would shadow it: use the repository root instead.
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))

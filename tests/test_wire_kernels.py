@@ -218,3 +218,48 @@ def test_numpy_path_round_trips_a_large_gap_mask() -> None:
     m3, _ = decode_update(p_np)
     assert m3 == mask
     assert struct.unpack_from("<Q", p, 16)[0] == mask.count
+
+
+@needs_c
+@pytest.mark.parametrize("offset", [0, 1, 4093])
+def test_join_equals_bytes_join_above_and_below_the_threshold(offset: int) -> None:
+    """The huge-page concatenation gives ``b"".join``'s bytes, as a new immutable ``bytes``;
+    parts of any alignment and kind (bytes, memoryview of an array, empty)."""
+    rng = np.random.default_rng(offset)
+    big = rng.standard_normal(_wire_kernels.JOIN_MIN_BYTES // 4 + 1000).astype(np.float32)
+    values = memoryview(big[offset % 7 :]).cast("B")
+    for parts in (
+        (b"h" * (28 + offset), b"", rng.bytes(offset + 5), values),
+        (values, b"tail"),
+        (b"small", memoryview(big[:100]).cast("B")),  # below the threshold: plain join
+        (b"",),
+    ):
+        out = _wire_kernels.join(parts)
+        assert type(out) is bytes and out == b"".join(parts)
+    out = _wire_kernels.join((b"x", values))
+    before = bytes(out)
+    big[-1] = big[-1] + 1.0  # the result is a copy, not a view of its parts
+    assert out == before and out != b"".join((b"x", values))
+
+
+def test_join_without_the_kernel_is_bytes_join() -> None:
+    parts = (b"a" * 10, memoryview(np.arange(_wire_kernels.JOIN_MIN_BYTES, dtype=np.uint8)))
+    with numpy_path():
+        out = _wire_kernels.join(parts)
+    assert type(out) is bytes and out == b"".join(parts)
+
+
+@needs_c
+def test_large_payload_is_the_same_through_both_paths() -> None:
+    """encode_update at a size where the payload goes through ``join``: same bytes as the
+    numpy path's ``b"".join`` and a round trip."""
+    rng = np.random.default_rng(3)
+    mask = Mask(rng.random(2_000_000) < 0.9)
+    v = rng.standard_normal(mask.count).astype(np.float32)
+    assert mask.count * 4 > _wire_kernels.JOIN_MIN_BYTES
+    p = encode_update(mask, v).payload
+    with numpy_path():
+        p_np = encode_update(mask, v).payload
+    assert p == p_np
+    m2, v2 = decode_update(p)
+    assert m2 == mask and np.array_equal(v2, v)

@@ -5,8 +5,9 @@
 psfed hot path the arrays are large flat vectors, so:
 
 - :func:`array_from_parts` builds the Array's bytes as ``npy header + parts`` with one
-  ``b"".join`` (one pass). The bytes are identical to ``np.save``'s (tests check it), so any
-  reader — ``Array.numpy()``, Flower, another client — sees an ordinary npy Array.
+  concatenation (one pass; :func:`psfed_robust._wire_kernels.join`, on huge pages when
+  large). The bytes are identical to ``np.save``'s (tests check it), so any reader —
+  ``Array.numpy()``, Flower, another client — sees an ordinary npy Array.
 - :func:`array_view` returns a read-only numpy view of an Array's data without copying, when the
   data starts with exactly the npy header ``np.save`` writes for the Array's declared dtype and
   shape and has the right length (so the view is what ``np.load`` would return). Anything else
@@ -25,6 +26,8 @@ import numpy.typing as npt
 import torch
 from flwr.app import Array
 from flwr.common.constant import SType
+
+from psfed_robust._wire_kernels import join
 
 __all__ = ["array_from_numpy", "array_from_parts", "array_view", "as_tensor", "npy_header"]
 
@@ -52,7 +55,7 @@ def array_from_parts(dtype: np.dtype[Any], shape: tuple[int, ...], parts: Any) -
     dtype = np.dtype(dtype)
     shape = tuple(int(s) for s in shape)
     header = npy_header(dtype, shape)
-    data = b"".join((header, *parts))
+    data = join((header, *parts))
     want = len(header) + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if len(data) != want:
         raise ValueError(f"array parts hold {len(data) - len(header)} bytes, expected "
