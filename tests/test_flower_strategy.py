@@ -186,6 +186,14 @@ def _round_inputs(s: PSFedAvg, n: int = 4) -> tuple[list[Message], np.ndarray]:
     return msgs, g0
 
 
+def _constant_replies(s: PSFedAvg, msgs: list[Message]) -> tuple[Mask, list[Message]]:
+    """Client i replies ``i`` on every coordinate of the (shared) mask sent to the first client."""
+    mask = s._sent[msgs[0].metadata.dst_node_id].mask
+    replies = [build_train_reply(m, mask, np.full(mask.count, float(i), np.float32),
+                                 client_id=i) for i, m in enumerate(msgs)]
+    return mask, replies
+
+
 @pytest.mark.parametrize("mode", ["fill", "reporters"])
 def test_median_defense_both_modes(mode: str) -> None:
     s = strategy(5, mask_strategy="client_specific", mask_fraction=0.5, aggregator="median",
@@ -217,9 +225,7 @@ def test_mean_fill_is_psofed_step_with_weighting() -> None:
     for weighting, w in (("participants", 1 / 4), ("all", 1 / 4), ("expected", 1 / 4)):
         s = strategy(4, weighting=weighting)
         msgs, g0 = _round_inputs(s)
-        mask = s._sent[msgs[0].metadata.dst_node_id].mask
-        replies = [build_train_reply(m, mask, np.full(mask.count, float(i), np.float32),
-                                     client_id=i) for i, m in enumerate(msgs)]
+        mask, replies = _constant_replies(s, msgs)
         out, _ = s.aggregate_train(1, replies)
         assert out is not None
         u = torch.tensor(g0).repeat(4, 1)
@@ -367,9 +373,7 @@ def test_bytes_metrics_present_and_about_fraction_of_dense() -> None:
 def test_own_aggregate_is_not_reread_but_a_changed_record_is() -> None:
     s = strategy(4)
     msgs, _ = _round_inputs(s)
-    mask = s._sent[msgs[0].metadata.dst_node_id].mask
-    replies = [build_train_reply(m, mask, np.full(mask.count, float(i), np.float32),
-                                 client_id=i) for i, m in enumerate(msgs)]
+    _, replies = _constant_replies(s, msgs)
     out, _ = s.aggregate_train(1, replies)
     assert out is not None
     g1 = s._global
