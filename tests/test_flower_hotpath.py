@@ -256,6 +256,14 @@ def test_cached_indices_take_and_scatter_equal_boolean_indexing() -> None:
         scatter(y, mask, vals)
         z[mask.data] = vals
         np.testing.assert_array_equal(y, z)
+        # values misaligned as in a wire payload (they start at byte 37 after a seeded mask)
+        buf = np.zeros(mask.count * 8 + 48, np.uint8)
+        odd = np.ndarray((mask.count,), np.float64, buffer=buf, offset=37)
+        odd[:] = vals
+        assert not odd.flags.aligned or mask.count == 0
+        w = x.copy()
+        scatter(w, mask, odd)
+        np.testing.assert_array_equal(w, z)
 
 
 def test_mask_equality_shortcuts_agree_with_the_data() -> None:

@@ -25,23 +25,41 @@ __all__ = ["Mask", "SeedSpec", "random_indices", "round_robin_indices"]
 SEED_KINDS = ("random", "round_robin", "overlap", "all", "none")
 
 
+def _random_draw(size: int, count: int, seed: int) -> tuple[npt.NDArray[Any], bool]:
+    """The raw draw behind :func:`random_indices`: ``(distinct indices in draw order, True when
+    they are the complement)``. For ``count > size/2`` the complement is drawn (cheaper)."""
+    if count < 0 or count > size:
+        raise ValueError(f"count must be in [0, size={size}], got {count}")
+    rng = np.random.Generator(np.random.PCG64(seed))
+    if count * 2 <= size:
+        return rng.choice(size, count, replace=False, shuffle=False), False
+    return rng.choice(size, size - count, replace=False, shuffle=False), True
+
+
 def random_indices(size: int, count: int, seed: int) -> npt.NDArray[np.int64]:
     """Sorted ``count`` distinct indices out of ``range(size)`` drawn from ``seed`` (PCG64).
 
     The draw depends only on ``(size, count, seed)``: sender and receiver regenerate the same
     indices. For ``count > size/2`` the complement is drawn (cheaper).
     """
-    if count < 0 or count > size:
-        raise ValueError(f"count must be in [0, size={size}], got {count}")
-    rng = np.random.Generator(np.random.PCG64(seed))
-    if count * 2 <= size:
-        idx = rng.choice(size, count, replace=False, shuffle=False).astype(np.int64)
+    idx, complement = _random_draw(size, count, seed)
+    if not complement:
+        idx = idx.astype(np.int64)
         idx.sort()
         return idx
-    drop = rng.choice(size, size - count, replace=False, shuffle=False)
-    keep = np.ones(size, dtype=bool)
-    keep[drop] = False
-    return np.flatnonzero(keep).astype(np.int64)
+    return np.flatnonzero(_random_data(size, idx, complement)).astype(np.int64)
+
+
+def _random_data(size: int, idx: npt.NDArray[Any], complement: bool) -> npt.NDArray[np.bool_]:
+    """The boolean mask of a :func:`_random_draw` (no sort: order does not matter here)."""
+    data = np.full(size, complement, dtype=bool)
+    data[idx] = not complement
+    return data
+
+
+def random_mask_data(size: int, count: int, seed: int) -> npt.NDArray[np.bool_]:
+    """``data`` with ``data[random_indices(size, count, seed)] = True``, without sorting."""
+    return _random_data(size, *_random_draw(size, count, seed))
 
 
 def round_robin_indices(size: int, count: int, offset: int) -> npt.NDArray[np.int64]:
@@ -109,19 +127,15 @@ class SeedSpec:
         elif self.kind == "overlap":
             # aux_count coordinates common to every client of the round (drawn from ``seed``),
             # the other count - aux_count drawn from the rest with the client's ``aux_seed``.
-            data = np.zeros(self.size, dtype=bool)
-            data[random_indices(self.size, self.aux_count, self.seed)] = True
+            data = random_mask_data(self.size, self.aux_count, self.seed)
             rest = np.flatnonzero(~data)
-            own = random_indices(rest.size, self.count - self.aux_count, self.aux_seed)
+            own = random_mask_data(rest.size, self.count - self.aux_count, self.aux_seed)
             data[rest[own]] = True
+        elif self.kind == "random":
+            data = random_mask_data(self.size, self.count, self.seed)
         else:
-            idx = (
-                random_indices(self.size, self.count, self.seed)
-                if self.kind == "random"
-                else round_robin_indices(self.size, self.count, self.offset)
-            )
             data = np.zeros(self.size, dtype=bool)
-            data[idx] = True
+            data[round_robin_indices(self.size, self.count, self.offset)] = True
         return Mask._trusted(data, self)
 
 

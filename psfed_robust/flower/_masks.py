@@ -50,8 +50,14 @@ def gather(values: npt.NDArray[Any], mask: Mask) -> npt.NDArray[Any]:
 
 
 def scatter(target: npt.NDArray[Any], mask: Mask, values: npt.NDArray[Any]) -> None:
-    """``target[mask.data] = values`` in place."""
+    """``target[mask.data] = values`` in place.
+
+    ``values`` is often a view into a wire payload, where the values start at byte 28 + the
+    mask section (37 for a seeded mask) and so are misaligned: numpy's fancy assignment from a
+    misaligned source is ~3x slower than an aligned copy followed by the assignment."""
     if mask.count == mask.size:
         target[...] = values
     elif mask.count:
+        if not values.flags.aligned:
+            values = values.copy()
         target[mask_indices(mask)] = values
