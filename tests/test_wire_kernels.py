@@ -134,6 +134,11 @@ def test_run_stats_match_the_popcount_path(p: float) -> None:
         assert got[0] == z.size and got[1] == int((o == 1).sum())
         assert got[2] == int((z[1:] == 1).sum())
         assert got[3] == int(z.sum() + o.sum())
+    # one-past-the-last member far from the end (found by a backward scan in the kernel)
+    for size, pos in [(1, 0), (9, 0), (9, 8), (4099, 0), (4099, 7), (4099, 8), (4099, 4090)]:
+        data = np.zeros(size, bool)
+        data[pos] = True
+        assert _run_stats(Mask(data)) == (1, 1, 0, pos + 1)
 
 
 @needs_c
