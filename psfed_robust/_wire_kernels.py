@@ -308,11 +308,11 @@ def join(parts: Sequence[Any]) -> bytes:
     for large totals: a new ``bytes`` of the total size (``PyBytes_FromStringAndSize(NULL, n)``:
     uninitialised, filled here before anyone else holds it) filled by :c:func:`psw_join` with
     the GIL released. ``b"".join`` without the kernel or below :data:`JOIN_MIN_BYTES`."""
-    views = [np.frombuffer(p, dtype=np.uint8) for p in parts]
-    total = sum(v.size for v in views)
+    total = sum(memoryview(p).nbytes for p in parts)
     lib = _lib() if total >= JOIN_MIN_BYTES else None
     if lib is None:
         return b"".join(parts)
+    views = [np.frombuffer(p, dtype=np.uint8) for p in parts]
     out: bytes = _new_bytes(None, total)
     ptrs = np.array([_ptr(v) if v.size else 0 for v in views], dtype=np.uintp)
     lens = np.array([v.size for v in views], dtype=np.int64)

@@ -192,9 +192,9 @@ _SEEDED_DIGESTS = {
     "idx-1068810-534405-5": "332ebbf5f8257ada",
     "random-1068810-106881-5": "62b76bd7cf2de920",
     "idx-1068810-106881-5": "119bce558d359076",
-    "overlap-1000-300-100": "70b0207ebfe9b8b1",
-    "overlap-50000-30000-20000": "676d31791ca4c0d7",
-    "overlap-77-70-10": "a7e949e1ad436861",
+    "overlap-1000-300-100-1-2": "70b0207ebfe9b8b1",
+    "overlap-50000-30000-20000-3-4": "676d31791ca4c0d7",
+    "overlap-77-70-10-5-6": "a7e949e1ad436861",
 }
 
 
@@ -205,8 +205,7 @@ def test_seeded_masks_regenerate_as_in_earlier_versions() -> None:
     for key, want in _SEEDED_DIGESTS.items():
         kind, *nums = key.split("-")
         if kind == "overlap":
-            size, count, aux = map(int, nums)
-            s1, s2 = {1000: (1, 2), 50000: (3, 4), 77: (5, 6)}[size]
+            size, count, aux, s1, s2 = map(int, nums)
             spec = SeedSpec("overlap", size, count, seed=s1, aux_seed=s2, aux_count=aux)
             got = digest(spec._materialize().data)
         else:

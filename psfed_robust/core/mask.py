@@ -20,7 +20,7 @@ import numpy.typing as npt
 
 from psfed_robust.core.seeding import stable_seed
 
-__all__ = ["Mask", "SeedSpec", "random_indices", "round_robin_indices"]
+__all__ = ["Mask", "SeedSpec", "random_indices", "random_mask_data", "round_robin_indices"]
 
 SEED_KINDS = ("random", "round_robin", "overlap", "all", "none")
 
