@@ -2,16 +2,25 @@
 
 fill: ``g + Σ_k w_k m_k (u_k − g)`` (``weights`` = PSO-Fed's ω, default ``1/|K_n|``);
 reporters: per-coordinate weighted mean over the reporters. Both come from
-``psfed_robust.core.aggregation`` so the engines and the Flower strategy share one implementation.
+``psfed_robust.core.aggregation``; :meth:`Mean.indexed` takes the index lists the batched
+engine and the Flower strategy carry (``psfed_robust.core.round.server_step``), so every engine
+runs this one step.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from torch import Tensor
 
 from attacks._params import check_choice
 from defenses.base import MODES, Aggregator, Mode, _check_inputs, register_defense
-from psfed_robust.core.aggregation import psofed_server_step, reporters_mean
+from psfed_robust.core.aggregation import (
+    psofed_server_step,
+    psofed_server_step_indexed,
+    reporters_mean,
+    reporters_mean_indexed,
+)
 
 
 @register_defense("mean")
@@ -29,8 +38,29 @@ class Mean(Aggregator):
         participants: Tensor | None = None,
         weights: Tensor | None = None,
         mode: Mode = "fill",
+        info: dict[str, object] | None = None,
     ) -> Tensor:
         check_choice(self._owner(), "mode", mode, MODES)
         _check_inputs(updates, masks, global_model, participants, weights)
         fn = psofed_server_step if mode == "fill" else reporters_mean
         return fn(updates, masks, global_model, weights=weights, participants=participants)
+
+    def indexed(
+        self,
+        values: Tensor | Sequence[Tensor],
+        index: Tensor | Sequence[Tensor | None],
+        global_model: Tensor,
+        *,
+        participants: Tensor | None = None,
+        weights: Tensor | None = None,
+        mode: Mode = "fill",
+    ) -> Tensor | None:
+        """The same step on index lists (``None``: use the dense form)."""
+        check_choice(self._owner(), "mode", mode, MODES)
+        if mode == "fill":
+            return psofed_server_step_indexed(values, index, global_model, weights=weights,
+                                              participants=participants)
+        if isinstance(values, Tensor) and isinstance(index, Tensor):
+            return reporters_mean_indexed(values, index, global_model, weights=weights,
+                                          participants=participants)
+        return None

@@ -12,6 +12,7 @@ own value, so each coordinate moves part-way in proportion to how many participa
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -22,7 +23,9 @@ __all__ = [
     "effective_masks",
     "fill_unshared",
     "psofed_server_step",
+    "psofed_server_step_indexed",
     "reporters_mean",
+    "reporters_mean_indexed",
     "server_weights",
 ]
 
@@ -161,4 +164,115 @@ def reporters_mean(
     num = (wm * vals).sum(dim=-2)
     reported = total > 0
     return torch.where(reported, num / torch.where(reported, total, torch.ones_like(total)),
+                       global_model)
+
+
+# ------------------------------------------------------------------ index-list forms
+def _indexed_weights(lead: torch.Size, weights: Tensor | None, participants: Tensor | None,
+                     dtype: torch.dtype, device: torch.device) -> Tensor:
+    if weights is None:
+        part = (torch.ones(lead, dtype=torch.bool, device=device) if participants is None
+                else participants.to(torch.bool))
+        return server_weights(part, "participants", dtype=dtype)
+    if weights.shape != lead:
+        raise ValueError(f"weights shape {tuple(weights.shape)} must be {tuple(lead)}")
+    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+        raise ValueError("weights must be finite and non-negative")
+    w = weights.to(dtype)
+    if participants is not None:
+        w = w * participants.to(dtype)
+    return w
+
+
+def _check_indexed(values: Tensor, index: Tensor, global_model: Tensor) -> None:
+    if index.shape != values.shape or values.dim() < 2:
+        raise ValueError(f"values {tuple(values.shape)} and index {tuple(index.shape)} must "
+                         "both be [..., K, M]")
+    if global_model.shape[:-1] != values.shape[:-2]:
+        raise ValueError(f"global_model shape {tuple(global_model.shape)} does not match "
+                         f"values {tuple(values.shape)}")
+
+
+def psofed_server_step_indexed(
+    values: Tensor | Sequence[Tensor],
+    index: Tensor | Sequence[Tensor | None],
+    global_model: Tensor,
+    weights: Tensor | None = None,
+    participants: Tensor | None = None,
+) -> Tensor:
+    """PSO-Fed's step ``g + Σ_k ω_k T_k (u_k − g)`` from index lists, touching only sent entries.
+
+    Stacked: ``values``/``index`` ``[..., K, M]`` (``participants`` ``[..., K]`` masks padding
+    slots, whose values are never read). Sequences (one round's replies, ``M`` may differ;
+    ``None`` index = dense): replies sharing one index tensor object are accumulated in the
+    compact ``M``-long space and scattered once, and each reply costs one axpy pass
+    (``(1 − Σω) g_m + Σ ω_k u_k``, the order of Flower's FedAvg); float32 models accumulate in
+    float32 like FedAvg's numpy mean.
+    """
+    if isinstance(values, Tensor):
+        if not isinstance(index, Tensor):
+            raise TypeError("stacked values need a stacked index tensor")
+        _check_indexed(values, index, global_model)
+        lead = values.shape[:-1]
+        w = _indexed_weights(lead, weights, participants, values.dtype, values.device)
+        idx = index.long().reshape(*lead[:-1], -1)
+        diff = values - global_model.gather(-1, idx).view(values.shape)
+        if participants is not None:  # padding slots: never read (0 * inf would be NaN)
+            diff = diff.masked_fill_(~participants.to(torch.bool).unsqueeze(-1), 0.0)
+        diff.mul_(w.unsqueeze(-1))
+        acc = torch.zeros_like(global_model).scatter_add_(-1, idx, diff.reshape(idx.shape))
+        return global_model + acc
+    vals = list(values)
+    idxs = list(index)
+    if len(idxs) != len(vals):
+        raise ValueError(f"{len(vals)} values but {len(idxs)} index entries")
+    if global_model.dim() != 1:
+        raise ValueError("sequence form takes a 1-D global model")
+    acc_dtype = torch.float32 if global_model.dtype == torch.float32 else torch.float64
+    w: list[float] = _indexed_weights(torch.Size([len(vals)]), weights, participants,
+                                      torch.float64, global_model.device).tolist()
+    g = global_model.to(acc_dtype)
+    groups: dict[int, list[int]] = {}
+    for k, ix in enumerate(idxs):
+        if ix is not None and ix.numel() == 0:
+            continue
+        groups.setdefault(-1 if ix is None else id(ix), []).append(k)
+    out: Tensor | None = None
+    for key, members in groups.items():
+        ix = idxs[members[0]]
+        g_m = g if ix is None else g.index_select(0, ix.long())
+        comp = g_m * (1.0 - sum(w[k] for k in members))
+        for k in members:
+            comp.add_(vals[k].to(acc_dtype), alpha=w[k])
+        if key == -1:
+            out = comp if out is None else out.add_(comp - g)
+        else:
+            if out is None:
+                out = g.clone()
+            out.index_add_(0, ix.long(), comp - g_m)  # type: ignore[union-attr]
+    if out is None:
+        out = g.clone()
+    return out.to(global_model.dtype)
+
+
+def reporters_mean_indexed(
+    values: Tensor,
+    index: Tensor,
+    global_model: Tensor,
+    weights: Tensor | None = None,
+    participants: Tensor | None = None,
+) -> Tensor:
+    """:func:`reporters_mean` from stacked index lists ``[..., K, M]``."""
+    _check_indexed(values, index, global_model)
+    lead = values.shape[:-1]
+    w = _indexed_weights(lead, weights, participants, values.dtype, values.device)
+    idx = index.long().reshape(*lead[:-1], -1)
+    wm = w.unsqueeze(-1).expand(values.shape)
+    v = values
+    if participants is not None:
+        v = v.masked_fill(~participants.to(torch.bool).unsqueeze(-1), 0.0)
+    num = torch.zeros_like(global_model).scatter_add_(-1, idx, (wm * v).reshape(idx.shape))
+    den = torch.zeros_like(global_model).scatter_add_(-1, idx, wm.reshape(idx.shape))
+    reported = den > 0
+    return torch.where(reported, num / torch.where(reported, den, torch.ones_like(den)),
                        global_model)
