@@ -229,7 +229,7 @@ def psofed_server_step_indexed(
     if global_model.dim() != 1:
         raise ValueError("sequence form takes a 1-D global model")
     acc_dtype = torch.float32 if global_model.dtype == torch.float32 else torch.float64
-    w: list[float] = _indexed_weights(torch.Size([len(vals)]), weights, participants,
+    wl: list[float] = _indexed_weights(torch.Size([len(vals)]), weights, participants,
                                       torch.float64, global_model.device).tolist()
     g = global_model.to(acc_dtype)
     groups: dict[int, list[int]] = {}
@@ -241,9 +241,9 @@ def psofed_server_step_indexed(
     for key, members in groups.items():
         ix = idxs[members[0]]
         g_m = g if ix is None else g.index_select(0, ix.long())
-        comp = g_m * (1.0 - sum(w[k] for k in members))
+        comp = g_m * (1.0 - sum(wl[k] for k in members))
         for k in members:
-            comp.add_(vals[k].to(acc_dtype), alpha=w[k])
+            comp.add_(vals[k].to(acc_dtype), alpha=wl[k])
         if key == -1:
             out = comp if out is None else out.add_(comp - g)
         else:
