@@ -14,6 +14,8 @@ $(VENV)/.installed: pyproject.toml
 	# torch/torchvision first, pinned: these lie on local disk here (see DEVELOPERS notes in README)
 	$(PY) -m pip install torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -e ".[dev,plot]"
+	# test-only oracle for the robust aggregators; its declared deps would pull another torch
+	$(PY) -m pip install --no-deps byzfl==0.0.11
 	touch $@
 
 install: $(VENV)/.installed
