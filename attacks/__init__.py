@@ -20,7 +20,6 @@ from attacks import (  # noqa: F401  (each import registers its attack)
     sign_flip,
     zero,
 )
-from attacks._params import ParamError
 from attacks.base import (
     Attack,
     AttackContext,
@@ -33,6 +32,8 @@ from attacks.base import (
     shared_masks,
     write_shared,
 )
+from psfed_robust.params import ParamError
+from psfed_robust.registry import import_submodules
 
 __all__ = [
     "Attack",
@@ -49,14 +50,4 @@ __all__ = [
 ]
 
 
-def _import_all_modules() -> None:
-    """Import every module of this folder, so dropping a new file in registers it."""
-    import importlib
-    import pkgutil
-
-    for info in pkgutil.iter_modules(__path__):
-        if not info.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{info.name}")
-
-
-_import_all_modules()
+import_submodules(__name__, __path__)  # files dropped into this folder register too

@@ -20,6 +20,7 @@ coordinates it does not share), ``mu``/``sigma`` per coordinate over the honest 
 attacker's vector is ``mask_k * (mu + gamma_k p)``, so every attacker row gets its own ``gamma_k``.
 ``||mask_k (mu + gamma p) - x_i||^2`` is a quadratic in gamma whose coefficients come from three
 matmuls, so the search runs on ``[..., K]`` scalars (float64), vectorised over runs and attackers.
+The chosen gamma per row (NaN for inactive rows) goes to ``ctx.info["gamma"]``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attacks._params import check_choice, check_int, check_real
 from attacks.base import (
     Attack,
     AttackContext,
@@ -35,6 +35,7 @@ from attacks.base import (
     shared_masks,
     write_shared,
 )
+from psfed_robust.params import check_choice, check_int, check_real
 
 DIRECTIONS = ("unit_vec", "std", "sign")
 
@@ -54,16 +55,13 @@ class AGRAgnostic(Attack):
         threshold: float = 1e-5,
         max_iter: int = 200,
         ddof: int = 0,
-        persistent: bool = False,
     ) -> None:
-        super().__init__(persistent=persistent)
         o = self._owner()
         self.direction = check_choice(o, "direction", direction, DIRECTIONS)
         self.gamma_init = check_real(o, "gamma_init", gamma_init, low=0.0, low_open=True)
         self.threshold = check_real(o, "threshold", threshold, low=0.0, low_open=True)
         self.max_iter = check_int(o, "max_iter", max_iter, low=1)
         self.ddof = check_int(o, "ddof", ddof, low=0, high=1)
-        self.last_gamma: Tensor | None = None
 
     def perturbation(self, mu: Tensor, sigma: Tensor) -> Tensor:
         """The direction ``p`` ``[..., D]``."""
@@ -127,13 +125,12 @@ class AGRAgnostic(Attack):
     def __call__(self, deltas: Tensor, ctx: AttackContext) -> Tensor:
         act = self.active_rows(deltas, ctx)
         if not bool(act.any()):
-            self.last_gamma = None
             return deltas
         mu, sigma, count = honest_statistics(deltas, ctx, ddof=self.ddof)
         p = self.perturbation(mu, sigma)
         a, b, c, pair, h = self.quadratic(deltas, ctx, mu, p)
         gamma = self.search(a, b, c, pair, h)
         gamma = torch.where(h.any(-1, keepdim=True), gamma, torch.zeros_like(gamma))
-        self.last_gamma = torch.where(act, gamma, torch.full_like(gamma, float("nan")))
+        ctx.info["gamma"] = torch.where(act, gamma, torch.full_like(gamma, float("nan")))
         crafted = mu.unsqueeze(-2) + gamma.to(deltas.dtype).unsqueeze(-1) * p.unsqueeze(-2)
         return write_shared(deltas, crafted, ctx, count > 0)

@@ -5,7 +5,7 @@ the same vector), mask-aware statistics: ``mu`` and ``sigma`` are computed per c
 honest participants that report it (``ctx.masks``); the crafted value is written only on the
 attacker's shared coordinates.
 
-``z`` (testbeds.md §2.1), with ``n`` clients and ``f`` attackers and ``s = floor(n/2 + 1) - f``:
+``z``, with ``n`` clients and ``f`` attackers and ``s = floor(n/2 + 1) - f``:
 
 - ``"paper"``: ``z = Phi^-1((n - s) / n)`` (the paper's z_max);
 - ``"karimireddy"``: ``z = Phi^-1((n - f - s) / (n - f))`` (Karimireddy et al., Blades, FLPoison);
@@ -14,7 +14,7 @@ attacker's shared coordinates.
 ``n`` defaults to the round's participants and ``f`` to the active malicious rows (per run); pass
 them to pin the values. When ``s <= 0`` the probability leaves (0, 1); it is clipped to
 ``[1e-6, 1 - 1e-6]`` so z stays finite (|z| <= 4.75). Uses ``Phi^-1`` (``ndtri``), never ``Phi``
-(the FLANDERS/NDSS slip). The chosen z per run is kept in ``last_z``.
+(the FLANDERS/NDSS slip). The chosen z per run goes to ``ctx.info["z"]``.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attacks._params import check_choice, check_int, check_real
 from attacks.base import Attack, AttackContext, honest_statistics, register_attack, write_shared
+from psfed_robust.params import check_choice, check_int, check_real
 
 Z_MODES = ("paper", "karimireddy", "fixed")
 
@@ -57,9 +57,7 @@ class ALIE(Attack):
         ddof: int = 1,
         n: int | None = None,
         f: int | None = None,
-        persistent: bool = False,
     ) -> None:
-        super().__init__(persistent=persistent)
         o = self._owner()
         self.z_mode = check_choice(o, "z_mode", z_mode, Z_MODES)
         self.z = check_real(o, "z", z)
@@ -67,7 +65,6 @@ class ALIE(Attack):
         self.ddof = check_int(o, "ddof", ddof, low=0, high=1)
         self.n = None if n is None else check_int(o, "n", n, low=1)
         self.f = None if f is None else check_int(o, "f", f, low=0, high=self.n)
-        self.last_z: Tensor | None = None
 
     def z_value(self, deltas: Tensor, ctx: AttackContext) -> Tensor:
         """z per run ``[...]`` (float64)."""
@@ -87,7 +84,7 @@ class ALIE(Attack):
     def __call__(self, deltas: Tensor, ctx: AttackContext) -> Tensor:
         mu, sigma, count = honest_statistics(deltas, ctx, ddof=self.ddof)
         z = self.z_value(deltas, ctx)
-        self.last_z = z
+        ctx.info["z"] = z
         sign = 1.0 if self.direction == "plus" else -1.0
         zz = (sign * z).to(device=deltas.device, dtype=deltas.dtype).unsqueeze(-1)
         crafted = mu + zz * sigma

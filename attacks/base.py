@@ -7,20 +7,23 @@ stochastic attacks, rows where the attack fires) may differ from the input. Lead
 
 Threat model is declared by class attributes so engines can route attacks (FLPoison-style
 capability tags): ``omniscient`` (sees the honest deltas of the round), ``mask_aware`` (uses the
-uplink masks), ``kind`` ("model" poisons updates, "data" poisons training labels).
+uplink masks), ``kind`` ("model" poisons updates, "data" poisons training labels). Whether the
+attacker keeps its poisoned model (persistent vs transmit-only) is the engine's threat-model
+setting, not an attack parameter. An attack keeps nothing on ``self``: run state lives in
+``ctx.state``, per-round diagnostics go to ``ctx.info``.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor
 
-from attacks._params import ParamError, check_bool, unknown_params
+from psfed_robust.params import ParamError
+from psfed_robust.registry import FunctionAdapter, Registrable, Registry
 
 if TYPE_CHECKING:
     from defenses.base import Aggregator
@@ -30,6 +33,7 @@ __all__ = [
     "AttackContext",
     "FunctionAttack",
     "ParamError",
+    "attack_class",
     "get_attack",
     "honest_statistics",
     "list_attacks",
@@ -41,7 +45,13 @@ __all__ = [
 
 @dataclass
 class AttackContext:
-    """What the attacker may know in one round (shapes: ``...`` leading batch dims)."""
+    """What the attacker may know in one round (shapes: ``...`` leading batch dims).
+
+    ``state`` is the attack's explicit run state: the engine creates it empty at the start of a
+    run block (per adversary) and passes the same dict every round, so a stateful attack reads and
+    writes it there and gives the same result with any number of worker threads. ``info`` is
+    fresh each round and receives diagnostics (``fired``, ``gamma``, ``z``).
+    """
 
     round: int
     generator: torch.Generator  # explicit RNG (same device as the tensors)
@@ -51,9 +61,11 @@ class AttackContext:
     participants: Tensor | None  # [..., K] bool, None = all
     honest: Tensor | None = None  # [..., K, D] honest deltas of the round (omniscient only)
     aggregator: Aggregator | None = None  # the server's rule (adaptive attacks may query it)
+    state: dict[str, Any] = field(default_factory=dict)  # persistent per run block / adversary
+    info: dict[str, Any] = field(default_factory=dict)  # this round's diagnostics
 
 
-class Attack:
+class Attack(Registrable):
     """Base class: subclass, set ``name`` via ``@register_attack(name)`` and implement ``craft``.
 
     Subclasses either override ``__call__`` entirely or implement ``craft(deltas, ctx) -> Tensor``
@@ -62,34 +74,10 @@ class Attack:
     keyword-only: ``get_attack`` validates names against the constructor signature.
     """
 
-    name: ClassVar[str] = ""
+    registry_label: ClassVar[str] = "attack"
     omniscient: ClassVar[bool] = False  # needs ctx.honest (honest deltas of the round)
     mask_aware: ClassVar[bool] = False  # uses ctx.masks
     kind: ClassVar[str] = "model"  # "model" (update poisoning) or "data" (training data)
-    persistent: bool = False  # engine writes reference + attacked delta into the local model
-
-    def __init__(self, *, persistent: bool = False) -> None:
-        self.persistent = check_bool(self._owner(), "persistent", persistent)
-
-    # ------------------------------------------------------------------ helpers
-    @classmethod
-    def _owner(cls) -> str:
-        return f"attack {cls.name!r}"
-
-    @classmethod
-    def param_names(cls) -> tuple[str, ...]:
-        """Keyword parameters accepted by ``get_attack(name, **params)``."""
-        sig = inspect.signature(cls.__init__)
-        return tuple(
-            p.name
-            for p in sig.parameters.values()
-            if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-        )
-
-    @property
-    def params(self) -> dict[str, Any]:
-        """Current parameter values (for result records)."""
-        return {n: getattr(self, n) for n in self.param_names() if hasattr(self, n)}
 
     @staticmethod
     def active_rows(deltas: Tensor, ctx: AttackContext) -> Tensor:
@@ -124,46 +112,24 @@ class Attack:
         crafted = self.craft(deltas, ctx).to(deltas.dtype).expand_as(deltas)
         return torch.where(rows.unsqueeze(-1), crafted, deltas)
 
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
-        return f"{type(self).__name__}({args})"
 
-
-class FunctionAttack(Attack):
+class FunctionAttack(FunctionAdapter, Attack):
     """Adapter for a decorated function ``f(deltas, ctx, **params) -> deltas``.
 
     The function returns the full ``[..., K, D]`` tensor; rows outside ``malicious &
     participants`` are restored from the input, so a function cannot touch honest rows by mistake.
     """
 
-    func: ClassVar[Callable[..., Tensor]]
-    defaults: ClassVar[dict[str, Any]] = {}
-
-    def __init__(self, *, persistent: bool = False, **params: Any) -> None:
-        super().__init__(persistent=persistent)
-        unknown_params(self._owner(), params, self.defaults)
-        self.kwargs = {**self.defaults, **params}
-
-    @classmethod
-    def param_names(cls) -> tuple[str, ...]:
-        return ("persistent", *cls.defaults)
-
-    @property
-    def params(self) -> dict[str, Any]:
-        return {"persistent": self.persistent, **self.kwargs}
-
     def __call__(self, deltas: Tensor, ctx: AttackContext) -> Tensor:
-        out = type(self).func(deltas, ctx, **self.kwargs)
-        if out.shape != deltas.shape:
-            raise ValueError(
-                f"{self._owner()}: returned shape {tuple(out.shape)}, "
-                f"expected {tuple(deltas.shape)}"
-            )
+        out = self.call(deltas, ctx)
+        if not isinstance(out, Tensor) or out.shape != deltas.shape:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"{self._owner()}: returned {got}, expected {tuple(deltas.shape)}")
         rows = self.active_rows(deltas, ctx)
         return torch.where(rows.unsqueeze(-1), out.to(deltas.dtype), deltas)
 
 
-_REGISTRY: dict[str, type[Attack]] = {}
+_REGISTRY: Registry[Attack] = Registry("attack", Attack, FunctionAttack, skip_first=2)
 _T = TypeVar("_T")
 
 
@@ -181,76 +147,24 @@ def register_attack(
     Re-registering a name with a different object raises (silently shadowing an attack would make
     scenario files ambiguous).
     """
-    if not isinstance(name, str) or not name.isidentifier():
-        raise ParamError(f"register_attack: name must be an identifier string, got {name!r}")
     if kind not in ("model", "data"):
         raise ParamError(f"register_attack: 'kind' must be one of 'model', 'data', got {kind!r}")
-
-    def deco(obj: _T) -> _T:
-        if isinstance(obj, type) and issubclass(obj, Attack):
-            cls: type[Attack] = obj
-            cls.name = name
-        elif callable(obj) and not isinstance(obj, type):
-            sig = inspect.signature(obj)
-            params = list(sig.parameters.values())
-            if len(params) < 2:
-                raise ParamError(
-                    f"register_attack({name!r}): function must take (deltas, ctx, **params)"
-                )
-            defaults = {p.name: p.default for p in params[2:] if p.default is not p.empty}
-            missing = [
-                p.name for p in params[2:] if p.default is p.empty and p.kind != p.VAR_KEYWORD
-            ]
-            if missing:
-                raise ParamError(
-                    f"register_attack({name!r}): parameters {missing} need default values"
-                )
-            cls = type(
-                f"{getattr(obj, '__name__', 'Function')}Attack",
-                (FunctionAttack,),
-                {
-                    "func": staticmethod(obj),
-                    "defaults": defaults,
-                    "name": name,
-                    "omniscient": omniscient,
-                    "mask_aware": mask_aware,
-                    "kind": kind,
-                    "__doc__": obj.__doc__,
-                },
-            )
-        else:
-            raise ParamError(
-                f"register_attack({name!r}): expected an Attack subclass or a function, got {obj!r}"
-            )
-        prev = _REGISTRY.get(name)
-        if prev is not None and prev.__qualname__ != cls.__qualname__:
-            raise ParamError(f"register_attack: name {name!r} is already registered to {prev!r}")
-        _REGISTRY[name] = cls
-        return obj
-
-    return deco
+    return _REGISTRY.register(name, omniscient=omniscient, mask_aware=mask_aware, kind=kind)
 
 
 def list_attacks() -> list[str]:
     """Sorted names of the registered attacks."""
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def attack_class(name: str) -> type[Attack]:
     """The registered class for ``name`` (error names the allowed attacks)."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ParamError(
-            f"unknown attack {name!r}; allowed: {', '.join(list_attacks()) or '(none registered)'}"
-        ) from None
+    return _REGISTRY.cls(name)
 
 
 def get_attack(name: str, **params: Any) -> Attack:
     """Build the attack registered as ``name``; unknown names/params raise ``ParamError``."""
-    cls = attack_class(name)
-    unknown_params(f"attack {name!r}", params, cls.param_names())
-    return cls(**params)
+    return _REGISTRY.get(name, **params)
 
 
 def shared_masks(deltas: Tensor, ctx: AttackContext) -> Tensor:

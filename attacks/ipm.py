@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from attacks._params import check_real
 from attacks.base import Attack, AttackContext, honest_statistics, register_attack, write_shared
+from psfed_robust.params import check_real
 
 
 @register_attack("ipm")
@@ -23,8 +23,7 @@ class IPM(Attack):
     omniscient = True
     mask_aware = True
 
-    def __init__(self, *, epsilon: float = 0.1, persistent: bool = False) -> None:
-        super().__init__(persistent=persistent)
+    def __init__(self, *, epsilon: float = 0.1) -> None:
         self.epsilon = check_real(self._owner(), "epsilon", epsilon, low=0.0)
 
     def __call__(self, deltas: Tensor, ctx: AttackContext) -> Tensor:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attacks._params import ParamError, check_real
 from attacks.base import Attack, AttackContext, register_attack
+from psfed_robust.params import ParamError, check_real
 
 
 @register_attack("label_flip")
@@ -21,8 +21,7 @@ class LabelFlip(Attack):
 
     kind = "data"
 
-    def __init__(self, *, p: float = 1.0, persistent: bool = False) -> None:
-        super().__init__(persistent=persistent)
+    def __init__(self, *, p: float = 1.0) -> None:
         self.p = check_real(self._owner(), "p", p, low=0.0, high=1.0)
 
     def poison_labels(

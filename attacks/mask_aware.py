@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attacks._params import check_choice, check_real
 from attacks.base import Attack, AttackContext, register_attack, shared_masks
+from psfed_robust.params import check_choice, check_real
 
 BASES = ("gaussian", "sign_flip")
 
@@ -38,15 +38,12 @@ class MaskAware(Attack):
         budget: float | None = None,
         p_a: float = 1.0,
         base: str = "gaussian",
-        persistent: bool = False,
     ) -> None:
-        super().__init__(persistent=persistent)
         o = self._owner()
         self.sigma = check_real(o, "sigma", sigma, low=0.0)
         self.budget = None if budget is None else check_real(o, "budget", budget, low=0.0)
         self.p_a = check_real(o, "p_a", p_a, low=0.0, high=1.0)
         self.base = check_choice(o, "base", base, BASES)
-        self.last_fired: Tensor | None = None
 
     def energy(self, d: int) -> float:
         """Total squared norm of one perturbation (``sigma^2 D`` unless ``budget`` is set)."""
@@ -56,7 +53,7 @@ class MaskAware(Attack):
         g, dev, dt = ctx.generator, deltas.device, deltas.dtype
         u = torch.rand(deltas.shape[:-1], generator=g, device=dev, dtype=dt)
         fired = self.active_rows(deltas, ctx) & (u < self.p_a)
-        self.last_fired = fired
+        ctx.info["fired"] = fired
         m = shared_masks(deltas, ctx)
         mf = m.to(dt)
         count = mf.sum(-1, keepdim=True)

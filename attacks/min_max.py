@@ -2,7 +2,7 @@
 distance to an honest delta stays below the largest honest pairwise distance.
 
 Threat model: omniscient (honest deltas of the round), colluding, mask-aware (see
-``attacks._agr_agnostic``). The chosen gamma per attacker row is kept in ``last_gamma``.
+``attacks._agr_agnostic``). The chosen gamma per attacker row goes to ``ctx.info["gamma"]``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 distance to the honest deltas stays below the smallest such sum of an honest delta.
 
 Threat model: omniscient (honest deltas of the round), colluding, mask-aware (see
-``attacks._agr_agnostic``). The chosen gamma per attacker row is kept in ``last_gamma``.
+``attacks._agr_agnostic``). The chosen gamma per attacker row goes to ``ctx.info["gamma"]``.
 """
 
 from __future__ import annotations

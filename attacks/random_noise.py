@@ -10,16 +10,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attacks._params import check_real
 from attacks.base import Attack, AttackContext, register_attack
+from psfed_robust.params import check_real
 
 
 @register_attack("random")
 class RandomUpdate(Attack):
     """Send pure Gaussian noise with std ``sigma``."""
 
-    def __init__(self, *, sigma: float = 1.0, persistent: bool = False) -> None:
-        super().__init__(persistent=persistent)
+    def __init__(self, *, sigma: float = 1.0) -> None:
         self.sigma = check_real(self._owner(), "sigma", sigma, low=0.0)
 
     def craft(self, deltas: Tensor, ctx: AttackContext) -> Tensor:

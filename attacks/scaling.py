@@ -9,16 +9,15 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from attacks._params import check_real
 from attacks.base import Attack, AttackContext, register_attack
+from psfed_robust.params import check_real
 
 
 @register_attack("scaling")
 class Scaling(Attack):
     """Send ``factor * delta``."""
 
-    def __init__(self, *, factor: float = 10.0, persistent: bool = False) -> None:
-        super().__init__(persistent=persistent)
+    def __init__(self, *, factor: float = 10.0) -> None:
         self.factor = check_real(self._owner(), "factor", factor)
 
     def craft(self, deltas: Tensor, ctx: AttackContext) -> Tensor:

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from attacks._params import check_real
 from attacks.base import Attack, AttackContext, register_attack
+from psfed_robust.params import check_real
 
 
 @register_attack("sign_flip")
 class SignFlip(Attack):
     """Send ``-scale * delta`` instead of ``delta``."""
 
-    def __init__(self, *, scale: float = 1.0, persistent: bool = False) -> None:
-        super().__init__(persistent=persistent)
+    def __init__(self, *, scale: float = 1.0) -> None:
         self.scale = check_real(self._owner(), "scale", scale, low=0.0)
 
     def craft(self, deltas: Tensor, ctx: AttackContext) -> Tensor:

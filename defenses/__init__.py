@@ -27,6 +27,7 @@ from defenses.base import (
     list_defenses,
     register_defense,
 )
+from psfed_robust.registry import import_submodules
 
 __all__ = [
     "Aggregator",
@@ -40,14 +41,4 @@ __all__ = [
 ]
 
 
-def _import_all_modules() -> None:
-    """Import every module of this folder, so dropping a new file in registers it."""
-    import importlib
-    import pkgutil
-
-    for info in pkgutil.iter_modules(__path__):
-        if not info.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{info.name}")
-
-
-_import_all_modules()
+import_submodules(__name__, __path__)  # files dropped into this folder register too

@@ -3,11 +3,17 @@
 Squared Euclidean distances come from one Gram matmul on vectors centred at the global model
 (``||a||^2 + ||b||^2 - 2 a.b``, clamped at 0) - never a Python loop over pairs.
 
-Reporters mode (partial updates): the distance between clients i and j uses only the coordinates
-both reported, rescaled to the full dimension:
-``d_ij = D * sum_d m_i m_j (x_i - x_j)^2 / sum_d m_i m_j`` (``+inf`` with no overlap, i.e. never a
-neighbour). The rescaling keeps pairs with small and large overlaps comparable; with dense masks it
-is the plain squared distance.
+Reporters mode (partial updates): clients share different coordinate sets, so the distance
+between clients i and j is estimated from the ``o_ij`` coordinates both reported, normalised per
+overlapping coordinate and rescaled to the full dimension:
+``d_ij = D * sum_d m_i m_j (x_i - x_j)^2 / o_ij``. A pair with ``o_ij < min_overlap`` has no
+distance. With dense masks it is the plain squared distance.
+
+Missing or non-finite distances count against a client, never for it: they are ``+inf``, and a
+Krum score (the sum of a client's ``k`` smallest distances) that needs one of them is ``+inf``.
+So a client needs ``k`` comparable neighbours with finite distances to be selectable; a client
+whose update holds inf/NaN, or whose mask overlaps too few others, is never selected (before,
+missing terms were dropped from the sum, which favoured exactly those clients).
 """
 
 from __future__ import annotations
@@ -17,10 +23,16 @@ from torch import Tensor
 
 
 def sq_distances(
-    x: Tensor, global_model: Tensor, part: Tensor, masks: Tensor | None = None
+    x: Tensor,
+    global_model: Tensor,
+    part: Tensor,
+    masks: Tensor | None = None,
+    min_overlap: int = 1,
 ) -> Tensor:
-    """``[..., K, K]`` squared distances between participants (``inf`` elsewhere and on the
-    diagonal). ``masks`` given = reporters-mode overlap distances (see module doc)."""
+    """``[..., K, K]`` squared distances between participants; ``+inf`` for non-participants,
+    the diagonal, non-finite values and (``masks`` given: reporters mode) pairs overlapping on
+    fewer than ``min_overlap`` coordinates."""
+    inf = torch.full((), float("inf"), dtype=x.dtype, device=x.device)
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
     keep = part.unsqueeze(-1) if masks is None else (masks & part.unsqueeze(-1))
     y = x - global_model.unsqueeze(-2)
@@ -33,41 +45,39 @@ def sq_distances(
         d = sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2 * gram
     else:
         m = keep.to(x.dtype)
-        y2 = y.square()
-        a = y2 @ m.transpose(-1, -2)  # [i, j] = sum_d m_j y_i^2 ; its transpose is the j-term
+        a = y.square() @ m.transpose(-1, -2)  # [i, j] = sum_d m_j y_i^2 ; its transpose: j-term
         num = a + a.transpose(-1, -2) - 2 * (y @ yt)
         overlap = m @ m.transpose(-1, -2)
-        d = torch.where(
-            overlap > 0,
-            num.clamp_min(0.0) * x.shape[-1] / overlap.clamp_min(1.0),
-            torch.full((), float("inf"), dtype=x.dtype, device=x.device),
-        )
-    d = d.clamp_min(0.0)
+        d = num.clamp_min(0.0) * x.shape[-1] / overlap.clamp_min(1.0)
+        d = torch.where(overlap >= max(min_overlap, 1), d, inf)
+    d = torch.where(torch.isnan(d), inf, d.clamp_min(0.0))
     k = x.shape[-2]
     pair = part.unsqueeze(-1) & part.unsqueeze(-2)
     pair = pair & ~torch.eye(k, dtype=torch.bool, device=x.device)
-    return torch.where(pair, d, torch.full((), float("inf"), dtype=x.dtype, device=x.device))
+    return torch.where(pair, d, inf)
 
 
 def krum_scores(d: Tensor, alive: Tensor, f: int) -> Tensor:
-    """Krum score per row: sum of its ``max(1, n - f - 2)`` smallest distances to other alive rows
-    (``n`` alive rows per run, as Flower's ``aggregate_krum``); ``inf`` for dead rows."""
+    """Krum score per row: the sum of its ``k = n - f - 2`` smallest distances to the other alive
+    rows (``n`` alive rows per run). ``+inf`` for dead rows and wherever one of the ``k``
+    distances is ``+inf`` (missing or non-finite: see the module doc). Only Bulyan's later
+    iterations reach ``n - f - 2 < 1``; there, as in Flower's ``aggregate_krum``, ``k`` is at least
+    1 but never more than the ``n - 1`` other rows (a lone row scores 0)."""
     inf = torch.full((), float("inf"), dtype=d.dtype, device=d.device)
     pair = alive.unsqueeze(-1) & alive.unsqueeze(-2)
-    dd = torch.where(pair, d, inf)
-    srt = dd.sort(dim=-1).values
+    srt = torch.where(pair, d, inf).sort(dim=-1).values
     n = alive.sum(-1, keepdim=True)
-    k = (n - f - 2).clamp_min(1).unsqueeze(-1)
+    k = torch.minimum((n - f - 2).clamp_min(1), (n - 1).clamp_min(0)).unsqueeze(-1)
     ranks = torch.arange(d.shape[-1], device=d.device)
-    take = (ranks < k) & torch.isfinite(srt)
-    scores = torch.where(take, srt, torch.zeros((), dtype=d.dtype, device=d.device)).sum(-1)
+    zero = torch.zeros((), dtype=d.dtype, device=d.device)
+    scores = torch.where(ranks < k, srt, zero).sum(-1)
     return torch.where(alive, scores, inf)
 
 
 def lowest(scores: Tensor, alive: Tensor, m: Tensor) -> Tensor:
-    """``[..., K]`` bool: the ``m`` (per run, ``[..., 1]``) alive rows with the lowest scores
-    (ties broken by index)."""
+    """``[..., K]`` bool: the ``m`` (per run, ``[..., 1]``) alive rows with the lowest finite
+    scores (ties broken by index); rows with a ``+inf`` score are never selected."""
     order = torch.sort(scores, dim=-1, stable=True).indices
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
-    return alive & (rank < m)
+    return alive & (rank < m) & torch.isfinite(scores)

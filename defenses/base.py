@@ -1,35 +1,41 @@
 """Aggregator interface and registry (contract: docs/contracts.md, "Defenses").
 
-``Aggregator.__call__(updates, masks, global_model, *, participants, weights, mode)`` returns the
-new global model ``[..., D]``. Two views of partial updates (DESIGN.md):
+``Aggregator.__call__(updates, masks, global_model, *, participants, weights, mode, info)`` returns
+the new global model ``[..., D]``. Two views of partial updates:
 
 - ``fill``: each participant's unshared entries are replaced by ``global_model`` (PSO-Fed's server
   step); the dense rule then runs over the participants' filled vectors (``dense``).
 - ``reporters``: per coordinate, the rule runs over the participants that reported it
   (``reporters``); coordinates nobody reported keep ``global_model``'s value.
 
-Subclasses implement ``dense`` and ``reporters``; coordinate-wise rules subclass
-``CoordinatewiseAggregator`` and implement one masked kernel used by both modes. Never infer a mask
-from zero values; never divide by the number of clients when not all of them reported a coordinate.
+``__call__`` validates the inputs and the rule's precondition on the participant count
+(``check_participants``) once, then calls ``aggregate``, which by default routes to ``dense`` or
+``reporters``; coordinate-wise rules subclass ``CoordinatewiseAggregator`` and implement one masked
+kernel used by both modes. Diagnostics (e.g. Krum's selected rows) go to the ``info`` dict, never
+onto ``self``. Never infer a mask from zero values; never divide by the number of clients when not
+all of them reported a coordinate.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
 from torch import Tensor
 
-from attacks._params import ParamError, check_choice, unknown_params
 from psfed_robust.core.aggregation import fill_unshared
+from psfed_robust.params import ParamError, check_choice
+from psfed_robust.registry import FunctionAdapter, Registrable, Registry
 
 __all__ = [
     "Aggregator",
     "CoordinatewiseAggregator",
     "Mode",
     "ParamError",
+    "RoundInputs",
     "defense_class",
     "get_defense",
     "list_defenses",
@@ -72,34 +78,59 @@ def _check_inputs(
         )
 
 
-class Aggregator:
+@dataclass
+class RoundInputs:
+    """One call's validated inputs, as ``aggregate``, ``dense`` and ``reporters`` see them.
+
+    In ``dense`` (fill mode or dense input) ``x`` holds the participants' filled vectors and
+    ``valid`` is None; in ``reporters`` ``valid[..., k, d]`` says participant k sent coordinate d.
+    """
+
+    x: Tensor  # [..., K, D] client values
+    masks: Tensor | None  # [..., K, D] bool uplink masks as passed (None = dense)
+    global_model: Tensor  # [..., D]
+    participants: Tensor | None  # [..., K] bool as passed (None = all)
+    part: Tensor  # [..., K] bool participants (never None)
+    weights: Tensor | None  # [..., K] server weights (None = uniform over participants)
+    mode: Mode
+    info: dict[str, Any]  # receives the rule's diagnostics
+    valid: Tensor | None = None  # [..., K, D] reporters: masks & participants
+
+
+class Aggregator(Registrable):
     """Base class of server aggregation rules; register subclasses with ``@register_defense``.
 
     Constructor parameters must be keyword-only (``get_defense`` validates them against the
-    signature). ``uses_weights`` documents whether ``weights`` change the result.
+    signature). ``uses_weights`` documents whether ``weights`` change the result. A rule with a
+    precondition on the number of participants ``n`` (Krum: ``n > 2f + 2``) states it in
+    ``check_participants``; ``__call__`` applies it to the smallest non-zero participant count of
+    the batch, so a violating round raises instead of silently clamping.
     """
 
-    name: ClassVar[str] = ""
+    registry_label: ClassVar[str] = "defense"
     uses_weights: ClassVar[bool] = False
 
-    @classmethod
-    def _owner(cls) -> str:
-        return f"defense {cls.name!r}"
+    def check_participants(self, n: int) -> None:
+        """Raise ``ParamError`` (naming the rule, ``n`` and ``f``) if the rule is not defined for
+        ``n`` participants. Default: every ``n`` is fine."""
 
-    @classmethod
-    def param_names(cls) -> tuple[str, ...]:
-        """Keyword parameters accepted by ``get_defense(name, **params)``."""
-        sig = inspect.signature(cls.__init__)
-        return tuple(
-            p.name
-            for p in sig.parameters.values()
-            if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    def _needs(self, n: int, condition: str, hint: str = "") -> ParamError:
+        f = getattr(self, "f", None)
+        return ParamError(
+            f"{self._owner()}: needs {condition} participants (f={f}), got n={n}"
+            + (f"; {hint}" if hint else "")
         )
 
-    @property
-    def params(self) -> dict[str, Any]:
-        """Current parameter values (for result records)."""
-        return {n: getattr(self, n) for n in self.param_names() if hasattr(self, n)}
+    def _check_counts(self, updates: Tensor, participants: Tensor | None) -> None:
+        if type(self).check_participants is Aggregator.check_participants:
+            return
+        if participants is None:
+            self.check_participants(int(updates.shape[-2]))
+            return
+        counts = participants.to(torch.bool).sum(-1)
+        counts = counts[counts > 0]  # a round nobody joined keeps the global model
+        if counts.numel():
+            self.check_participants(int(counts.min()))
 
     def __call__(
         self,
@@ -110,43 +141,43 @@ class Aggregator:
         participants: Tensor | None = None,
         weights: Tensor | None = None,
         mode: Mode = "fill",
+        info: dict[str, Any] | None = None,
     ) -> Tensor:
-        """New global model ``[..., D]`` from client values ``[..., K, D]`` (see module doc)."""
+        """New global model ``[..., D]`` from client values ``[..., K, D]`` (see module doc).
+
+        ``info`` (optional) receives the rule's diagnostics of this call.
+        """
         check_choice(self._owner(), "mode", mode, MODES)
         _check_inputs(updates, masks, global_model, participants, weights)
+        if updates.shape[-2] == 0:
+            return global_model.clone()  # no client row at all: nothing to aggregate
+        self._check_counts(updates, participants)
         part = (
             torch.ones(updates.shape[:-1], dtype=torch.bool, device=updates.device)
             if participants is None
             else participants.to(torch.bool)
         )
-        if masks is not None and bool(masks.all()):
-            masks = None  # dense input: both modes coincide with the dense rule
-        if mode == "fill" or masks is None:
-            x = updates if masks is None else fill_unshared(updates, masks, global_model)
-            return self.dense(x, part, global_model, weights)
-        valid = masks & part.unsqueeze(-1)
-        return self.reporters(updates, valid, part, global_model, weights)
+        inputs = RoundInputs(
+            updates, masks, global_model, participants, part, weights, mode,
+            {} if info is None else info,
+        )
+        return self.aggregate(inputs)
 
-    def dense(
-        self, x: Tensor, part: Tensor, global_model: Tensor, weights: Tensor | None
-    ) -> Tensor:
-        """Dense rule over the rows ``x[..., k, :]`` with ``part[..., k]`` True."""
-        raise NotImplementedError
+    def aggregate(self, a: RoundInputs) -> Tensor:
+        """The rule on validated inputs; by default routes to ``dense`` or ``reporters``."""
+        masks = None if a.masks is not None and bool(a.masks.all()) else a.masks
+        if a.mode == "fill" or masks is None:  # dense input: both modes are the dense rule
+            x = a.x if masks is None else fill_unshared(a.x, masks, a.global_model)
+            return self.dense(replace(a, x=x, masks=masks))
+        return self.reporters(replace(a, valid=masks & a.part.unsqueeze(-1)))
 
-    def reporters(
-        self,
-        x: Tensor,
-        valid: Tensor,
-        part: Tensor,
-        global_model: Tensor,
-        weights: Tensor | None,
-    ) -> Tensor:
-        """Rule over each coordinate's reporters (``valid[..., k, d]`` = participant k sent d)."""
-        raise NotImplementedError
+    def dense(self, a: RoundInputs) -> Tensor:
+        """Dense rule over the rows ``a.x[..., k, :]`` with ``a.part[..., k]`` True."""
+        raise NotImplementedError(f"{type(self).__name__} must implement dense() or aggregate()")
 
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
-        return f"{type(self).__name__}({args})"
+    def reporters(self, a: RoundInputs) -> Tensor:
+        """Rule over each coordinate's reporters (``a.valid[..., k, d]``: k sent d)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement reporters()")
 
 
 class CoordinatewiseAggregator(Aggregator):
@@ -155,82 +186,51 @@ class CoordinatewiseAggregator(Aggregator):
     Implement ``coordinatewise(x, valid, count) -> value [..., D]`` over the valid entries of each
     column ``x[..., :, d]`` (``valid`` None = all rows valid; ``count`` broadcastable to
     ``[..., D]``, the number of valid rows). Both modes share it: in fill mode every participant
-    is valid on every coordinate, in reporters mode only the reporters are. Columns with no valid
-    row keep the global value.
+    is valid on every coordinate, in reporters mode only the reporters are. Columns with fewer
+    than ``min_count()`` valid rows (default 1) keep the global value.
     """
 
     def coordinatewise(self, x: Tensor, valid: Tensor | None, count: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def dense(
-        self, x: Tensor, part: Tensor, global_model: Tensor, weights: Tensor | None
-    ) -> Tensor:
-        if bool(part.all()):
-            k = torch.full((), x.shape[-2], dtype=torch.long, device=x.device)
-            return self.coordinatewise(x, None, k)
-        valid = part.unsqueeze(-1).expand(x.shape)
-        count = part.sum(dim=-1, keepdim=True)
-        out = self.coordinatewise(x, valid, count)
-        return torch.where(count > 0, out, global_model)
+    def min_count(self) -> int:
+        """Fewest valid values a column needs for the rule to be defined (else: global kept)."""
+        return 1
 
-    def reporters(
-        self,
-        x: Tensor,
-        valid: Tensor,
-        part: Tensor,
-        global_model: Tensor,
-        weights: Tensor | None,
-    ) -> Tensor:
-        count = valid.sum(dim=-2)
-        out = self.coordinatewise(x, valid, count)
-        return torch.where(count > 0, out, global_model)
+    def dense(self, a: RoundInputs) -> Tensor:
+        if bool(a.part.all()):
+            k = torch.full((), a.x.shape[-2], dtype=torch.long, device=a.x.device)
+            return self.coordinatewise(a.x, None, k)
+        count = a.part.sum(dim=-1, keepdim=True)
+        out = self.coordinatewise(a.x, a.part.unsqueeze(-1).expand(a.x.shape), count)
+        return torch.where(count >= self.min_count(), out, a.global_model)
+
+    def reporters(self, a: RoundInputs) -> Tensor:
+        assert a.valid is not None
+        count = a.valid.sum(dim=-2)
+        out = self.coordinatewise(a.x, a.valid, count)
+        return torch.where(count >= self.min_count(), out, a.global_model)
 
 
-class FunctionAggregator(Aggregator):
+class FunctionAggregator(FunctionAdapter, Aggregator):
     """Adapter for a decorated function ``f(updates, masks, global_model, *, participants,
-    weights, mode, **params)`` (the function then handles both modes itself)."""
+    weights, mode, **params)`` (the function then handles both modes itself; it also receives
+    ``info`` if it declares that parameter)."""
 
-    func: ClassVar[Callable[..., Tensor]]
-    defaults: ClassVar[dict[str, Any]] = {}
-
-    def __init__(self, **params: Any) -> None:
-        unknown_params(self._owner(), params, self.defaults)
-        self.kwargs = {**self.defaults, **params}
-
-    @classmethod
-    def param_names(cls) -> tuple[str, ...]:
-        return tuple(cls.defaults)
-
-    @property
-    def params(self) -> dict[str, Any]:
-        return dict(self.kwargs)
-
-    def __call__(
-        self,
-        updates: Tensor,
-        masks: Tensor | None,
-        global_model: Tensor,
-        *,
-        participants: Tensor | None = None,
-        weights: Tensor | None = None,
-        mode: Mode = "fill",
-    ) -> Tensor:
-        check_choice(self._owner(), "mode", mode, MODES)
-        _check_inputs(updates, masks, global_model, participants, weights)
-        return type(self).func(
-            updates,
-            masks,
-            global_model,
-            participants=participants,
-            weights=weights,
-            mode=mode,
-            **self.kwargs,
+    def aggregate(self, a: RoundInputs) -> Tensor:
+        extra = {"info": a.info} if "info" in inspect.signature(type(self).func).parameters else {}
+        out: Tensor = self.call(
+            a.x, a.masks, a.global_model, participants=a.participants, weights=a.weights,
+            mode=a.mode, **extra,
         )
+        return out
 
 
-_REGISTRY: dict[str, type[Aggregator]] = {}
+_RESERVED = ("updates", "masks", "global_model", "participants", "weights", "mode", "info")
+_REGISTRY: Registry[Aggregator] = Registry(
+    "defense", Aggregator, FunctionAggregator, reserved=_RESERVED
+)
 _T = TypeVar("_T")
-_RESERVED = ("updates", "masks", "global_model", "participants", "weights", "mode")
 
 
 def register_defense(name: str) -> Callable[[_T], _T]:
@@ -239,62 +239,19 @@ def register_defense(name: str) -> Callable[[_T], _T]:
     A function takes ``(updates, masks, global_model, *, participants, weights, mode, **params)``;
     its extra keyword parameters (with defaults) become the defense's parameters.
     """
-    if not isinstance(name, str) or not name.isidentifier():
-        raise ParamError(f"register_defense: name must be an identifier string, got {name!r}")
-
-    def deco(obj: _T) -> _T:
-        if isinstance(obj, type) and issubclass(obj, Aggregator):
-            cls: type[Aggregator] = obj
-            cls.name = name
-        elif callable(obj) and not isinstance(obj, type):
-            sig = inspect.signature(obj)
-            extra = [p for p in sig.parameters.values() if p.name not in _RESERVED]
-            missing = [p.name for p in extra if p.default is p.empty and p.kind != p.VAR_KEYWORD]
-            if missing:
-                raise ParamError(
-                    f"register_defense({name!r}): parameters {missing} need default values"
-                )
-            cls = type(
-                f"{getattr(obj, '__name__', 'Function')}Aggregator",
-                (FunctionAggregator,),
-                {
-                    "func": staticmethod(obj),
-                    "defaults": {p.name: p.default for p in extra if p.default is not p.empty},
-                    "name": name,
-                    "__doc__": obj.__doc__,
-                },
-            )
-        else:
-            raise ParamError(
-                f"register_defense({name!r}): expected an Aggregator subclass or a function"
-            )
-        prev = _REGISTRY.get(name)
-        if prev is not None and prev.__qualname__ != cls.__qualname__:
-            raise ParamError(f"register_defense: name {name!r} is already registered to {prev!r}")
-        _REGISTRY[name] = cls
-        return obj
-
-    return deco
+    return _REGISTRY.register(name)
 
 
 def list_defenses() -> list[str]:
     """Sorted names of the registered defenses."""
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def defense_class(name: str) -> type[Aggregator]:
     """The registered class for ``name`` (error names the allowed defenses)."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ParamError(
-            f"unknown defense {name!r}; allowed: "
-            f"{', '.join(list_defenses()) or '(none registered)'}"
-        ) from None
+    return _REGISTRY.cls(name)
 
 
 def get_defense(name: str, **params: Any) -> Aggregator:
     """Build the defense registered as ``name``; unknown names/params raise ``ParamError``."""
-    cls = defense_class(name)
-    unknown_params(f"defense {name!r}", params, cls.param_names())
-    return cls(**params)
+    return _REGISTRY.get(name, **params)

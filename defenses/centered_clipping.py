@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attacks._params import check_int, check_real
-from defenses.base import Aggregator, register_defense
+from defenses.base import Aggregator, RoundInputs, register_defense
+from psfed_robust.params import check_int, check_real
 
 
 def clip_rows(u: Tensor, tau: float) -> Tensor:
@@ -63,21 +63,12 @@ class CenteredClipping(Aggregator):
             v = v + torch.where(den > 0, step / den.clamp_min(torch.finfo(x.dtype).tiny), zero)
         return g + v
 
-    def dense(
-        self, x: Tensor, part: Tensor, global_model: Tensor, weights: Tensor | None
-    ) -> Tensor:
-        w = uniform_weights(part, weights, x.dtype)
-        if not bool(part.all()):  # non-participant rows may hold anything: zero them
-            x = torch.where(part.unsqueeze(-1), x, global_model.unsqueeze(-2))
-        return self._run(x, None, global_model, w)
+    def dense(self, a: RoundInputs) -> Tensor:
+        x = a.x
+        if not bool(a.part.all()):  # non-participant rows may hold anything: replace them
+            x = torch.where(a.part.unsqueeze(-1), x, a.global_model.unsqueeze(-2))
+        return self._run(x, None, a.global_model, uniform_weights(a.part, a.weights, x.dtype))
 
-    def reporters(
-        self,
-        x: Tensor,
-        valid: Tensor,
-        part: Tensor,
-        global_model: Tensor,
-        weights: Tensor | None,
-    ) -> Tensor:
-        w = uniform_weights(part, weights, x.dtype)
-        return self._run(x, valid, global_model, w)
+    def reporters(self, a: RoundInputs) -> Tensor:
+        w = uniform_weights(a.part, a.weights, a.x.dtype)
+        return self._run(a.x, a.valid, a.global_model, w)

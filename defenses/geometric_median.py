@@ -5,7 +5,13 @@ IEEE TSP 2022, "Robust Aggregation for Federated Learning").
 weights (``weights`` normalised over participants; uniform by default), ``iterations`` times,
 starting from ``z0 = "mean"`` (weighted mean, RFA/Blades) or ``"global"`` (the global model, i.e.
 the zero update of Karimireddy/ByzFL's ``z0 = 0``). Works in update space ``x_i - g``. If ``nu``
-exceeds every distance the rule is the mean (testbeds.md §2.9).
+exceeds every distance the rule is the mean.
+
+Precondition: none beyond ``n >= 1`` (breakdown point 1/2: robust while fewer than half of the
+weight is Byzantine). Non-finite input: a participant whose update holds inf/NaN (on its shared
+coordinates in reporters mode) is left out and the geometric median of the finite rows is
+returned (one such reply used to turn every distance weight to 0 and freeze the global model);
+with no finite row the global model is kept.
 
 reporters: distances use each client's shared coordinates rescaled to the full dimension
 (``||m_i (x_i - z)|| * sqrt(D / |m_i|)``), and ``z`` is, per coordinate, the ``b``-weighted mean of
@@ -17,8 +23,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attacks._params import check_choice, check_int, check_real
-from defenses.base import Aggregator, register_defense
+from defenses.base import Aggregator, RoundInputs, register_defense
+from psfed_robust.params import check_choice, check_int, check_real
 
 
 @register_defense("geometric_median")
@@ -70,23 +76,25 @@ class GeometricMedian(Aggregator):
             z, has = wmean(b)
         return z, has
 
-    def dense(
-        self, x: Tensor, part: Tensor, global_model: Tensor, weights: Tensor | None
-    ) -> Tensor:
+    def dense(self, a: RoundInputs) -> Tensor:
+        x, part, global_model = a.x, a.part, a.global_model
         y = x - global_model.unsqueeze(-2)
+        finite = torch.isfinite(y).all(-1)
+        if not bool((finite | ~part).all()):
+            part = part & finite  # aggregate the finite rows
         if not bool(part.all()):
             y = torch.where(part.unsqueeze(-1), y, torch.zeros((), dtype=x.dtype))
-        z, has = self._run(y, None, self._alpha(part, weights, x.dtype))
+        z, has = self._run(y, None, self._alpha(part, a.weights, x.dtype))
         return torch.where(has, global_model + z, global_model)
 
-    def reporters(
-        self,
-        x: Tensor,
-        valid: Tensor,
-        part: Tensor,
-        global_model: Tensor,
-        weights: Tensor | None,
-    ) -> Tensor:
-        y = torch.where(valid, x - global_model.unsqueeze(-2), torch.zeros((), dtype=x.dtype))
-        z, has = self._run(y, valid, self._alpha(part, weights, x.dtype))
+    def reporters(self, a: RoundInputs) -> Tensor:
+        assert a.valid is not None
+        x, valid, part, global_model = a.x, a.valid, a.part, a.global_model
+        y = x - global_model.unsqueeze(-2)
+        finite = (torch.isfinite(y) | ~valid).all(-1)
+        if not bool((finite | ~part).all()):
+            part = part & finite  # aggregate the finite rows
+            valid = valid & finite.unsqueeze(-1)
+        y = torch.where(valid, y, torch.zeros((), dtype=x.dtype))
+        z, has = self._run(y, valid, self._alpha(part, a.weights, x.dtype))
         return torch.where(has, global_model + z, global_model)

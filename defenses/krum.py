@@ -1,25 +1,36 @@
 """Krum and Multi-Krum (Blanchard, El Mhamdi, Guerraoui & Stainer, NeurIPS 2017).
 
-Score of client i: sum of squared distances to its ``max(1, n - f - 2)`` nearest other
-participants (the paper, Flower ``aggregate_krum``, NDSS; not ByzFL's ``n - f - 1`` or Blades'
-``||.||^4``). Krum returns the lowest-score client's vector; Multi-Krum averages the ``m`` lowest
-(default ``m = n - f`` per run), weighted by ``weights`` if given (Flower weights by example
-counts), else uniformly. Scores are computed once (Flower's ``to_keep``), not iteratively.
+Score of client i: sum of squared distances to its ``n - f - 2`` nearest other participants (the
+paper, Flower ``aggregate_krum``, NDSS; not ByzFL's ``n - f - 1`` or Blades' ``||.||^4``). Krum
+returns the lowest-score client's vector; Multi-Krum averages the ``m`` lowest (default
+``m = n - f`` per run), weighted by ``weights`` if given (Flower weights by example counts), else
+uniformly. Scores are computed once (Flower's ``to_keep``), not iteratively.
+
+Preconditions (the paper's, checked by ``check_participants`` on every call): ``n > 2f + 2``
+participants; Multi-Krum also ``m <= n - f``. A violating round raises ``ParamError`` instead of
+clamping the neighbour count.
+
+Missing or non-finite distances count against a client (``defenses._distance``): a client with
+an inf/NaN update, or (reporters mode) with fewer than ``n - f - 2`` neighbours sharing at least
+``min_overlap`` coordinates, gets score ``+inf`` and is never selected; if no client has a finite
+score the global model is kept. ``info["selected"]`` receives the ``[..., K]`` selected rows.
 
 fill: dense Krum over the participants' filled vectors (the aggregate is the selected clients'
-filled vectors' mean). reporters: overlap-normalised distances (``defenses._distance``) and the
-reporters mean over the selected clients. Vectorised over runs (participant counts may differ).
+filled vectors' mean). reporters: overlap-normalised distances and the reporters mean over the
+selected clients. Vectorised over runs (participant counts may differ).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
-from attacks._params import check_int
 from defenses._distance import krum_scores, lowest, sq_distances
-from defenses.base import Aggregator, register_defense
+from defenses.base import Aggregator, RoundInputs, register_defense
 from psfed_robust.core.aggregation import reporters_mean
+from psfed_robust.params import check_int
 
 
 def _select_weights(sel: Tensor, weights: Tensor | None, dtype: torch.dtype) -> Tensor:
@@ -31,61 +42,56 @@ def _select_weights(sel: Tensor, weights: Tensor | None, dtype: torch.dtype) -> 
 
 @register_defense("multi_krum")
 class MultiKrum(Aggregator):
-    """Average of the ``m`` clients with the lowest Krum scores."""
+    """Average of the ``m`` clients with the lowest Krum scores (needs ``n > 2f + 2``,
+    ``m <= n - f``)."""
 
     uses_weights = True
 
-    def __init__(self, *, f: int = 0, m: int | None = None) -> None:
+    def __init__(self, *, f: int = 0, m: int | None = None, min_overlap: int = 1) -> None:
         o = self._owner()
         self.f = check_int(o, "f", f, low=0)
         self.m = None if m is None else check_int(o, "m", m, low=1)
-        self.last_selected: Tensor | None = None
+        self.min_overlap = check_int(o, "min_overlap", min_overlap, low=1)
+
+    def check_participants(self, n: int) -> None:
+        if n <= 2 * self.f + 2:
+            raise self._needs(n, f"n > 2f + 2 = {2 * self.f + 2}", "lower 'f'")
+        if self.m is not None and self.m > n - self.f:
+            raise self._needs(n, f"m <= n - f (m={self.m}, so n >= {self.m + self.f})",
+                              "lower 'm' or 'f'")
 
     def _m(self, part: Tensor) -> Tensor:
         n = part.sum(-1, keepdim=True)
-        m = (n - self.f) if self.m is None else torch.full_like(n, self.m)
-        return torch.minimum(m.clamp_min(1), n)
+        return (n - self.f) if self.m is None else torch.full_like(n, self.m)
 
-    def select(self, d: Tensor, part: Tensor) -> Tensor:
+    def select(self, d: Tensor, part: Tensor, info: dict[str, Any]) -> Tensor:
+        """``[..., K]`` bool: the selected rows (also stored as ``info["selected"]``)."""
         sel = lowest(krum_scores(d, part, self.f), part, self._m(part))
-        self.last_selected = sel
+        info["selected"] = sel
         return sel
 
-    def dense(
-        self, x: Tensor, part: Tensor, global_model: Tensor, weights: Tensor | None
-    ) -> Tensor:
-        sel = self.select(sq_distances(x, global_model, part), part)
-        w = _select_weights(sel, weights, x.dtype)
-        xs = (
-            x
-            if bool(part.all())
-            else torch.where(sel.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype))
-        )
+    def dense(self, a: RoundInputs) -> Tensor:
+        x = a.x
+        sel = self.select(sq_distances(x, a.global_model, a.part), a.part, a.info)
+        w = _select_weights(sel, a.weights, x.dtype)
+        xs = torch.where(sel.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
         out = torch.einsum("...k,...kd->...d", w, xs)
-        return torch.where(part.any(-1, keepdim=True), out, global_model)
+        return torch.where(sel.any(-1, keepdim=True), out, a.global_model)
 
-    def reporters(
-        self,
-        x: Tensor,
-        valid: Tensor,
-        part: Tensor,
-        global_model: Tensor,
-        weights: Tensor | None,
-    ) -> Tensor:
-        sel = self.select(sq_distances(x, global_model, part, valid), part)
-        w = _select_weights(sel, weights, x.dtype)
-        return reporters_mean(x, valid, global_model, weights=w, participants=sel)
+    def reporters(self, a: RoundInputs) -> Tensor:
+        assert a.valid is not None
+        d = sq_distances(a.x, a.global_model, a.part, a.valid, self.min_overlap)
+        sel = self.select(d, a.part, a.info)
+        w = _select_weights(sel, a.weights, a.x.dtype)
+        return reporters_mean(a.x, a.valid, a.global_model, weights=w, participants=sel)
 
 
 @register_defense("krum")
 class Krum(MultiKrum):
-    """The single client with the lowest Krum score (Multi-Krum with ``m = 1``)."""
+    """The single client with the lowest Krum score (Multi-Krum with ``m = 1``; needs
+    ``n > 2f + 2``)."""
 
     uses_weights = False
 
-    def __init__(self, *, f: int = 0) -> None:
-        super().__init__(f=f, m=1)
-
-    @classmethod
-    def param_names(cls) -> tuple[str, ...]:
-        return ("f",)
+    def __init__(self, *, f: int = 0, min_overlap: int = 1) -> None:
+        super().__init__(f=f, m=1, min_overlap=min_overlap)

@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attacks._params import check_choice, check_real
-from defenses.base import MODES, Aggregator, Mode, _check_inputs, register_defense
+from defenses.base import Aggregator, RoundInputs, register_defense
 from defenses.centered_clipping import clip_rows
 from psfed_robust.core.aggregation import psofed_server_step, reporters_mean
+from psfed_robust.params import check_real
 
 
 @register_defense("norm_clipping")
@@ -27,23 +27,13 @@ class NormClipping(Aggregator):
     def __init__(self, *, tau: float = 1.0) -> None:
         self.tau = check_real(self._owner(), "tau", tau, low=0.0, low_open=True)
 
-    def __call__(
-        self,
-        updates: Tensor,
-        masks: Tensor | None,
-        global_model: Tensor,
-        *,
-        participants: Tensor | None = None,
-        weights: Tensor | None = None,
-        mode: Mode = "fill",
-    ) -> Tensor:
-        check_choice(self._owner(), "mode", mode, MODES)
-        _check_inputs(updates, masks, global_model, participants, weights)
-        g = global_model.unsqueeze(-2)
+    def aggregate(self, a: RoundInputs) -> Tensor:
+        updates, masks, participants = a.x, a.masks, a.participants
+        g = a.global_model.unsqueeze(-2)
         zero = torch.zeros((), dtype=updates.dtype, device=updates.device)
         delta = updates - g if masks is None else torch.where(masks, updates - g, zero)
         if participants is not None:
             delta = torch.where(participants.unsqueeze(-1), delta, zero)
         clipped = g + clip_rows(delta, self.tau)
-        fn = psofed_server_step if mode == "fill" else reporters_mean
-        return fn(clipped, masks, global_model, weights=weights, participants=participants)
+        fn = psofed_server_step if a.mode == "fill" else reporters_mean
+        return fn(clipped, masks, a.global_model, weights=a.weights, participants=participants)

@@ -3,8 +3,13 @@
 Per coordinate with ``n`` valid values (participants in fill mode, reporters in reporters mode),
 drop the ``b`` smallest and ``b`` largest and average the rest, with ``b = floor(beta * n)``
 (Flower's ``aggregate_trimmed_avg`` / scipy ``trim_mean``) or, if ``f`` is given, ``b = f``
-(ByzFL ``TrMean(f)``, Karimireddy TM(b=f)), capped at ``(n-1)//2`` so a value always remains.
-``b = 0`` is the plain mean (FLPoison returns 0 there - a bug we test against). Ignores ``weights``.
+(ByzFL ``TrMean(f)``, Karimireddy TM(b=f)). ``b = 0`` is the plain mean (FLPoison returns 0 there
+- a bug we test against). Ignores ``weights``.
+
+Precondition: with ``f`` given, ``2f < n`` participants (``check_participants``: a violating round
+raises ``ParamError`` naming n and f instead of trimming fewer values); with ``beta`` (< 1/2)
+every ``n`` works. In reporters mode a coordinate reported by ``c <= 2f`` participants cannot be
+trimmed by ``f`` per side and keeps the global value.
 """
 
 from __future__ import annotations
@@ -12,9 +17,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attacks._params import check_int, check_real
 from defenses._kernels import window_mean
 from defenses.base import CoordinatewiseAggregator, register_defense
+from psfed_robust.params import check_int, check_real
 
 
 @register_defense("trimmed_mean")
@@ -26,8 +31,16 @@ class TrimmedMean(CoordinatewiseAggregator):
         self.beta = check_real(o, "beta", beta, low=0.0, high=0.5, high_open=True)
         self.f = None if f is None else check_int(o, "f", f, low=0)
 
+    def check_participants(self, n: int) -> None:
+        if self.f is not None and 2 * self.f >= n:
+            raise self._needs(n, f"2f < n, i.e. n >= {2 * self.f + 1}", "lower 'f' or use 'beta'")
+
+    def min_count(self) -> int:
+        return 1 if self.f is None else 2 * self.f + 1
+
     def trim_count(self, count: Tensor) -> Tensor:
-        """``b`` per coordinate for ``count`` valid values."""
+        """``b`` per coordinate for ``count`` valid values (columns with ``count < min_count()``
+        are replaced by the global value; the cap only keeps their window well formed)."""
         if self.f is not None:
             b = torch.full_like(count, self.f)
         else:

@@ -57,7 +57,9 @@ def test_registry_complete_and_tags() -> None:
     assert not get_attack("gaussian").omniscient and not get_attack("gaussian").mask_aware
     assert get_attack("mask_aware").mask_aware and not get_attack("mask_aware").omniscient
     assert get_attack("label_flip").kind == "data"
-    assert get_attack("gaussian", persistent=True).persistent is True
+    for name in ALL:  # persistence is the engine's threat-model setting, not an attack parameter
+        assert "persistent" not in get_attack(name).param_names()
+        assert not hasattr(get_attack(name), "persistent")
 
 
 @pytest.mark.parametrize(
@@ -65,13 +67,13 @@ def test_registry_complete_and_tags() -> None:
     [
         ("gaussian", {"p_a": 1.5}, "'p_a' must be a finite real number in [0, 1]"),
         ("gaussian", {"sigma": -1.0}, "'sigma'"),
-        ("gaussian", {"persistent": 1}, "'persistent' must be a bool"),
+        ("gaussian", {"persistent": True}, "unknown parameter(s) 'persistent'; allowed: p_a, sigma"),
         ("alie", {"z_mode": "cdf"}, "one of 'paper', 'karimireddy', 'fixed'"),
         ("alie", {"ddof": 2}, "'ddof' must be an integer in [0, 1]"),
         ("min_max", {"direction": "random"}, "one of 'unit_vec', 'std', 'sign'"),
         ("min_sum", {"gamma_init": 0.0}, "'gamma_init'"),
         ("mask_aware", {"base": "alie"}, "one of 'gaussian', 'sign_flip'"),
-        ("ipm", {"eps": 1.0}, "allowed: epsilon, persistent"),
+        ("ipm", {"eps": 1.0}, "allowed: epsilon"),
         ("label_flip", {"p": 2.0}, "'p'"),
     ],
 )
@@ -137,8 +139,9 @@ def test_gaussian_determinism_probability_and_variance() -> None:
     x = torch.zeros(r, k, d)
     m = mal(k, 25)
     a = get_attack("gaussian", p_a=0.5, sigma=2.0)
-    out1 = a(x, ctx((r, k, d), m, seed=7))
-    fired = a.last_fired
+    c1 = ctx((r, k, d), m, seed=7)
+    out1 = a(x, c1)
+    fired = c1.info["fired"]
     out2 = get_attack("gaussian", p_a=0.5, sigma=2.0)(x, ctx((r, k, d), m, seed=7))
     assert torch.equal(out1, out2)
     out3 = a(x, ctx((r, k, d), m, seed=8))
@@ -217,9 +220,9 @@ def test_alie_hand_case_and_z_band() -> None:
     sd0 = torch.tensor([1.0, 2.0, 3.0, 4.0]).std(correction=0).item()
     assert minus[0, 0].item() == pytest.approx(2.5 - 2.0 * sd0, rel=1e-6)
     # paper z with n = 5 participants and f = 1 attacker: s = 2, z = ppf(3/5)
-    p = get_attack("alie")
-    p(x, ctx((5, 2), m))
-    assert p.last_z is not None and float(p.last_z) == pytest.approx(0.2533, abs=1e-3)
+    cp = ctx((5, 2), m)
+    get_attack("alie")(x, cp)
+    assert float(cp.info["z"]) == pytest.approx(0.2533, abs=1e-3)
 
 
 @settings(max_examples=25, deadline=None)
@@ -239,7 +242,7 @@ def test_alie_stays_in_z_band(k: int, f: int, d: int, seed: int) -> None:
     c = ctx((k, d), m, masks=masks)
     out = a(x, c)
     mu, sd, count = honest_statistics(x, c, ddof=1)
-    z = float(a.last_z)  # type: ignore[arg-type]
+    z = float(c.info["z"])
     sel = masks[:f] & (count > 0)
     dev = (out[:f] - mu)[sel].abs()
     assert torch.all(dev <= abs(z) * sd.expand(f, d)[sel] + 1e-9)
@@ -272,9 +275,10 @@ def test_min_max_min_sum_gamma_meets_constraint(name: str, direction: str, parti
     masks = torch.rand(r, k, d) < 0.6 if partial else None
     m = mal(k, f)
     a = get_attack(name, direction=direction)
-    out = a(x, ctx((r, k, d), m, masks=masks))
-    gamma = a.last_gamma
-    assert gamma is not None and bool((gamma[:, :f] > 0).all())
+    c = ctx((r, k, d), m, masks=masks)
+    out = a(x, c)
+    gamma = c.info["gamma"]
+    assert bool((gamma[:, :f] > 0).all())
     assert bool(gamma[:, f:].isnan().all())
     mk = torch.ones(r, k, d, dtype=torch.bool) if masks is None else masks
     fill = torch.where(mk, x, torch.zeros(()))  # server's fill view (delta 0 where unshared)
@@ -287,8 +291,9 @@ def test_min_max_min_sum_gamma_meets_constraint(name: str, direction: str, parti
         assert torch.all(md.sum(-1) <= hd.sum(-1).amin(-1, keepdim=True) + 1e-9)
     # and gamma is (nearly) maximal: a 1% larger gamma breaks the constraint
     big = get_attack(name, direction=direction, gamma_init=float(gamma[0, 0]) * 1.01, max_iter=1)
-    out_b = big(x, ctx((r, k, d), m, masks=masks))
-    assert big.last_gamma is not None and float(big.last_gamma[0, 0]) == 0.0
+    cb = ctx((r, k, d), m, masks=masks)
+    out_b = big(x, cb)
+    assert float(cb.info["gamma"][0, 0]) == 0.0
     assert torch.equal(out_b[:, f:], x[:, f:])
 
 
@@ -298,13 +303,15 @@ def test_min_max_dense_hand_case() -> None:
     # max((1-g)^2, (3-(2-g))^2) = (1+g)^2 <= 4  ->  g* = 1
     x = torch.tensor([[0.0], [1.0], [3.0]], dtype=torch.float64)
     a = get_attack("min_max", gamma_init=10.0, threshold=1e-9)
-    out = a(x, ctx((3, 1), mal(3, 1)))
-    assert float(a.last_gamma[0]) == pytest.approx(1.0, abs=1e-6)  # type: ignore[index]
+    c = ctx((3, 1), mal(3, 1))
+    out = a(x, c)
+    assert float(c.info["gamma"][0]) == pytest.approx(1.0, abs=1e-6)
     assert float(out[0, 0]) == pytest.approx(1.0, abs=1e-6)
     # min-sum: sum (2-g-1)^2 + (2-g-3)^2 = 2 + 2 g^2 <= min_j sum_i d = 4 -> g* = 1
     s = get_attack("min_sum", threshold=1e-9)
-    s(x, ctx((3, 1), mal(3, 1)))
-    assert float(s.last_gamma[0]) == pytest.approx(1.0, abs=1e-6)  # type: ignore[index]
+    cs = ctx((3, 1), mal(3, 1))
+    s(x, cs)
+    assert float(cs.info["gamma"][0]) == pytest.approx(1.0, abs=1e-6)
 
 
 def test_omniscient_uses_ctx_honest_when_given() -> None:

@@ -18,8 +18,7 @@ class ShrinkTowardZero(Attack):
     omniscient = False  # uses only its own update
     mask_aware = False  # ignores ctx.masks
 
-    def __init__(self, *, alpha: float = 0.5, persistent: bool = False) -> None:
-        super().__init__(persistent=persistent)
+    def __init__(self, *, alpha: float = 0.5) -> None:
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"attack 'shrink_toward_zero': 'alpha' must be in [0, 1], got {alpha}")
         self.alpha = alpha
@@ -49,7 +48,7 @@ def test_class_example_registered_and_applied() -> None:
     out = atk(x, _ctx(4, 3))
     assert torch.allclose(out[0], torch.full((3,), 0.75))
     assert torch.equal(out[1:], x[1:])
-    assert atk.params == {"persistent": False, "alpha": 0.25}
+    assert atk.params == {"alpha": 0.25}
 
 
 def test_function_attack_example() -> None:
