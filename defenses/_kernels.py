@@ -1,19 +1,35 @@
 """Column kernels shared by the coordinate-wise rules (median, trimmed mean, Bulyan).
 
 All of them need, per coordinate, the values of the valid rows in sorted order. The kernel sorts
-every column of ``x[..., K, D]`` along ``K`` with invalid entries pushed to the end (as ``+inf``),
-so order statistics of a column with ``c`` valid values sit at ranks ``0..c-1``.
+every column of ``x[..., K, D]`` along ``K`` with invalid entries pushed to the end, so order
+statistics of a column with ``c`` valid values sit at ranks ``0..c-1``.
 
-Two back ends, same result:
+NaN/Inf policy (one for every path: torch or compiled, CPU or GPU, fill or reporters mode): the
+valid values of a column are ordered as ``torch.sort`` orders them, ``-inf < finite < +inf <
+NaN`` (a NaN of either sign above ``+inf``); invalid entries (non-participants, non-reporters)
+are filled with NaN, so they sort after every valid value and never reach a rank below ``c``. A
+rank-window rule averages the values at its ranks ``[lo, hi)``, so a non-finite value reaches
+the output only if it falls inside the window: a NaN acts as the largest value (the median of
+a column with ``v`` NaN among ``c`` values is NaN only if ``v > (c - 1) // 2``; a trimmed mean
+dropping ``b`` per side only if ``v > b``), ``±inf`` inside the window gives ``±inf`` (NaN if
+both signs are in it, IEEE). Nothing is rejected here: which replies to drop is the caller's
+policy (docs/attacks_defenses.md, "Non-finite values").
 
-- a pure-torch path (``torch.sort`` along K, chunked over D so the working set stays in cache);
-- an optional vectorised sorting-network kernel (Batcher's odd-even merge sort, ~1,100 comparators
-  for K = 100) compiled once with ``torch.utils.cpp_extension.load_inline``. It runs the same
-  comparator on 64 adjacent coordinates at a time (SIMD min/max in L1), which is what makes a
-  coordinate-wise median over 100 x 10^6 values ~10x faster than a comparison sort per column
-  (numpy's ``np.median`` or ``torch.sort``/``kthvalue``: ~1 us per column). It is used only for
-  large CPU float32/float64 inputs, and only if a C++ compiler is available; set
-  ``PSFED_NO_CPP_KERNEL=1`` to disable it. Any build failure falls back to torch silently.
+Two back ends:
+
+- the reference, pure torch (``torch.sort`` along K, chunked over D so the working set stays in
+  cache), used on every device;
+- an optional vectorised sorting-network kernel (``psfed_robust/csrc/defense_kernels.cpp``:
+  Batcher's odd-even merge sort, 1,104 comparators for K = 100, applied to 64 adjacent
+  coordinates at a time, SIMD compare-exchange in L1, the rank window reduced in the same pass),
+  built once by :class:`~psfed_robust._cpp.TorchExtension`. It is used only for CPU
+  float32/float64 inputs of at least :data:`CPP_MIN_NUMEL` elements when a C++ compiler is
+  available (``PSFED_NO_CPP_KERNEL=1`` disables it; a build failure falls back to torch). It
+  earns its place: ``benchmarks/aggregators.py`` prints its speedup over the torch path per
+  kernel (median and trimmed mean of 100 x 10^6 values, sorted columns). Tolerance against the
+  reference: :func:`sort_columns` gives the same values (a sort is a permutation; NaN payload
+  bits aside), :func:`window_mean` the same up to the summation order of the window (relative
+  ``1e-5`` in float32, ``1e-12`` in float64; ``tests/test_defense_kernels.py``).
 
 ``torch.quantile`` is never used (limited to 2**24 elements, pytorch#64947).
 """
@@ -26,140 +42,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from psfed_robust._cpp import InlineExtension, kernels_disabled
+from psfed_robust._cpp import TorchExtension, kernels_disabled, source
 
 __all__ = ["batcher_network", "cpp_kernel_available", "sort_columns", "window_mean"]
 
 # Inputs with at least this many elements use the compiled kernel when it is available.
 CPP_MIN_NUMEL = 1 << 22
 _CHUNK = 1 << 14  # columns per chunk of the torch path
-
-_CPP_SRC = r"""
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <omp.h>
-#include <algorithm>
-#include <cstring>
-#include <vector>
-
-template <typename T, int64_t B>
-static inline void sort_block(T* __restrict buf, int64_t stride, const int32_t* pairs,
-                              int64_t P) {
-  for (int64_t p = 0; p < P; ++p) {
-    T* __restrict pa = buf + (int64_t)pairs[2 * p] * stride;
-    T* __restrict pb = buf + (int64_t)pairs[2 * p + 1] * stride;
-#pragma omp simd
-    for (int64_t j = 0; j < B; ++j) {
-      T a = pa[j], b = pb[j];
-      pa[j] = std::min(a, b);
-      pb[j] = std::max(a, b);
-    }
-  }
-}
-
-// mode 0: write the sorted columns to out[R, K, D]
-// mode 1: write mean of sorted ranks [lo, hi) per column to out[R, D]
-// Columns are read in tiles of TB (long contiguous row segments, L2-resident; the row stride is
-// padded by one cache line so the K rows of a block do not alias in L1), then sorted in place in
-// blocks of B columns (a [K, B] block stays in L1; every comparator is SIMD over B columns).
-template <typename T, int64_t B>
-static void run(const T* in, T* out, int64_t R, int64_t K, int64_t D, const int32_t* pairs,
-                int64_t P, int mode, const int32_t* lo, const int32_t* hi, bool lo_scalar) {
-  constexpr int64_t TB = 16 * B;
-  constexpr int64_t TS = TB + 64 / sizeof(T);
-  const int64_t nt = (D + TB - 1) / TB;
-  const int64_t ntasks = R * nt;
-  // Dynamic scheduling over tiles: on a shared (busy) machine a thread that gets less CPU time
-  // simply takes fewer tiles instead of stalling the whole call (static halves would).
-#pragma omp parallel num_threads(at::get_num_threads())
-  {
-    std::vector<T> tile_store(K * TS, T(0));
-    T* tile = tile_store.data();
-    T acc[B];
-    int32_t lb[B], hb[B];
-#pragma omp for schedule(dynamic, 2)
-    for (int64_t t = 0; t < ntasks; ++t) {
-      const int64_t r = t / nt, t0 = (t % nt) * TB, tw = std::min(TB, D - t0);
-      const T* src = in + r * K * D + t0;
-      for (int64_t k = 0; k < K; ++k) std::memcpy(tile + k * TS, src + k * D, tw * sizeof(T));
-      for (int64_t b0 = 0; b0 < tw; b0 += B) {
-        const int64_t w = std::min(B, tw - b0);
-        T* buf = tile + b0;  // columns past tw hold stale values: sorted, never written out
-        sort_block<T, B>(buf, TS, pairs, P);
-        const int64_t c0 = t0 + b0;
-        if (mode == 0) {
-          T* dst = out + r * K * D + c0;
-          for (int64_t k = 0; k < K; ++k) std::memcpy(dst + k * D, buf + k * TS, w * sizeof(T));
-        } else {
-          const int64_t ls = lo_scalar ? 0 : 1;  // lo/hi: one value, or one per column
-          const int32_t* l = lo + (r * D + c0) * ls;
-          const int32_t* h = hi + (r * D + c0) * ls;
-          int32_t kmin = (int32_t)K, kmax = 0;
-          for (int64_t j = 0; j < B; ++j) {
-            lb[j] = j < w ? l[j * ls] : 0;
-            hb[j] = j < w ? h[j * ls] : 1;
-            acc[j] = T(0);
-            kmin = std::min(kmin, lb[j]);
-            kmax = std::max(kmax, hb[j]);
-          }
-          for (int64_t k = std::max<int32_t>(kmin, 0); k < std::min<int64_t>(kmax, K); ++k) {
-            const T* row = buf + k * TS;
-#pragma omp simd
-            for (int64_t j = 0; j < B; ++j) {
-              acc[j] += (k >= lb[j] && k < hb[j]) ? row[j] : T(0);
-            }
-          }
-          T* dst = out + r * D + c0;
-          for (int64_t j = 0; j < w; ++j) dst[j] = acc[j] / T(hb[j] - lb[j]);
-        }
-      }
-    }
-  }
-}
-
-template <typename T>
-static void dispatch(const torch::Tensor& x, torch::Tensor& out, const torch::Tensor& pairs,
-                     int mode, const int32_t* lo, const int32_t* hi, bool lo_scalar) {
-  const int64_t R = x.size(0), K = x.size(1), D = x.size(2), P = pairs.size(0);
-  run<T, 64>(x.data_ptr<T>(), out.data_ptr<T>(), R, K, D, pairs.data_ptr<int32_t>(), P, mode,
-             lo, hi, lo_scalar);
-}
-
-static void check(const torch::Tensor& x, const torch::Tensor& pairs) {
-  TORCH_CHECK(x.dim() == 3 && x.is_contiguous(), "x must be a contiguous [R, K, D] tensor");
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kFloat64,
-              "x must be float32 or float64");
-  TORCH_CHECK(pairs.scalar_type() == torch::kInt32 && pairs.is_contiguous(), "pairs: int32");
-}
-
-torch::Tensor sort_columns(torch::Tensor x, torch::Tensor pairs) {
-  check(x, pairs);
-  auto out = torch::empty_like(x);
-  if (x.scalar_type() == torch::kFloat32)
-    dispatch<float>(x, out, pairs, 0, nullptr, nullptr, false);
-  else
-    dispatch<double>(x, out, pairs, 0, nullptr, nullptr, false);
-  return out;
-}
-
-torch::Tensor window_mean(torch::Tensor x, torch::Tensor pairs, torch::Tensor lo,
-                          torch::Tensor hi) {
-  check(x, pairs);
-  TORCH_CHECK(lo.scalar_type() == torch::kInt32 && hi.scalar_type() == torch::kInt32 &&
-              lo.is_contiguous() && hi.is_contiguous(), "lo/hi: contiguous int32");
-  const bool sc = lo.numel() == 1 && hi.numel() == 1;
-  TORCH_CHECK(sc || (lo.numel() == x.size(0) * x.size(2) && hi.numel() == lo.numel()),
-              "lo/hi: one value or [R, D]");
-  auto out = torch::empty({x.size(0), x.size(2)}, x.options());
-  if (x.scalar_type() == torch::kFloat32)
-    dispatch<float>(x, out, pairs, 1, lo.data_ptr<int32_t>(), hi.data_ptr<int32_t>(), sc);
-  else
-    dispatch<double>(x, out, pairs, 1, lo.data_ptr<int32_t>(), hi.data_ptr<int32_t>(), sc);
-  return out;
-}
-"""
-
-
 
 @functools.lru_cache(maxsize=64)
 def batcher_network(n: int) -> tuple[tuple[int, int], ...]:
@@ -213,10 +102,10 @@ def _pairs_tensor(n: int, lo: int = -1, hi: int = -1) -> Tensor:
     return torch.tensor(net, dtype=torch.int32).reshape(-1, 2).contiguous()
 
 
-_EXT = InlineExtension(
-    "psfed_column_kernels_v6", _CPP_SRC, functions=["sort_columns", "window_mean"],
-    extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"],
-    extra_ldflags=["-fopenmp"],
+_EXT = TorchExtension(
+    "psfed_defense_kernels", source("defense_kernels.cpp"),
+    cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"],
+    ldflags=["-fopenmp"],
 )
 
 
@@ -263,19 +152,21 @@ def _use_cpp(x: Tensor, backend: str) -> bool:
     )
 
 
-def _inf_invalid(x: Tensor, valid: Tensor | None) -> Tensor:
+def _fill_invalid(x: Tensor, valid: Tensor | None) -> Tensor:
+    """Invalid entries -> NaN: after every valid value, a valid NaN included (the policy)."""
     if valid is None:
         return x
-    return torch.where(valid, x, torch.full((), float("inf"), dtype=x.dtype, device=x.device))
+    return torch.where(valid, x, torch.full((), float("nan"), dtype=x.dtype, device=x.device))
 
 
 def sort_columns(x: Tensor, valid: Tensor | None = None, *, backend: str = "auto") -> Tensor:
-    """Sort each column ``x[..., :, d]`` ascending; entries with ``valid`` False become ``+inf``.
+    """Sort each column ``x[..., :, d]`` ascending (NaN last); entries with ``valid`` False
+    become NaN, so the ``c`` valid values of a column hold ranks ``0..c-1``.
 
     ``backend``: ``"auto"`` (compiled kernel for large CPU float inputs when available),
     ``"torch"`` or ``"cpp"`` (raises if the kernel cannot be built).
     """
-    x = _inf_invalid(x, valid)
+    x = _fill_invalid(x, valid)
     k, d = x.shape[-2], x.shape[-1]
     if k <= 1:
         return x.clone()
@@ -299,7 +190,7 @@ def window_mean(
     of valid values (the caller guarantees it; columns with no valid value are the caller's).
     Median: ``[(c-1)//2, c//2+1)``; trimmed mean: ``[b, c-b)``.
     """
-    x = _inf_invalid(x, valid)
+    x = _fill_invalid(x, valid)
     k, d = x.shape[-2], x.shape[-1]
     out_shape = x.shape[:-2] + x.shape[-1:]
     if k > 1 and _use_cpp(x, backend):

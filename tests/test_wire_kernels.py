@@ -6,6 +6,8 @@ from __future__ import annotations
 import ctypes
 import os
 import struct
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -177,37 +179,92 @@ def test_run_scan_matches_a_python_loop(p: float) -> None:
 
 
 # ---------------------------------------------------------------- the loader
-_SRC = "int psfed_test_add(int a, int b) { return a + b; }\n"
+_ADD = {"psfed_test_add": (ctypes.c_int, (ctypes.c_int, ctypes.c_int))}
+
+
+def _c_file(folder: Path, text: str, name: str = "add.c") -> Path:
+    path = folder / name
+    path.write_text(text)
+    return path
 
 
 def test_clibrary_builds_caches_and_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if os.environ.get("PSFED_NO_CPP_KERNEL") not in (None, "", "0"):
         pytest.skip("compiled kernels disabled")
-    monkeypatch.setenv("PSFED_CACHE_DIR", str(tmp_path))
-    sig = {"psfed_test_add": (ctypes.c_int, (ctypes.c_int, ctypes.c_int))}
-    lib = CLibrary("psfed_test", _SRC, sig).get()
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("PSFED_CACHE_DIR", str(cache))
+    src = _c_file(tmp_path, "int psfed_test_add(int a, int b) { return a + b; }\n")
+    lib = CLibrary("psfed_test", src, _ADD).get()
     if lib is None:
         pytest.skip("no C compiler")
     assert lib.psfed_test_add(2, 40) == 42
-    built = list(tmp_path.glob("psfed_test-*"))
+    built = list(cache.glob("psfed_test-*.so"))
     assert len(built) == 1  # one shared object, no temporary left behind
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]
     mtime = built[0].stat().st_mtime_ns
     # a second loader with the same source reuses the cached object (no compiler call)
-    monkeypatch.setattr("subprocess.run", lambda *a, **k: pytest.fail("rebuilt"))
-    assert CLibrary("psfed_test", _SRC, sig).get().psfed_test_add(1, 1) == 2
+    real_run = subprocess.run
+
+    def no_build(cmd: list[str], *a: object, **k: object) -> object:
+        assert "--version" in cmd, f"rebuilt: {cmd}"
+        return real_run(cmd, *a, **k)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(subprocess, "run", no_build)
+    assert CLibrary("psfed_test", src, _ADD).get().psfed_test_add(1, 1) == 2
     assert built[0].stat().st_mtime_ns == mtime
+    # another source (or other flags) is another key: a second object, the first kept
+    monkeypatch.setattr(subprocess, "run", real_run)
+    src2 = _c_file(tmp_path, "int psfed_test_add(int a, int b) { return a + b + 1; }\n", "b.c")
+    assert CLibrary("psfed_test", src2, _ADD).get().psfed_test_add(1, 1) == 3
+    assert CLibrary("psfed_test", src, _ADD, cflags=("-O1",)).get().psfed_test_add(1, 1) == 2
+    assert len(list(cache.glob("psfed_test-*.so"))) == 3 and built[0].exists()
 
 
 def test_clibrary_failure_and_disable_leave_it_unavailable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("PSFED_CACHE_DIR", str(tmp_path))
-    broken = CLibrary("psfed_broken", "this is not C;\n", {})
+    monkeypatch.setenv("PSFED_CACHE_DIR", str(tmp_path / "cache"))
+    broken = CLibrary("psfed_broken", _c_file(tmp_path, "this is not C;\n"), {})
     assert broken.get() is None and broken.get() is None  # fails once, stays unavailable
+    if os.environ.get("PSFED_NO_CPP_KERNEL") in (None, "", "0"):
+        assert broken.error is not None and "psfed_broken" in broken.error
+    missing = CLibrary("psfed_missing", tmp_path / "nope.c", {})
+    assert missing.get() is None
     monkeypatch.setenv("PSFED_NO_CPP_KERNEL", "1")
-    sig = {"psfed_test_add": (ctypes.c_int, (ctypes.c_int, ctypes.c_int))}
-    assert CLibrary("psfed_test", _SRC, sig).get() is None
+    ok = _c_file(tmp_path, "int psfed_test_add(int a, int b) { return a + b; }\n", "ok.c")
+    assert CLibrary("psfed_test", ok, _ADD).get() is None
     assert _wire_kernels.runs(np.zeros(3, bool), 0) is None
+
+
+def test_parallel_processes_build_once(tmp_path: Path) -> None:
+    """Four processes ask for the same new library at once: one compiler run (the file lock),
+    every process loads it."""
+    if os.environ.get("PSFED_NO_CPP_KERNEL") not in (None, "", "0"):
+        pytest.skip("compiled kernels disabled")
+    src = _c_file(tmp_path, "int psfed_test_add(int a, int b) { return a * 1000 + b; }\n")
+    probe = (
+        "import ctypes, subprocess, sys\n"
+        "from psfed_robust._cpp import CLibrary\n"
+        "real = subprocess.run\n"
+        "def counted(cmd, *a, **k):\n"
+        "    if '--version' not in cmd:\n"
+        "        open(sys.argv[2], 'a').write('build\\n')\n"
+        "    return real(cmd, *a, **k)\n"
+        "subprocess.run = counted\n"
+        "sig = {'psfed_test_add': (ctypes.c_int, (ctypes.c_int, ctypes.c_int))}\n"
+        "lib = CLibrary('psfed_par', sys.argv[1], sig).get()\n"
+        "print(lib.psfed_test_add(7, 5))\n"
+    )
+    log = tmp_path / "builds.log"
+    env = {**os.environ, "PSFED_CACHE_DIR": str(tmp_path / "cache")}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", probe, str(src), str(log)], env=env,
+                         stdout=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    outs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert outs == ["7005"] * 4
+    assert log.read_text().count("build") == 1
 
 
 def test_numpy_path_round_trips_a_large_gap_mask() -> None:
