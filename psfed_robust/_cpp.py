@@ -75,11 +75,10 @@ def kernels_disabled() -> bool:
 
 
 def source(name: str) -> Path:
-    """The path of ``psfed_robust/csrc/<name>`` (raises if the file is missing)."""
-    path = CSRC / name
-    if not path.is_file():
-        raise FileNotFoundError(f"kernel source {name!r} not found in {CSRC}")
-    return path
+    """The path of ``psfed_robust/csrc/<name>``. A missing file (an install without the package
+    data, e.g. a Flower App bundle of ``*.py`` files) is not an error here: the kernel's
+    ``get()`` returns ``None`` and the reference path runs."""
+    return CSRC / name
 
 
 def cache_dir() -> Path:
