@@ -28,18 +28,23 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import minimize_scalar
 
+from psfed_robust.engine import theory_next
 from psfed_robust.engine.online import OnlineConfig
 
 __all__ = [
     "Recursion",
     "check_supported",
     "learning_curve",
+    "local_learning_curve",
+    "method",
     "max_stable_stepsize",
     "mean_stability_bound",
     "optimal_stepsize",
     "recursion",
     "spectral_radius",
+    "steady_moments",
     "steady_state",
+    "steady_state_local",
 ]
 
 
@@ -61,26 +66,26 @@ def mean_stability_bound(covariances: float | Sequence[float] | np.ndarray) -> f
     return 2.0 / lam
 
 
-def check_supported(config: OnlineConfig) -> None:
-    """Raise ``NotImplementedError`` naming the option when ``config`` is outside the theory."""
+def _persistent(config: OnlineConfig) -> bool:
+    """Whether the attack noise stays in the attacker's local model (field or attack param)."""
+    field_value = getattr(config, "attack_persistent", None)
+    return bool(field_value) or bool(config.attack_params.get("persistent", False))
+
+
+def method(config: OnlineConfig) -> str:
+    """Which exact recursion covers ``config``: ``"scalar"`` (four scalars, uplink same /
+    independent, or M = D), ``"classes"`` (per-client coordinate classes, uplink next or the
+    options the scalar one lacks) or ``"coordinated"`` (one common pending mask, uplink next).
+
+    Raises ``NotImplementedError`` naming the first option outside the theory.
+    """
     full = config.share_count == config.dim
 
     def no(msg: str) -> None:
-        raise NotImplementedError(f"theory does not cover {msg} (see psfed_robust.engine.theory)")
+        raise NotImplementedError(f"theory does not cover {msg} (see docs/theory.md)")
 
     if config.task != "linear":
         no(f"task={config.task!r} (needs 'linear')")
-    if not full:
-        if config.selection != "random":
-            no(f"selection={config.selection!r} with M < D (needs 'random')")
-        if config.coordinated:
-            no("coordinated=True with M < D")
-        if config.uplink == "next":
-            no("uplink='next' with M < D (use 'same' or 'independent')")
-    if config.scheduling == "bernoulli" and config.server_weight == "participants":
-        no("server_weight='participants' (random 1/|K_n|) with bernoulli scheduling")
-    if not config.nonparticipant_updates:
-        no("nonparticipant_updates=False")
     if config.defense != "mean" or config.aggregation_mode != "fill":
         no(f"defense={config.defense!r} mode={config.aggregation_mode!r} (needs mean, fill)")
     if config.attack not in ("none", "gaussian"):
@@ -89,8 +94,31 @@ def check_supported(config: OnlineConfig) -> None:
         extra = set(config.attack_params) - {"p_a", "sigma", "persistent"}
         if extra:
             no(f"attack params {sorted(extra)}")
-        if config.attack_params.get("persistent", False):
-            no("a persistent attack")
+    scalar_ok = (not (config.scheduling == "bernoulli" and config.server_weight == "participants")
+                 and config.nonparticipant_updates
+                 and not (config.attack == "gaussian" and _persistent(config)))
+    if full:
+        return "scalar" if scalar_ok else "classes"
+    if config.selection != "random":
+        no(f"selection={config.selection!r} with M < D (needs 'random')")
+    if config.coordinated:
+        if config.uplink != "next":
+            no(f"coordinated=True with uplink={config.uplink!r} and M < D (needs 'next')")
+        return "coordinated"
+    if config.uplink == "next":
+        return "classes"
+    if scalar_ok:
+        return "scalar"
+    if config.uplink == "independent":
+        return "classes"
+    no("uplink='same' with M < D together with Bernoulli scheduling and 'participants' "
+       "weights, nonparticipant_updates=False or a persistent attack")
+    raise AssertionError("unreachable")
+
+
+def check_supported(config: OnlineConfig) -> None:
+    """Raise ``NotImplementedError`` naming the option when ``config`` is outside the theory."""
+    method(config)
 
 
 def _attack(config: OnlineConfig) -> tuple[float, float]:
@@ -115,26 +143,41 @@ def _omega(config: OnlineConfig) -> float:
 
 @dataclass(frozen=True)
 class Recursion:
-    """``s_{n+1} = F s_n + f`` for ``s = (g, l, c, h)`` (per-coordinate second moments)."""
+    """``s_{n+1} = F s_n + f`` for the per-coordinate second moments ``s`` of one method.
 
-    F: np.ndarray  # [4, 4]
-    f: np.ndarray  # [4]
-    s0: np.ndarray  # [4] initial moments
+    ``scalar``: ``s = (g, l, c, h)``; ``classes``/``coordinated``: the blocks of
+    :func:`psfed_robust.engine.theory_next.layout`. ``rows`` ``[3, S]`` read out (linearly)
+    the global ``E e²``, the client-averaged a-priori ``E ê_k²`` and the post-step ``E e_k²``.
+    """
+
+    F: np.ndarray  # [S, S]
+    f: np.ndarray  # [S]
+    s0: np.ndarray  # [S] initial moments
+    rows: np.ndarray  # [3, S]
     dim: int
     input_var: float
     noise_var: float
     test_noise: bool
+    local_mse: str  # "apriori" | "test" (as OnlineConfig.local_mse)
+    method: str
 
     def mse(self, s: np.ndarray) -> np.ndarray:
-        """Global test MSE ``σ_ν² + σ_x² D g`` for moments ``s [..., 4]``."""
+        """Global test MSE ``σ_ν² + σ_x² D E e²`` for moments ``s [..., S]``."""
         floor = self.noise_var if self.test_noise else 0.0
-        return floor + self.input_var * self.dim * np.asarray(s)[..., 0]
+        return floor + self.input_var * self.dim * (np.asarray(s) @ self.rows[0])
+
+    def local(self, s: np.ndarray) -> np.ndarray:
+        """Local MSE as the engine records it: a-priori ``σ_ν² + σ_x² D E ê_k²`` of the step
+        taken from state ``s``, or (``local_mse="test"``) the local models' test MSE."""
+        if self.local_mse == "apriori":
+            return self.noise_var + self.input_var * self.dim * (np.asarray(s) @ self.rows[1])
+        floor = self.noise_var if self.test_noise else 0.0
+        return floor + self.input_var * self.dim * (np.asarray(s) @ self.rows[2])
 
 
-def recursion(config: OnlineConfig, stepsize: float | None = None) -> Recursion:
-    """The affine second-moment recursion of ``config`` (``stepsize`` overrides μ)."""
-    check_supported(config)
-    mu = float(config.stepsize if stepsize is None else stepsize)
+def _scalar_recursion(config: OnlineConfig, mu: float) -> tuple[np.ndarray, np.ndarray,
+                                                               np.ndarray]:
+    """``(F, f, rows)`` of the four-scalar recursion (uplink same / independent, or M = D)."""
     D, K, M = config.dim, config.num_clients, config.share_count
     sx, sn = float(config.input_var), float(config.noise_var)
     p = M / D
@@ -186,9 +229,61 @@ def recursion(config: OnlineConfig, stepsize: float | None = None) -> Recursion:
     # local-local
     F[3] = phi * phi * np.array([q2 * p * p, 0.0, 2 * (q * p - q2 * p * p),
                                  1.0 - 2 * q * p + q2 * p * p])
+    qp = q * p
+    rows = np.array([[1.0, 0.0, 0.0, 0.0], [qp, 1.0 - qp, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
+    return F, f, rows
+
+
+def _params(config: OnlineConfig, mu: float) -> theory_next.Params:
+    """The constants of the class-resolved recursions (docs/theory.md, "Constants")."""
+    D, K = config.dim, config.num_clients
+    sx, sn = float(config.input_var), float(config.noise_var)
+    kurt = mu * mu * sx * sx
+    p_a, sd2 = _attack(config)
+    nm = config.num_malicious if p_a * sd2 > 0 or (config.attack == "gaussian"
+                                                    and _persistent(config)) else 0
+    law = theory_next.participation_law(K, config.scheduling, config.participants,
+                                        config.participation, config.server_weight)
+    return theory_next.Params(
+        p=config.share_count / D, phi=1.0 - mu * sx,
+        rho=1.0 - 2.0 * mu * sx + (D + 2) * kurt, eta=mu * mu * sx * sn,
+        nonpart=config.nonparticipant_updates, pa_sd2=p_a * sd2,
+        persistent=config.attack == "gaussian" and _persistent(config),
+        counts=(K - nm, nm), pending=config.uplink == "next" and config.share_count < D,
+        law=law)
+
+
+def recursion(config: OnlineConfig, stepsize: float | None = None, *,
+              force: str | None = None) -> Recursion:
+    """The affine second-moment recursion of ``config`` (``stepsize`` overrides μ).
+
+    ``force="classes"`` runs the class-resolved recursion on a configuration the scalar one
+    covers (a consistency check: both are exact, so they agree to rounding).
+    """
+    kind = method(config)
+    if force is not None:
+        if force not in ("classes", "scalar") or (force == "scalar" and kind != "scalar"):
+            raise ValueError(f"force must be 'classes' or (when covered) 'scalar', got {force!r}")
+        kind = force if kind != "coordinated" else kind
+    mu = float(config.stepsize if stepsize is None else stepsize)
+    D = config.dim
     wv = 1.0 / D if config.wstar_var is None else float(config.wstar_var)
-    return Recursion(F=F, f=f, s0=np.full(4, wv), dim=D, input_var=sx, noise_var=sn,
-                     test_noise=config.test_noise)
+    if kind == "scalar":
+        F, f, rows = _scalar_recursion(config, mu)
+        s0 = np.full(4, wv)
+    else:
+        coord = kind == "coordinated"
+        pr = _params(config, mu)
+        step = theory_next.coordinated_step if coord else theory_next.uncoordinated_step
+        S = theory_next.exists_mask(pr.counts, coord).size
+        out = step(pr, np.vstack([np.zeros((1, S)), np.eye(S)]))
+        f = out[0]
+        F = (out[1:] - f).T
+        rows = theory_next.readouts(pr, coord, np.eye(S)).T
+        s0 = theory_next.initial_state(wv, pr.counts, coord, pr.p)
+    return Recursion(F=F, f=f, s0=s0, rows=rows, dim=D, input_var=float(config.input_var),
+                     noise_var=float(config.noise_var), test_noise=config.test_noise,
+                     local_mse=config.local_mse, method=kind)
 
 
 def spectral_radius(config: OnlineConfig, stepsize: float | None = None) -> float:
@@ -196,27 +291,58 @@ def spectral_radius(config: OnlineConfig, stepsize: float | None = None) -> floa
     return float(np.abs(np.linalg.eigvals(recursion(config, stepsize).F)).max())
 
 
+def steady_moments(config: OnlineConfig, stepsize: float | None = None) -> np.ndarray | None:
+    """Fixed point ``s* = (I − F)⁻¹ f`` of the recursion (``None`` if not mean-square stable)."""
+    rec = recursion(config, stepsize)
+    if float(np.abs(np.linalg.eigvals(rec.F)).max()) >= 1.0:
+        return None
+    return np.asarray(np.linalg.solve(np.eye(rec.f.size) - rec.F, rec.f))
+
+
 def steady_state(config: OnlineConfig, stepsize: float | None = None) -> float:
     """Predicted steady-state global MSE (linear scale; ``inf`` if not mean-square stable)."""
     rec = recursion(config, stepsize)
-    if float(np.abs(np.linalg.eigvals(rec.F)).max()) >= 1.0:
-        return math.inf
-    s = np.linalg.solve(np.eye(4) - rec.F, rec.f)
-    return float(rec.mse(s))
+    s = steady_moments(config, stepsize)
+    return math.inf if s is None else float(rec.mse(s))
 
 
-def learning_curve(config: OnlineConfig, iterations: int | None = None,
-                   stepsize: float | None = None) -> np.ndarray:
-    """Predicted global MSE after ``t = 0..iterations`` iterations (``[iterations + 1]``)."""
+def steady_state_local(config: OnlineConfig, stepsize: float | None = None) -> float:
+    """Predicted steady-state local MSE as the engine records it (``config.local_mse``)."""
+    rec = recursion(config, stepsize)
+    s = steady_moments(config, stepsize)
+    return math.inf if s is None else float(rec.local(s))
+
+
+def _moments(config: OnlineConfig, iterations: int | None,
+             stepsize: float | None) -> tuple[Recursion, np.ndarray]:
     rec = recursion(config, stepsize)
     n = config.iterations if iterations is None else iterations
-    out = np.empty((n + 1, 4))
+    out = np.empty((n + 1, rec.f.size))
     s = rec.s0.copy()
     out[0] = s
     for t in range(1, n + 1):
         s = rec.F @ s + rec.f
         out[t] = s
+    return rec, out
+
+
+def learning_curve(config: OnlineConfig, iterations: int | None = None,
+                   stepsize: float | None = None) -> np.ndarray:
+    """Predicted global MSE after ``t = 0..iterations`` iterations (``[iterations + 1]``)."""
+    rec, out = _moments(config, iterations, stepsize)
     return np.asarray(rec.mse(out))
+
+
+def local_learning_curve(config: OnlineConfig, iterations: int | None = None,
+                         stepsize: float | None = None) -> np.ndarray:
+    """Predicted local MSE ``[iterations + 1]`` indexed like the engine's records with
+    ``record_every=1``: entry ``t ≥ 1`` is the a-priori MSE of iteration ``t`` (state
+    ``s_{t−1}``; ``local_mse="apriori"``) or the local models' test MSE after ``t`` iterations
+    (``"test"``); entry 0 uses ``s_0``."""
+    rec, out = _moments(config, iterations, stepsize)
+    if rec.local_mse == "apriori":
+        return np.asarray(rec.local(np.concatenate([out[:1], out[:-1]])))
+    return np.asarray(rec.local(out))
 
 
 def max_stable_stepsize(config: OnlineConfig, tol: float = 1e-6) -> float:
