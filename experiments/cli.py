@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from experiments.schema import ScenarioError
+from experiments.keys import ScenarioError
 
 __all__ = ["main"]
 
@@ -15,8 +15,16 @@ EPILOG = """examples:
   psfed-robust run p2_mse_vs_m --runs 50 --out results/p2
   psfed-robust run my.toml --set attack.malicious=5 --set sweep.sharing.fraction=[1,0.25]
   psfed-robust theory p2_mse_vs_m
+  psfed-robust reproduce p2                         # the papers' figures (shipped scenarios)
   psfed-robust list attacks
+  psfed-robust list keys                            # every scenario key, engines honouring it
 """
+
+#: the shipped scenarios behind each paper's figures (docs/reproductions.md)
+REPRODUCTIONS: dict[str, tuple[str, ...]] = {
+    "p1": ("p1_rff",),
+    "p2": ("p2_mse_vs_m", "p2_attackers", "p2_sigma", "p2_stepsize", "p2_theory"),
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,10 +64,23 @@ def _parser() -> argparse.ArgumentParser:
     th.add_argument("scenario", help="scenario TOML file or shipped scenario name")
     th.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
-    ls = sub.add_parser("list", help="list attacks, defenses, selectors or shipped scenarios",
-                        description="List registered attacks/defenses, selectors, or the "
-                        "scenarios shipped in experiments/scenarios.")
-    ls.add_argument("what", choices=("attacks", "defenses", "selectors", "scenarios"))
+    rep = sub.add_parser(
+        "reproduce", help="reproduce a paper's figures by running its shipped scenarios",
+        description="Run the shipped scenarios behind P1's or P2's figures (p1: "
+        + ", ".join(REPRODUCTIONS["p1"]) + "; p2: " + ", ".join(REPRODUCTIONS["p2"])
+        + "), each into OUT/<scenario name>; resumes like `run`.",
+    )
+    rep.add_argument("target", choices=(*REPRODUCTIONS, "all"))
+    rep.add_argument("--out", default="results", help="parent folder (default: results)")
+    rep.add_argument("--runs", type=int, default=None, help="Monte Carlo runs per sweep point")
+    rep.add_argument("--quick", action="store_true",
+                     help="smoke test: 2 runs and 200 rounds per point")
+    rep.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    ls = sub.add_parser("list", help="list attacks, defenses, selectors, keys or scenarios",
+                        description="List registered attacks/defenses, selectors, every "
+                        "scenario key, or the scenarios shipped in experiments/scenarios.")
+    ls.add_argument("what", choices=("attacks", "defenses", "selectors", "keys", "scenarios"))
 
     sc = sub.add_parser("schema", help="print the scenario schema (Markdown)",
                         description="Print every scenario key, its type, default and allowed "
@@ -83,6 +104,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
           f"point(s) x {scenario.get('runs')} run(s), engine {scenario.get('engine')} -> {out}")
     run_scenario(scenario, out, progress=not args.quiet, force=args.force,
                  plots=False if args.no_plots else None)
+    return 0
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from experiments.driver import run_scenario
+    from experiments.schema import load_scenario
+
+    names = [n for t in (REPRODUCTIONS if args.target == "all" else [args.target])
+             for n in REPRODUCTIONS[t]]
+    overrides = ["runs=2", "rounds=200"] if args.quick else []
+    if args.runs is not None:
+        overrides.append(f"runs={args.runs}")
+    scenarios = [load_scenario(n, overrides) for n in names]  # all validated before any work
+    for scenario in scenarios:
+        out = Path(args.out) / scenario.name
+        print(f"{scenario.name}: {len(scenario.points())} sweep point(s) x "
+              f"{scenario.get('runs')} run(s) -> {out}")
+        run_scenario(scenario, out, progress=not args.quiet)
     return 0
 
 
@@ -122,6 +161,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
             doc = (dcls.__doc__ or "").strip().splitlines()[0] if dcls.__doc__ else ""
             params = ", ".join(getattr(dcls, "param_names", lambda: ())())
             print(f"{name:18s} params: {params}\n    {doc}")
+    elif args.what == "keys":
+        from experiments.keys import keys_text
+
+        print(keys_text())
     elif args.what == "selectors":
         import psfed_robust.core.selectors as sel
 
@@ -130,8 +173,11 @@ def _cmd_list(args: argparse.Namespace) -> int:
             if isinstance(obj, type):
                 doc = (obj.__doc__ or "").strip().splitlines()[0]
                 print(f"{name:28s} {doc}")
-        print("\nscenario files use sharing.selector = 'random' | 'round_robin' | 'topk' | "
-              "'client_specific'")
+        from experiments.keys import key
+
+        k = key("sharing.selector")
+        print(f"\nscenario files: sharing.selector = {' | '.join(map(repr, k.choices or ()))} "
+              f"({k.allowed_doc().replace('`', '')})")
     else:
         from experiments.schema import load_scenario, shipped_scenarios
 
@@ -155,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _cmd_run(args)
+        if args.command == "reproduce":
+            return _cmd_reproduce(args)
         if args.command == "theory":
             return _cmd_theory(args)
         if args.command == "list":

@@ -1,16 +1,24 @@
-"""The experiment driver: sweep points × Monte Carlo runs, incremental results, resume, outputs.
+"""The experiment driver: sweep points × Monte Carlo runs, verified result parts, resume, outputs.
 
-Each sweep point's rows are written to ``parts/point-NNNN.csv`` (+ ``.json`` with its steady-state
-summary) through a temporary file and an atomic rename as soon as the point finishes, so a run
-killed at any moment (even with SIGKILL) resumes with the points it had finished and ends with
-exactly the rows an uninterrupted run gives: ``tidy.csv`` and ``summary.csv`` are always rebuilt
-from the parts. A point's seed is ``stable_seed(scenario seed, point values)``, so its numbers do
-not depend on which other points ran in the same process.
+Order of work: the scenario is fully validated (:func:`experiments.schema.parse_scenario`) and
+this machine checked (:func:`experiments.schema.check_runnable`) before anything is written;
+then the output folder is created and stamped with the scenario's digest.
+
+Each sweep point's rows go to ``parts/<key>.csv`` and its record to ``parts/<key>.json``, where
+``key`` hashes the point's *setting* (its canonical swept values, not its position), each through
+a temporary file, fsync and an atomic rename, the CSV first. The record holds the setting, seed,
+the CSV's SHA-256 and row count: a point counts as done only when its record parses, names the
+same setting and seed, and its CSV matches checksum and row count. A damaged or missing part
+(killed mid-write, truncated, emptied, deleted) is computed again on the next run, with a notice;
+:func:`finalize` refuses, naming the point, to merge a part that does not verify. A point's seed
+is ``stable_seed(scenario seed, setting)``, so it depends on neither the order of the ``[sweep]``
+keys nor on other points. ``tidy.csv`` and ``summary.csv`` are always rebuilt from the parts.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -20,30 +28,22 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy import stats
 
-from experiments.schema import Scenario, ScenarioError, SweepPoint, check_runnable
+from experiments.keys import ScenarioError
+from experiments.results import DIVERGED_DB, PointResult
+from experiments.schema import Scenario, SweepPoint, check_runnable
 from psfed_robust.core.seeding import stable_seed
 
-__all__ = ["PointResult", "RunOutputs", "run_scenario", "steady_state"]
+__all__ = ["PointResult", "RunOutputs", "db_interval", "finalize", "run_scenario",
+           "steady_state"]
 
 TIDY_HEADER = ("point", "run", "round", "metric", "value")
-
-
-@dataclass
-class PointResult:
-    """What an engine returns for one sweep point."""
-
-    rounds: np.ndarray  # [T] recorded iterations/rounds
-    metrics: dict[str, np.ndarray]  # name -> [R, T] per-run values (linear scale for MSE)
-    lower_is_better: dict[str, bool] = field(default_factory=dict)
-    theory_db: float | None = None  # steady-state theory prediction of global MSE (dB)
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -57,76 +57,102 @@ class RunOutputs:
     summary_rows: list[dict[str, Any]]
 
 
-def _fmt(x: float) -> str:
-    """Deterministic float text (same bytes in every process)."""
-    if x is None or (isinstance(x, float) and math.isnan(x)):
+def _fmt(x: float | None) -> str:
+    """Deterministic float text (same bytes in every process); ``nan``/``inf`` spelled out."""
+    if x is None:
         return ""
     return format(float(x), ".10g")
 
 
 def _db(x: float) -> float:
-    return 10.0 * math.log10(x) if x > 0 else float("-inf")
+    """10 log10(x); NaN stays NaN (a NaN is never reported as -inf dB), 0 is -inf."""
+    if math.isnan(x):
+        return math.nan
+    return 10.0 * math.log10(x) if x > 0 else -math.inf
 
 
 def steady_state(values: np.ndarray, window: float) -> np.ndarray:
     """Per-run mean over the final ``window`` fraction of the recorded points: ``[R]``."""
     t = values.shape[-1]
     n = max(1, math.ceil(window * t))
-    return np.asarray(values[..., t - n :].mean(axis=-1))
+    with np.errstate(all="ignore"):
+        return np.asarray(values[..., t - n :].mean(axis=-1))
 
 
-def _ci(per_run: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
-    """Mean and t-interval across runs (NaN bounds when a run diverged to inf/NaN)."""
+def _t_interval(per_run: np.ndarray, level: float) -> tuple[float, float]:
+    """(mean, half width) of a t-interval across runs (NaN half width with < 2 runs)."""
     with np.errstate(all="ignore"):
         m = float(per_run.mean())
-        if per_run.size < 2 or not np.isfinite(per_run).all():
-            return m, float("nan"), float("nan")
-        half = float(stats.t.ppf(0.5 + level / 2, per_run.size - 1) * per_run.std(ddof=1)
-                     / math.sqrt(per_run.size))
-    return m, m - half, m + half
+        if per_run.size < 2:
+            return m, math.nan
+        t = float(stats.t.ppf(0.5 + level / 2, per_run.size - 1))
+        return m, t * float(per_run.std(ddof=1)) / math.sqrt(per_run.size)
+
+
+def db_interval(per_run: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
+    """Steady state in dB and its ``level`` interval, computed on the log scale.
+
+    The mean ``m`` of the per-run MSEs gets the interval ``10 log10(m) ± (10 / ln 10) t s /
+    (m sqrt(R))`` (the delta method for ``log m``): always a real interval around the estimate in
+    dB, where the linear interval ``m ± t s / sqrt(R)`` can have a negative lower end. NaN bounds
+    when fewer than two runs or any run is not finite.
+    """
+    m, half = _t_interval(per_run, level)
+    centre = _db(m)
+    if not (math.isfinite(half) and math.isfinite(centre)) or not np.isfinite(per_run).all():
+        return centre, math.nan, math.nan
+    half_db = 10.0 / math.log(10.0) * half / m
+    return centre, centre - half_db, centre + half_db
 
 
 def _summarise(point: SweepPoint, res: PointResult, window: float) -> list[dict[str, Any]]:
     rows = []
     for name, vals in res.metrics.items():
-        per_run = steady_state(vals, window)
-        m, lo, hi = _ci(per_run)
+        per_run = steady_state(np.asarray(vals, dtype=np.float64), window)
+        bad_runs = int((~np.isfinite(per_run)).sum())
         row: dict[str, Any] = {"point": point.index, "label": point.label}
         for k, v in point.values:
             row[k] = v
         row["metric"] = name
         row["runs"] = int(vals.shape[0])
         if name.endswith("_mse"):
-            row["steady_db"] = _db(m)
-            row["ci_low_db"] = _db(lo) if lo == lo and lo > 0 else float("nan")
-            row["ci_high_db"] = _db(hi) if hi == hi else float("nan")
+            centre, lo, hi = db_interval(per_run)
+            diverged = bad_runs > 0 or not centre < DIVERGED_DB
+            row["steady_db"] = centre
+            row["ci_low_db"] = math.nan if diverged else lo
+            row["ci_high_db"] = math.nan if diverged else hi
             row["theory_db"] = res.theory_db if name == "global_mse" else None
         else:
+            m, half = _t_interval(per_run, 0.95)
+            diverged = bad_runs > 0
             row["steady"] = m
-            row["ci_low"] = lo
-            row["ci_high"] = hi
+            row["ci_low"] = math.nan if diverged else m - half
+            row["ci_high"] = math.nan if diverged else m + half
+        row["diverged"] = bool(diverged)
+        row["diverged_runs"] = bad_runs
         rows.append(row)
     return rows
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def _atomic_write(path: Path, data: str | bytes) -> None:
+    """Write through ``<name>.tmp<pid>``, fsync, then rename: a reader sees old or new bytes."""
+    blob = data.encode() if isinstance(data, str) else data
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as fh:
-        fh.write(text)
+    with open(tmp, "wb") as fh:
+        fh.write(blob)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
-def _point_csv(point: SweepPoint, res: PointResult) -> str:
+def _part_csv(res: PointResult) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     rounds = [str(int(r)) for r in res.rounds]
     for name, vals in res.metrics.items():
         for run in range(vals.shape[0]):
-            row_vals = vals[run]
-            for rnd, v in zip(rounds, row_vals, strict=True):
-                w.writerow((point.index, run, rnd, name, _fmt(float(v))))
+            for rnd, v in zip(rounds, vals[run], strict=True):
+                w.writerow((run, rnd, name, _fmt(float(v))))
     return buf.getvalue()
 
 
@@ -154,21 +180,54 @@ def _versions() -> dict[str, str]:
 
 
 def point_seed(scenario: Scenario, point: SweepPoint) -> int:
-    """The seed of one sweep point: scenario seed + the point's values (not its index)."""
-    vals = json.dumps([[k, v] for k, v in point.values], sort_keys=True, default=str)
-    return stable_seed("experiments.point", int(scenario.get("seed")), vals)
+    """The seed of one sweep point: scenario seed + the point's canonical setting."""
+    return stable_seed("experiments.point", int(scenario.get("seed")), point.setting)
 
 
-def _run_point(scenario: Scenario, point: SweepPoint, progress: bool) -> PointResult:
-    engine = point.get("engine")
-    seed = point_seed(scenario, point)
-    if engine == "batched":
-        from experiments.engines import run_batched_point
+def _paths(out: Path, point: SweepPoint) -> tuple[Path, Path]:
+    return out / "parts" / f"{point.key}.csv", out / "parts" / f"{point.key}.json"
 
-        return run_batched_point(point, seed, progress=progress)
-    from experiments.engines import run_flower_point
 
-    return run_flower_point(point, seed, progress=progress)
+def _check_part(out: Path, point: SweepPoint, seed: int) -> tuple[str, dict[str, Any] | None]:
+    """``("ok", record)``, ``("missing", None)`` or ``(why it is damaged, None)``."""
+    csv_path, rec_path = _paths(out, point)
+    if not rec_path.exists():
+        return "missing", None
+    try:
+        rec = json.loads(rec_path.read_text())
+        setting, rec_seed = rec["setting"], rec["seed"]
+        sha, rows = rec["csv_sha256"], rec["csv_rows"]
+        if not isinstance(rec["summary"], list):
+            raise TypeError("summary is not a list")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"its record {rec_path.name} is unreadable ({type(exc).__name__}: {exc})", None
+    if setting != point.setting or rec_seed != seed:
+        return f"its record {rec_path.name} belongs to another setting or seed", None
+    try:
+        blob = csv_path.read_bytes()
+    except OSError:
+        return f"its rows {csv_path.name} are missing", None
+    have, same = blob.count(b"\n"), hashlib.sha256(blob).hexdigest() == sha
+    if not same or have != rows:
+        return (f"its rows {csv_path.name} do not match the record ({have} of {rows} rows, "
+                f"checksum {'matches' if same else 'differs'})"), None
+    return "ok", rec
+
+
+def _prepare_output(out: Path) -> None:
+    """Create ``out/parts`` and prove it is writable (clear errors, not tracebacks)."""
+    if out.exists() and not out.is_dir():
+        raise ScenarioError(f"--out {str(out)!r} is a file; give a folder for the results")
+    try:
+        (out / "parts").mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ScenarioError(
+            f"--out {str(out)!r}: cannot write results there ({exc.strerror or exc}); choose "
+            f"another folder with --out"
+        ) from exc
 
 
 def run_scenario(
@@ -180,52 +239,67 @@ def run_scenario(
     plots: bool | None = None,
     stream: Any = None,
 ) -> RunOutputs:
-    """Run every sweep point (resuming finished ones) and write all outputs into ``out_dir``."""
+    """Run every sweep point (resuming verified parts) and write all outputs into ``out_dir``."""
     from tqdm import tqdm
 
-    check_runnable(scenario)
+    from experiments.engines import run_point
+
+    points = scenario.points()
+    check_runnable(scenario, points)  # nothing is written before this passes
     out = Path(out_dir)
+    _prepare_output(out)
     parts = out / "parts"
-    parts.mkdir(parents=True, exist_ok=True)
     digest = scenario.digest()
     stamp = out / "scenario.sha"
-    if stamp.exists() and stamp.read_text().strip() != digest:
+    old = stamp.read_text().strip() if stamp.is_file() else None
+    if old is not None and old != digest:
         if not force:
             raise ScenarioError(
-                f"{out} holds results of a different scenario (digest {stamp.read_text().strip()}"
-                f" != {digest}); use another --out or --force to discard them"
+                f"{out} holds results of a different scenario (digest {old} != {digest}); use "
+                f"another --out or --force to discard them"
             )
-        for p in parts.iterdir():
-            p.unlink()
+        for f in parts.iterdir():
+            if f.is_file():
+                f.unlink()
     _atomic_write(stamp, digest + "\n")
-    points = scenario.points()
+    for tmp in parts.glob("*.tmp*"):  # left by a run killed mid-write
+        tmp.unlink(missing_ok=True)
     window = float(scenario.get("output.steady_window"))
     stream = stream if stream is not None else sys.stdout
     t0 = time.perf_counter()
-    todo = [p for p in points if not (parts / f"point-{p.index:04d}.json").exists()]
+    todo = []
+    for pt in points:
+        state, _ = _check_part(out, pt, point_seed(scenario, pt))
+        if state != "ok":
+            todo.append(pt)
+            if state != "missing":
+                print(f"sweep point {pt.index} ({pt.label}): {state}; computing it again",
+                      file=stream)
     if len(todo) < len(points):
         print(f"resuming: {len(points) - len(todo)} of {len(points)} sweep points already done",
               file=stream)
     bar = tqdm(todo, desc="sweep points", unit="pt", disable=not progress, file=sys.stderr)
     for point in bar:
         bar.set_postfix_str(point.label[:60])
-        res = _run_point(scenario, point, progress)
-        _atomic_write(parts / f"point-{point.index:04d}.csv", _point_csv(point, res))
-        summary = _summarise(point, res, window)
-        _atomic_write(
-            parts / f"point-{point.index:04d}.json",
-            json.dumps({"summary": summary, "info": res.info,
-                        "curves": {k: _curve(v) for k, v in res.metrics.items()},
-                        "rounds": [int(r) for r in res.rounds]}, default=_json_default,
-                       sort_keys=True),
-        )
+        seed = point_seed(scenario, point)
+        res = run_point(point, seed, progress=progress)
+        csv_path, rec_path = _paths(out, point)
+        rows = _part_csv(res)
+        _atomic_write(csv_path, rows)
+        record = {"setting": point.setting, "seed": seed,
+                  "csv_sha256": hashlib.sha256(rows.encode()).hexdigest(),
+                  "csv_rows": rows.count("\n"), "summary": _summarise(point, res, window),
+                  "info": res.info, "curves": {k: _curve(v) for k, v in res.metrics.items()},
+                  "rounds": [int(r) for r in res.rounds]}
+        _atomic_write(rec_path, json.dumps(record, default=_json_default, sort_keys=True))
     bar.close()
     return finalize(scenario, out, elapsed=time.perf_counter() - t0, plots=plots, stream=stream)
 
 
 def _curve(values: np.ndarray) -> list[float]:
     """Run-averaged curve; MSE metrics are averaged in linear scale."""
-    return [float(x) for x in values.mean(axis=0)]
+    with np.errstate(all="ignore"):
+        return [float(x) for x in np.asarray(values, dtype=np.float64).mean(axis=0)]
 
 
 def _json_default(o: Any) -> Any:
@@ -238,13 +312,22 @@ def _json_default(o: Any) -> Any:
     return str(o)
 
 
-def _load_parts(out: Path, points: Sequence[SweepPoint]) -> list[dict[str, Any]]:
-    loaded = []
+def _load_parts(out: Path, scenario: Scenario,
+                points: Sequence[SweepPoint]) -> list[dict[str, Any]]:
+    loaded, bad = [], []
     for p in points:
-        f = out / "parts" / f"point-{p.index:04d}.json"
-        if not f.exists():
-            raise ScenarioError(f"sweep point {p.index} ({p.label}) has no results in {out}")
-        loaded.append(json.loads(f.read_text()))
+        state, rec = _check_part(out, p, point_seed(scenario, p))
+        if rec is None:
+            bad.append(f"sweep point {p.index} ({p.label}): "
+                       + ("no results" if state == "missing" else state))
+        else:
+            loaded.append(rec)
+    if bad:
+        raise ScenarioError(
+            f"{out}: {len(bad)} sweep point(s) lack verified results, nothing merged: "
+            + "; ".join(bad[:5]) + ("; ..." if len(bad) > 5 else "")
+            + " — run the same command again to compute them"
+        )
     return loaded
 
 
@@ -258,35 +341,36 @@ def finalize(
 ) -> RunOutputs:
     """Assemble tidy.csv, summary.csv, meta.json, plots and the Markdown table from the parts."""
     points = scenario.points()
-    parts = _load_parts(out, points)
-    # tidy.csv: header + every point's rows, in point order.
-    tidy = out / "tidy.csv"
-    tmp = tidy.with_name("tidy.csv.tmp")
-    with open(tmp, "w", newline="") as fh:
-        fh.write(",".join(TIDY_HEADER) + "\n")
-        for p in points:
-            fh.write((out / "parts" / f"point-{p.index:04d}.csv").read_text())
-    os.replace(tmp, tidy)
-    # summary.csv
-    summary_rows = [row for part in parts for row in part["summary"]]
-    sweep_keys = list(scenario.sweep)
-    cols = ["point", "label", *sweep_keys, "metric", "runs", "steady_db", "ci_low_db",
-            "ci_high_db", "theory_db", "steady", "ci_low", "ci_high"]
+    parts = _load_parts(out, scenario, points)
     buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
+    buf.write(",".join(TIDY_HEADER) + "\n")
+    for p in points:
+        for line in _paths(out, p)[0].read_text().splitlines():
+            buf.write(f"{p.index},{line}\n")
+    tidy = out / "tidy.csv"
+    _atomic_write(tidy, buf.getvalue())
+    summary_rows = []
+    for p, part in zip(points, parts, strict=True):
+        for row in part["summary"]:
+            summary_rows.append({**row, "point": p.index, "label": p.label, **dict(p.values)})
+    sweep_keys = list(scenario.sweep)
+    cols = ["point", "label", *sweep_keys, "metric", "runs", "diverged", "diverged_runs",
+            "steady_db", "ci_low_db", "ci_high_db", "theory_db", "steady", "ci_low", "ci_high"]
+    sbuf = io.StringIO()
+    w = csv.writer(sbuf, lineterminator="\n")
     w.writerow(cols)
     for row in summary_rows:
         w.writerow([_cell(row.get(c)) for c in cols])
     summary = out / "summary.csv"
-    _atomic_write(summary, buf.getvalue())
+    _atomic_write(summary, sbuf.getvalue())
     meta = out / "meta.json"
     meta_obj = {
         "scenario": scenario.resolved(),
         "scenario_source": scenario.source,
         "scenario_digest": scenario.digest(),
         "points": [
-            {"index": p.index, "values": dict(p.values), "seed": point_seed(scenario, p),
-             "info": part.get("info", {})}
+            {"index": p.index, "values": dict(p.values), "setting": p.setting, "part": p.key,
+             "seed": point_seed(scenario, p), "info": part.get("info", {})}
             for p, part in zip(points, parts, strict=True)
         ],
         "versions": _versions(),
@@ -296,12 +380,10 @@ def finalize(
     _atomic_write(meta, json.dumps(meta_obj, indent=2, default=_json_default, sort_keys=True))
     do_plots = scenario.get("output.plots") if plots is None else plots
     plot_files: list[Path] = []
+    from experiments.report import make_plots, markdown_table
+
     if do_plots:
-        from experiments.report import make_plots
-
         plot_files = make_plots(scenario, points, parts, out)
-    from experiments.report import markdown_table
-
     table = markdown_table(scenario, summary_rows)
     if stream is not None:
         print(table, file=stream)
@@ -316,5 +398,5 @@ def _cell(v: Any) -> str:
     if isinstance(v, bool):
         return str(v).lower()
     if isinstance(v, float):
-        return _fmt(v) if math.isfinite(v) or math.isinf(v) else ""
+        return _fmt(v)
     return str(v)

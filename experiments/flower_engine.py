@@ -21,8 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from experiments.datasets import ImageData, load_image_data, split_clients
-from experiments.driver import PointResult
 from experiments.registry_check import attack_params, defense_params
+from experiments.results import PointResult
 from experiments.schema import SweepPoint
 from psfed_robust.core.seeding import stable_seed
 

@@ -6,11 +6,15 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from experiments.schema import Scenario, SweepPoint
+from experiments.keys import short_key
+from experiments.results import DIVERGED_DB
 
-__all__ = ["make_plots", "markdown_table"]
+if TYPE_CHECKING:
+    from experiments.schema import Scenario, SweepPoint
+
+__all__ = ["DIVERGED_DB", "make_plots", "markdown_table", "short_key"]
 
 X_PREFERENCE = (
     "sharing.fraction",
@@ -22,26 +26,22 @@ X_PREFERENCE = (
 )
 
 
-def short_key(key: str) -> str:
-    """``sharing.fraction`` -> ``fraction``; ``attack.name`` -> ``attack``; params keep a prefix."""
-    parts = key.split(".")
-    if parts[-1] == "name":
-        return parts[0]
-    if "params" in parts:
-        return f"{parts[0]}.{parts[-1]}"
-    return parts[-1]
-
-
-#: steady states above this many dB are reported as diverged (the model blew up)
-DIVERGED_DB = 60.0
-
-
 def _num(v: Any, digits: int = 2) -> str:
     if v is None or (isinstance(v, float) and (math.isnan(v))):
         return "–"
+    if isinstance(v, float) and math.isinf(v):
+        return "inf" if v > 0 else "-inf"
     if isinstance(v, float):
         return f"{v:.{digits}f}"
     return str(v)
+
+
+def _diverged(row: dict[str, Any]) -> bool:
+    """The summary row's verdict (rows of older parts: non-finite or above DIVERGED_DB)."""
+    if "diverged" in row:
+        return bool(row["diverged"])
+    v = row.get("steady_db", row.get("steady"))
+    return isinstance(v, float) and not (v < DIVERGED_DB)
 
 
 def markdown_table(scenario: Scenario, rows: Sequence[dict[str, Any]]) -> str:
@@ -75,13 +75,15 @@ def markdown_table(scenario: Scenario, rows: Sequence[dict[str, Any]]) -> str:
             loc = ms.get("local_mse", {})
             ci = (f"[{_num(g.get('ci_low_db'))}, {_num(g.get('ci_high_db'))}]"
                   if g else "–")
-            gd = g.get("steady_db")
-            if isinstance(gd, float) and gd > DIVERGED_DB:
-                cells += ["diverged", "–", _num(g.get("theory_db")), "diverged"]
+            if _diverged(g):
+                cells += ["diverged", "–", _num(g.get("theory_db")),
+                          "diverged" if _diverged(loc) else _num(loc.get("steady_db"))]
             else:
-                cells += [_num(gd), ci, _num(g.get("theory_db")), _num(loc.get("steady_db"))]
+                cells += [_num(g.get("steady_db")), ci, _num(g.get("theory_db")),
+                          "diverged" if _diverged(loc) else _num(loc.get("steady_db"))]
         else:
-            cells += [_num(ms[m].get("steady"), 4) if m in ms else "–" for m in metrics]
+            cells += ["diverged" if m in ms and _diverged(ms[m])
+                      else _num(ms[m].get("steady"), 4) if m in ms else "–" for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -110,10 +112,17 @@ def make_plots(
     is_mse = main_metric.endswith("_mse")
 
     def value(part: dict[str, Any], metric: str) -> float | None:
+        """Steady state of ``metric``; None when the point diverged."""
         for r in part["summary"]:
             if r["metric"] == metric:
-                return r.get("steady_db") if is_mse else r.get("steady")
+                if _diverged(r):
+                    return None
+                v = r.get("steady_db") if is_mse else r.get("steady")
+                return None if v is None else float(v)
         return None
+
+    def diverged(part: dict[str, Any]) -> bool:
+        return any(_diverged(r) for r in part["summary"] if r["metric"] == main_metric)
 
     # 1. Learning curves, one panel per value of the first non-x swept key (max 6 panels).
     x_key = next((k for k in X_PREFERENCE if k in scenario.sweep), keys[0] if keys else None)
@@ -132,10 +141,11 @@ def make_plots(
             ys = part["curves"][main_metric]
             ys = [_db(y) for y in ys] if is_mse else ys
             label = ", ".join(f"{short_key(k)}={v}" for k, v in p.values if k != facet_key)
+            label = (label or "base") + (" (diverged)" if diverged(part) else "")
             ci = x_vals.index(p.get(x_key)) if x_key else 0
             combo = tuple(p.get(k) for k in other_keys)
             li = other_combos.index(combo) if combo in other_combos else 0
-            ax.plot(part["rounds"], ys, lw=1.2, label=label or "base", color=f"C{ci % 10}",
+            ax.plot(part["rounds"], ys, lw=1.2, label=label, color=f"C{ci % 10}",
                     linestyle=styles[li % len(styles)],
                     marker=None if li < len(styles) else ".", markevery=10)
         ax.set_title(f"{short_key(facet_key)} = {fv}" if facet_key else scenario.name)
@@ -169,12 +179,11 @@ def make_plots(
                 theory = next((r.get("theory_db") for r in part["summary"]
                                if r["metric"] == main_metric), None)
                 groups[other].append((p.get(x_key), value(part, main_metric), theory))
-            diverged = 0
+            n_div = 0
             for i, (other, pts) in enumerate(groups.items()):
                 pts.sort(key=lambda t: t[0])
-                ok = [t for t in pts if t[1] is not None and math.isfinite(float(t[1]))
-                      and not (is_mse and float(t[1]) > DIVERGED_DB)]
-                diverged += len(pts) - len(ok)
+                ok = [t for t in pts if t[1] is not None and math.isfinite(float(t[1]))]
+                n_div += len(pts) - len(ok)
                 li = other_combos.index(tuple(v for _, v in other)) if tuple(
                     v for _, v in other) in other_combos else i
                 color = f"C{li % 10}"
@@ -186,7 +195,7 @@ def make_plots(
                     ax.plot([t[0] for t in th], [t[1] for t in th], "x--", color=color,
                             alpha=0.9, markersize=9, label=f"theory ({label})")
             title = f"{short_key(facet_key)} = {fv}" if facet_key else scenario.name
-            ax.set_title(title + (f"  ({diverged} diverged, not shown)" if diverged else ""),
+            ax.set_title(title + (f"  ({n_div} diverged, not shown)" if n_div else ""),
                          fontsize=10)
             ax.set_xlabel(x_key)
             xs_all = [p.get(x_key) for p in points]
@@ -229,6 +238,10 @@ def make_plots(
         for j, (d, ys) in enumerate(zip(defs, table, strict=True)):
             xs = [i + j * width for i in range(len(gvals))]
             ax.bar(xs, [y - base for y in ys], width=width, bottom=base, label=d)
+            for x, y in zip(xs, ys, strict=True):
+                if not math.isfinite(y):  # every point of this bar diverged
+                    ax.text(x, base, "diverged", rotation=90, ha="center", va="bottom",
+                            fontsize=7)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(gvals))])
         ax.set_xticklabels([str(g) for g in gvals])
         ax.set_xlabel(group_key or "")

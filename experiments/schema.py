@@ -1,11 +1,13 @@
-"""Scenario files: schema, validation and sweep expansion.
+"""Scenario files: parsing, validation and sweep expansion (keys declared in experiments.keys).
 
 A scenario is a TOML file (read with :mod:`tomllib`) with top-level keys and the tables
 ``[task]``, ``[federation]``, ``[sharing]``, ``[attack]``, ``[defense]``, ``[output]`` and
-``[sweep]``. Every key is declared in :data:`SCHEMA`; an unknown key or a bad value stops before any
-work with a message that names the key and the allowed values. ``[sweep]`` maps dotted keys
-(``"sharing.fraction"``) to lists and is expanded as a cartesian product, in the order written.
-docs/scenarios.md is generated from :data:`SCHEMA` (:func:`schema_markdown`).
+``[sweep]``. ``[sweep]`` maps dotted keys (``"sharing.fraction"``) to lists and is expanded as a
+cartesian product, in the order written. :func:`parse_scenario` validates every value of every
+sweep point before it returns (types, ranges, the keys the chosen engine honours, cross-key rules,
+the registries, each rule's participant-count precondition, and the batched engine's own
+``OnlineConfig``), so a scenario that returns from it runs; :func:`check_runnable` adds the checks
+that need this machine (data folders, CUDA, memory).
 """
 
 from __future__ import annotations
@@ -15,14 +17,26 @@ import hashlib
 import itertools
 import json
 import tomllib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from experiments.keys import (
+    KEYS,
+    RENAMED,
+    SECTIONS,
+    Key,
+    ScenarioError,
+    canonical_value,
+    coerce,
+    key,
+    keys_markdown,
+    setting_json,
+    short_key,
+)
+
 __all__ = [
-    "SCHEMA",
-    "Field",
     "Scenario",
     "ScenarioError",
     "SweepPoint",
@@ -32,255 +46,101 @@ __all__ = [
     "schema_markdown",
 ]
 
-
-class ScenarioError(ValueError):
-    """A scenario file or override is invalid (the message names the key)."""
-
-
-@dataclass(frozen=True)
-class Field:
-    """One scenario key: its type, default, allowed values and meaning."""
-
-    type: type | tuple[type, ...]
-    default: Any
-    doc: str
-    choices: tuple[Any, ...] | None = None
-    check: Callable[[Any], bool] | None = None
-    check_doc: str = ""
-    nullable: bool = False
+Config = dict[str, dict[str, Any]]
+TOP_LEVEL = tuple(k.name for k in KEYS if not k.section)
 
 
-def _pos(x: Any) -> bool:
-    return bool(x > 0)
+def _lookup(dotted: str) -> tuple[str, str, Key | None]:
+    """(section, leaf, declaration) of a dotted key; ``params.X`` leaves have no declaration."""
+    sec, _, rest = dotted.partition(".") if "." in dotted else ("", "", dotted)
+    if sec and rest.startswith("params.") and f"{sec}.params" in {k.name for k in KEYS}:
+        if dotted == "attack.params.persistent":
+            key(dotted)  # renamed: raises naming the new key
+        return sec, rest, None
+    k = key(dotted)
+    return k.section, k.leaf, k
 
 
-def _nonneg(x: Any) -> bool:
-    return bool(x >= 0)
-
-
-def _unit(x: Any) -> bool:
-    return bool(0.0 <= x <= 1.0)
-
-
-def _unit_open(x: Any) -> bool:
-    return bool(0.0 < x <= 1.0)
-
-
-TASKS = ("linear", "rff", "digits", "mnist", "fashion_mnist", "cifar10")
-ONLINE_TASKS = ("linear", "rff")
-IMAGE_TASKS = ("digits", "mnist", "fashion_mnist", "cifar10")
-
-SCHEMA: dict[str, dict[str, Field]] = {
-    "": {
-        "name": Field(str, "scenario", "Scenario name (used for the output folder)."),
-        "description": Field(str, "", "Free text, copied to meta.json."),
-        "engine": Field(
-            str, "batched", "Which engine runs it: the batched online engine or Flower.",
-            choices=("batched", "flower"),
-        ),
-        "runs": Field(int, 20, "Monte Carlo runs per sweep point.", check=_pos, check_doc="> 0"),
-        "seed": Field(int, 0, "Scenario seed; every draw derives from it via SHA-256.",
-                      check=_nonneg, check_doc=">= 0"),
-        "rounds": Field(int, 1000, "Iterations (online) or Flower rounds.", check=_pos,
-                        check_doc="> 0"),
-        "device": Field(str, "cpu", "Torch device for the batched engine.",
-                        choices=("cpu", "cuda", "auto")),
-        "plugins": Field(list, [], "Python files (relative to the scenario file) or module "
-                         "names imported first, e.g. to register your own attacks/defenses."),
-    },
-    "task": {
-        "kind": Field(str, "linear", "Learning task.", choices=TASKS),
-        "dim": Field(int, 32, "Model dimension D (linear: input size; rff: number of features).",
-                     check=_pos, check_doc="> 0"),
-        "input_dim": Field(int, 4, "Raw input dimension L of the RFF task.", check=_pos,
-                           check_doc="> 0"),
-        "kernel_width": Field(float, 1.0, "RFF kernel width sigma_k (omega ~ N(0, sigma_k^-2 I)).",
-                              check=_pos, check_doc="> 0"),
-        "noise_var": Field(float, 0.01, "Observation noise variance sigma_nu^2 (linear task).",
-                           check=_nonneg, check_doc=">= 0"),
-        "input_var": Field(float, 1.0, "Input variance sigma_x^2 (linear task).", check=_pos,
-                           check_doc="> 0"),
-        "num_test": Field(int, 50, "Test points N_t for the global-model MSE.", check=_pos,
-                          check_doc="> 0"),
-        "data_dir": Field(str, "", "Folder with torchvision datasets (mnist, fashion_mnist, "
-                          "cifar10); nothing is downloaded."),
-        "partition": Field(str, "iid", "Client data split for image tasks.",
-                           choices=("iid", "dirichlet")),
-        "dirichlet_alpha": Field(float, 0.5, "Dirichlet concentration for non-IID splits.",
-                                 check=_pos, check_doc="> 0"),
-        "hidden": Field(int, 64, "Hidden units of the image MLP.", check=_pos, check_doc="> 0"),
-        "lr": Field(float, 0.05, "Client learning rate (image tasks).", check=_pos,
-                    check_doc="> 0"),
-        "local_epochs": Field(int, 1, "Local epochs per round (image tasks).", check=_pos,
-                              check_doc="> 0"),
-        "batch_size": Field(int, 32, "Local batch size (image tasks).", check=_pos,
-                            check_doc="> 0"),
-    },
-    "federation": {
-        "clients": Field(int, 50, "Number of clients K.", check=_pos, check_doc="> 0"),
-        "scheduling": Field(str, "fixed", "Fixed number of participants per round, or each "
-                            "client independently with probability p_c.",
-                            choices=("fixed", "bernoulli")),
-        "participants": Field(int, 10, "Participants per round (fixed scheduling).", check=_pos,
-                              check_doc="> 0"),
-        "p_c": Field(float, 0.2, "Participation probability (bernoulli scheduling).",
-                     check=_unit_open, check_doc="in (0, 1]"),
-        "stepsize": Field(float, 0.05, "LMS stepsize mu (online tasks).", check=_pos,
-                          check_doc="> 0"),
-        "server_weight": Field(str, "participants", "PSO-Fed server weight: 1/|K_n|, "
-                               "1/(p_c K) or 1/K.", choices=("participants", "expected", "all")),
-    },
-    "sharing": {
-        "selector": Field(str, "random", "Mask selection scheme.",
-                          choices=("random", "round_robin", "topk", "client_specific")),
-        "fraction": Field(float, 1.0, "Shared fraction p_e = M/D (ignored when count is set).",
-                          check=_unit_open, check_doc="in (0, 1]"),
-        "count": Field(int, 0, "Shared entries M per round (0: use fraction).", check=_nonneg,
-                       check_doc=">= 0"),
-        "coordinated": Field(bool, False, "All clients share the same entries in a round."),
-        "uplink": Field(str, "next", "Uplink mask: the downlink mask of the next round (P1's "
-                        "form), the same one as the downlink, or an independent draw.",
-                        choices=("next", "same", "independent")),
-    },
-    "attack": {
-        "name": Field(str, "none", "Attack registry name, or 'none'."),
-        "malicious": Field(int, 0, "Number of malicious clients (the first ids).",
-                           check=_nonneg, check_doc=">= 0"),
-        "p_a": Field(float, 1.0, "Attack probability when a malicious client participates "
-                     "(passed to attacks that take p_a).", check=_unit, check_doc="in [0, 1]"),
-        "params": Field(dict, {}, "Attack parameters (see `psfed-robust list attacks`)."),
-    },
-    "defense": {
-        "name": Field(str, "mean", "Aggregator registry name ('mean' is PSO-Fed's step)."),
-        "mode": Field(str, "fill", "How partial updates meet the aggregator.",
-                      choices=("fill", "reporters")),
-        "params": Field(dict, {}, "Aggregator parameters (see `psfed-robust list defenses`)."),
-    },
-    "output": {
-        "record_every": Field(int, 10, "Record metrics every this many iterations/rounds.",
-                              check=_pos, check_doc="> 0"),
-        "steady_window": Field(float, 0.2, "Final fraction of the recorded curve averaged as the "
-                               "steady state.", check=_unit_open, check_doc="in (0, 1]"),
-        "plots": Field(bool, True, "Write PNG plots."),
-    },
-}
-
-SECTIONS = tuple(k for k in SCHEMA if k)
-
-
-def _type_name(t: type | tuple[type, ...]) -> str:
-    if isinstance(t, tuple):
-        return " | ".join(x.__name__ for x in t)
-    return {"dict": "table"}.get(t.__name__, t.__name__)
-
-
-def _coerce(key: str, f: Field, value: Any) -> Any:
-    if value is None and f.nullable:
-        return None
-    if f.type is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if f.type is not bool and isinstance(value, bool):
-        raise ScenarioError(f"{key}: expected {_type_name(f.type)}, got a boolean ({value!r})")
-    if not isinstance(value, f.type):
-        raise ScenarioError(
-            f"{key}: expected {_type_name(f.type)}, got {type(value).__name__} ({value!r})"
-        )
-    if f.choices is not None and value not in f.choices:
-        allowed = ", ".join(repr(c) for c in f.choices)
-        raise ScenarioError(f"{key}: {value!r} is not allowed; allowed values: {allowed}")
-    if f.check is not None and not f.check(value):
-        raise ScenarioError(f"{key}: {value!r} is out of range; must be {f.check_doc}")
-    return copy.deepcopy(value)
-
-
-def _split(dotted: str) -> tuple[str, str]:
-    if "." in dotted:
-        sec, key = dotted.split(".", 1)
-    else:
-        sec, key = "", dotted
-    if sec not in SCHEMA:
-        raise ScenarioError(
-            f"unknown section {sec!r} in key {dotted!r}; allowed sections: {', '.join(SECTIONS)}"
-        )
-    if key.startswith("params.") and "params" in SCHEMA[sec]:
-        return sec, key
-    if key not in SCHEMA[sec]:
-        where = f"[{sec}]" if sec else "top level"
-        raise ScenarioError(
-            f"unknown key {dotted!r} ({where}); allowed keys: {', '.join(SCHEMA[sec])}"
-        )
-    return sec, key
-
-
-def _validate_table(raw: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {sec: {} for sec in SCHEMA}
-    for key, value in raw.items():
-        if key == "sweep":
+def _validate_table(raw: Mapping[str, Any]) -> Config:
+    out: Config = {sec: {} for sec in ("", *SECTIONS)}
+    for name, value in raw.items():
+        if name == "sweep":
             continue
-        if key in SECTIONS:
+        if name in SECTIONS:
             if not isinstance(value, dict):
-                raise ScenarioError(f"[{key}] must be a table, got {type(value).__name__}")
+                raise ScenarioError(f"[{name}] must be a table, got {type(value).__name__}")
             for sub, v in value.items():
-                if sub not in SCHEMA[key]:
-                    raise ScenarioError(
-                        f"unknown key '{key}.{sub}'; allowed keys in [{key}]: "
-                        f"{', '.join(SCHEMA[key])}"
-                    )
-                out[key][sub] = _coerce(f"{key}.{sub}", SCHEMA[key][sub], v)
-        elif key in SCHEMA[""]:
-            out[""][key] = _coerce(key, SCHEMA[""][key], value)
+                k = key(f"{name}.{sub}")
+                out[name][sub] = coerce(k, v)
+        elif name in TOP_LEVEL:
+            out[""][name] = coerce(key(name), value)
         else:
-            allowed = ", ".join([*SCHEMA[""], *SECTIONS, "sweep"])
-            raise ScenarioError(f"unknown top-level key {key!r}; allowed: {allowed}")
-    for sec, fields in SCHEMA.items():
-        for k, f in fields.items():
-            out[sec].setdefault(k, copy.deepcopy(f.default))
+            if name in RENAMED:
+                key(name)  # raises, naming the new key
+            allowed = ", ".join([*TOP_LEVEL, *SECTIONS, "sweep"])
+            raise ScenarioError(f"unknown top-level key {name!r}; allowed: {allowed}")
+    for k in KEYS:
+        out[k.section].setdefault(k.leaf, copy.deepcopy(k.default))
     return out
 
 
-def _set(cfg: dict[str, dict[str, Any]], dotted: str, value: Any) -> None:
-    sec, key = _split(dotted)
-    if key.startswith("params."):
+def _set(cfg: Config, dotted: str, value: Any) -> None:
+    sec, leaf, k = _lookup(dotted)
+    if k is None:
         cfg[sec]["params"] = dict(cfg[sec]["params"])
-        cfg[sec]["params"][key.split(".", 1)[1]] = value
+        cfg[sec]["params"][leaf.split(".", 1)[1]] = copy.deepcopy(value)
     else:
-        cfg[sec][key] = _coerce(dotted, SCHEMA[sec][key], value)
+        cfg[sec][leaf] = coerce(k, value)
 
 
 def _get(cfg: Mapping[str, Mapping[str, Any]], dotted: str) -> Any:
-    sec, key = _split(dotted)
-    if key.startswith("params."):
-        return cfg[sec]["params"].get(key.split(".", 1)[1])
-    return cfg[sec][key]
-
-
-@dataclass(frozen=True)
-class SweepPoint:
-    """One resolved configuration of the sweep."""
-
-    index: int
-    values: tuple[tuple[str, Any], ...]  # (dotted key, value) of the swept keys
-    config: dict[str, dict[str, Any]]
-
-    @property
-    def label(self) -> str:
-        from experiments.report import short_key
-
-        return ", ".join(f"{short_key(k)}={_fmt(v)}" for k, v in self.values) or "base"
-
-    def get(self, dotted: str) -> Any:
-        return _get(self.config, dotted)
+    sec, leaf, k = _lookup(dotted)
+    if k is None:
+        return cfg[sec]["params"].get(leaf.split(".", 1)[1])
+    if dotted == "defense.f" and cfg["defense"]["f"] is None:
+        return cfg["attack"]["malicious"]
+    return cfg[sec][leaf]
 
 
 def _fmt(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
+@dataclass(frozen=True)
+class SweepPoint:
+    """One resolved configuration of the sweep.
+
+    Engines read settings with :meth:`get` (``point.get("federation.clients")``): validated,
+    typed, defaults filled, ``defense.f`` resolved.
+    """
+
+    index: int
+    values: tuple[tuple[str, Any], ...]  # (dotted key, value) of the swept keys, as written
+    config: Config
+
+    @property
+    def label(self) -> str:
+        return ", ".join(f"{short_key(k)}={_fmt(v)}" for k, v in self.values) or "base"
+
+    @property
+    def setting(self) -> str:
+        """Canonical JSON of the swept values: the point's identity (seeds, result parts)."""
+        return setting_json(self.values)
+
+    @property
+    def key(self) -> str:
+        """Short hash of :attr:`setting` (the name of the point's result part)."""
+        return hashlib.sha256(self.setting.encode()).hexdigest()[:16]
+
+    def get(self, dotted: str) -> Any:
+        return _get(self.config, dotted)
+
+
 @dataclass
 class Scenario:
     """A validated scenario: the base configuration and its sweep."""
 
-    config: dict[str, dict[str, Any]]
+    config: Config
     sweep: dict[str, list[Any]] = field(default_factory=dict)
     source: str = "<built-in>"
 
@@ -299,74 +159,105 @@ class Scenario:
             cfg = copy.deepcopy(self.config)
             for k, v in zip(keys, combo, strict=True):
                 _set(cfg, k, v)
-            _check_consistency(cfg, where=f"sweep point {dict(zip(keys, combo, strict=True))}")
             pts.append(SweepPoint(i, tuple(zip(keys, combo, strict=True)), cfg))
         return pts
 
     def resolved(self) -> dict[str, Any]:
         """A JSON-ready dict of the whole scenario (for meta.json and hashing)."""
-        base = {k: v for k, v in self.config[""].items()}
+        base: dict[str, Any] = dict(self.config[""])
         for sec in SECTIONS:
             base[sec] = self.config[sec]
         base["sweep"] = self.sweep
         return base
 
     def digest(self) -> str:
+        """Content hash: independent of the order keys are written in (results are keyed by each
+        point's setting, so swapping two sweep axes resumes the same points)."""
         blob = json.dumps(self.resolved(), sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _check_consistency(cfg: Mapping[str, Mapping[str, Any]], where: str = "scenario") -> None:
-    fed, task, share = cfg["federation"], cfg["task"], cfg["sharing"]
-    att = cfg["attack"]
-    engine = cfg[""]["engine"]
-    if engine == "batched" and task["kind"] not in ONLINE_TASKS:
-        raise ScenarioError(
-            f"{where}: task.kind {task['kind']!r} needs engine = 'flower'; the batched engine "
-            f"runs {', '.join(ONLINE_TASKS)}"
-        )
-    if engine == "flower" and task["kind"] not in IMAGE_TASKS:
-        raise ScenarioError(
-            f"{where}: engine 'flower' runs task.kind in {', '.join(IMAGE_TASKS)}, "
-            f"got {task['kind']!r}"
-        )
-    if fed["scheduling"] == "fixed" and fed["participants"] > fed["clients"]:
-        raise ScenarioError(
-            f"{where}: federation.participants ({fed['participants']}) must be <= "
-            f"federation.clients ({fed['clients']})"
-        )
-    if att["malicious"] > fed["clients"]:
-        raise ScenarioError(
-            f"{where}: attack.malicious ({att['malicious']}) must be <= federation.clients "
-            f"({fed['clients']})"
-        )
-    if share["count"] > task["dim"] and task["kind"] in ONLINE_TASKS:
-        raise ScenarioError(
-            f"{where}: sharing.count ({share['count']}) must be <= task.dim ({task['dim']})"
-        )
-    _check_registries(cfg, where)
+def participant_counts(point: SweepPoint) -> list[int]:
+    """The participant counts a round of ``point`` can have, for rules' preconditions.
+
+    Fixed scheduling: ``participants``. Bernoulli (n ~ Binomial(K, p_c)): every count whose
+    probability of occurring in at least one of the point's ``rounds x runs`` rounds exceeds
+    1e-6 (union bound); rarer counts are treated as negligible.
+    """
+    k = int(point.get("federation.clients"))
+    if point.get("engine") != "batched" or point.get("federation.scheduling") == "fixed":
+        return [int(point.get("federation.participants"))]
+    from scipy import stats
+
+    p = float(point.get("federation.p_c"))
+    draws = int(point.get("rounds")) * int(point.get("runs"))
+    eps = 1e-6 / max(1, draws)
+    lo = int(stats.binom.ppf(eps, k, p))
+    hi = int(stats.binom.isf(eps, k, p))
+    return list(range(max(lo, 0), min(hi, k) + 1))
 
 
-def check_runnable(scenario: Scenario) -> None:
-    """Checks that need the machine (data folders): run before any work starts."""
-    for p in scenario.points():
+def validate_point(point: SweepPoint) -> None:
+    """Everything about one point that needs no machine: see the module docstring."""
+    from experiments.registry_check import check_attack, check_defense
+
+    cfg = point.config
+    engine = str(cfg[""]["engine"])
+    where = f"sweep point {point.index} ({point.label})"
+    for k in KEYS:
+        value = cfg[k.section][k.leaf]
+        if engine not in k.engines and value != k.default:
+            raise ScenarioError(
+                f"{k.name}: {where}: the {engine} engine does not use this key (set to "
+                f"{value!r}; it honours it only on {' and '.join(k.engines)}); remove it or set "
+                f"it to its default {k.default!r}"
+            )
+        if engine in k.engine_choices:
+            coerce(k, value, engine)
+    fed, share, att = cfg["federation"], cfg["sharing"], cfg["attack"]
+    rules = [
+        (fed["scheduling"] == "fixed" and fed["participants"] > fed["clients"],
+         "federation.participants", f"({fed['participants']}) must be <= federation.clients "
+         f"({fed['clients']})"),
+        (att["malicious"] > fed["clients"], "attack.malicious",
+         f"({att['malicious']}) must be <= federation.clients ({fed['clients']})"),
+        (cfg["output"]["record_every"] > cfg[""]["rounds"], "output.record_every",
+         f"({cfg['output']['record_every']}) must be <= rounds ({cfg['']['rounds']})"),
+        (share["count"] > 0 and share["fraction"] != 1.0, "sharing.count",
+         "and sharing.fraction are both set; set one of them"),
+    ]
+    for bad, name, msg in rules:
+        if bad:
+            raise ScenarioError(f"{name}: {where}: {msg}")
+    from experiments.configs import attack_params_of, defense_params_of
+    from experiments.registry_check import check_name
+
+    check_name("attack", str(att["name"]), where)
+    check_name("defense", str(cfg["defense"]["name"]), where)
+    check_attack(str(att["name"]), attack_params_of(point), where)
+    check_defense(str(cfg["defense"]["name"]), defense_params_of(point), where,
+                  participant_counts(point))
+    if engine == "batched":
+        from experiments.configs import online_config
+
+        online_config(point)
+
+
+def check_runnable(scenario: Scenario, points: Iterable[SweepPoint] | None = None) -> None:
+    """Checks that need this machine, run before any work: data folders, CUDA, memory."""
+    from experiments.resources import check_resources
+
+    for p in scenario.points() if points is None else points:
         task = p.config["task"]
         if task["kind"] in ("mnist", "fashion_mnist", "cifar10"):
             d = task["data_dir"]
             if not d or not Path(d).is_dir():
                 raise ScenarioError(
-                    f"sweep point {p.index}: task.kind {task['kind']!r} needs task.data_dir, an "
-                    f"existing folder with the torchvision dataset (nothing is downloaded); got "
-                    f"{d!r} — e.g. --set task.data_dir=/path/to/data"
+                    f"task.data_dir: sweep point {p.index}: task.kind {task['kind']!r} needs "
+                    f"task.data_dir, an existing folder with the torchvision dataset (nothing is "
+                    f"downloaded); got {d!r} — e.g. --set task.data_dir=/path/to/data"
                 )
-
-
-def _check_registries(cfg: Mapping[str, Mapping[str, Any]], where: str) -> None:
-    from experiments.registry_check import check_attack, check_defense
-
-    check_attack(cfg["attack"]["name"], dict(cfg["attack"]["params"]), cfg["attack"]["p_a"],
-                 where)
-    check_defense(cfg["defense"]["name"], dict(cfg["defense"]["params"]), where)
+        check_resources(p)
 
 
 def parse_value(text: str) -> Any:
@@ -383,22 +274,31 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
     for ov in overrides:
         if "=" not in ov:
             raise ScenarioError(f"override {ov!r} must look like key=value (e.g. runs=5)")
-        key, text = ov.split("=", 1)
-        key = key.strip()
+        name, text = ov.split("=", 1)
+        name = name.strip()
         value = parse_value(text.strip())
-        if key.startswith("sweep."):
+        if name.startswith("sweep."):
             if not isinstance(value, list):
-                raise ScenarioError(f"{key}: a sweep override needs a list, e.g. {key}=[1, 2]")
-            raw.setdefault("sweep", {})[key.removeprefix("sweep.")] = value
+                raise ScenarioError(f"{name}: a sweep override needs a list, e.g. {name}=[1, 2]")
+            sweep = raw.setdefault("sweep", {})
+            if not isinstance(sweep, dict):
+                raise ScenarioError(f"[sweep] must be a table, got {type(sweep).__name__}")
+            sweep[name.removeprefix("sweep.")] = value
             continue
-        sec, sub = _split(key)
+        sec, leaf, _ = _lookup(name)
         target = raw if not sec else raw.setdefault(sec, {})
-        if sub.startswith("params."):
-            target.setdefault("params", {})[sub.split(".", 1)[1]] = value
+        if not isinstance(target, dict):
+            raise ScenarioError(f"[{sec}] must be a table, got {type(target).__name__}")
+        if leaf.startswith("params."):
+            params = target.setdefault("params", {})
+            if not isinstance(params, dict):
+                raise ScenarioError(f"{sec}.params: must be a table, got {params!r}")
+            params[leaf.split(".", 1)[1]] = value
         else:
-            target[sub] = value
+            target[leaf] = value
         # An explicit override of a swept key replaces the sweep axis.
-        raw.get("sweep", {}).pop(key, None)
+        if isinstance(raw.get("sweep"), dict):
+            raw["sweep"].pop(name, None)
     return raw
 
 
@@ -438,7 +338,9 @@ def load_plugins(plugins: Iterable[str], base: Path | None = None) -> None:
 
 
 def parse_scenario(raw: Mapping[str, Any], source: str = "<dict>") -> Scenario:
-    """Validate a raw table into a :class:`Scenario` (all sweep points are checked)."""
+    """Validate a raw table into a :class:`Scenario`: every value of every sweep point."""
+    if not isinstance(raw, Mapping):
+        raise ScenarioError(f"a scenario must be a table, got {type(raw).__name__}")
     cfg = _validate_table(raw)
     base = Path(source).parent if source and not source.startswith("<") else None
     load_plugins(cfg[""]["plugins"], base)
@@ -446,46 +348,71 @@ def parse_scenario(raw: Mapping[str, Any], source: str = "<dict>") -> Scenario:
     if not isinstance(sweep_raw, dict):
         raise ScenarioError(f"[sweep] must be a table, got {type(sweep_raw).__name__}")
     sweep: dict[str, list[Any]] = {}
-    for key, values in sweep_raw.items():
-        _split(key)
+    for name, values in sweep_raw.items():
+        if not isinstance(name, str):
+            raise ScenarioError(f"sweep: keys must be strings, got {name!r}")
+        _lookup(name)
+        if name in ("plugins", "name", "description"):
+            raise ScenarioError(f"sweep.{name}: this key cannot be swept")
         if not isinstance(values, list) or not values:
-            raise ScenarioError(f"sweep.{key}: must be a non-empty list, got {values!r}")
+            raise ScenarioError(f"sweep.{name}: must be a non-empty list, got {values!r}")
+        normalised = []
         for v in values:
             probe = copy.deepcopy(cfg)
-            _set(probe, key, v)  # type/choice check of every value
-        sweep[key] = list(values)
+            try:
+                _set(probe, name, v)  # type/range check of every value
+            except ScenarioError as exc:
+                raise ScenarioError(f"sweep.{exc}") from exc
+            normalised.append(canonical_value(name, v) if not name.count(".params.") else v)
+        seen = [json.dumps(canonical_value(name, v), default=str) for v in values]
+        if len(set(seen)) != len(seen):
+            raise ScenarioError(f"sweep.{name}: values repeat ({values!r}): each setting once")
+        sweep[name] = normalised
     scen = Scenario(cfg, sweep, source)
-    _check_consistency(cfg)
-    pts = scen.points()  # every combination is consistent
+    pts = scen.points()
     from experiments.registry_check import check_param_keys
 
     for kind in ("attack", "defense"):
-        names = {p.get(f"{kind}.name") for p in pts}
         params: dict[str, Any] = {}
         for p in pts:
             params.update(p.get(f"{kind}.params"))
-        check_param_keys(kind, sorted(names), params)
+        check_param_keys(kind, (), params)  # renamed keys first
+    for p in pts:
+        validate_point(p)  # names registered, each point's parameters build
+    for kind in ("attack", "defense"):
+        names = {p.get(f"{kind}.name") for p in pts}
+        params = {}
+        for p in pts:
+            params.update(p.get(f"{kind}.params"))
+        check_param_keys(kind, sorted(names), params)  # a key no rule of the sweep accepts
     return scen
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A scenario argument: an existing file, else a shipped scenario's name (``headline``)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if len(p.parts) == 1:  # a bare name: a shipped scenario
+        shipped = Path(__file__).parent / "scenarios"
+        for cand in (shipped / p.name, shipped / f"{p.name}.toml"):
+            if cand.is_file():
+                return cand
+    if p.exists():
+        raise ScenarioError(f"scenario {str(path)!r} is a folder, not a scenario file (and no "
+                            f"shipped scenario has that name; see `psfed-robust list scenarios`)")
+    raise ScenarioError(f"scenario file {str(path)!r} not found")
 
 
 def load_scenario(path: str | Path | None, overrides: Iterable[str] = ()) -> Scenario:
     """Read a scenario file (or the built-in default when ``path`` is None), apply overrides."""
-    if path is None:
-        path = default_scenario_path()
-    p = Path(path)
-    if not p.exists():
-        shipped = Path(__file__).parent / "scenarios" / p.name
-        shipped_toml = shipped.with_suffix(".toml")
-        if shipped.exists():
-            p = shipped
-        elif shipped_toml.exists():
-            p = shipped_toml
-        else:
-            raise ScenarioError(f"scenario file {str(path)!r} not found")
+    p = resolve_path(default_scenario_path() if path is None else path)
     try:
         raw = tomllib.loads(p.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError(f"{p}: not valid TOML: {exc}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ScenarioError(f"{p}: cannot read the scenario file: {exc}") from exc
     raw = apply_overrides(raw, overrides)
     return parse_scenario(raw, source=str(p))
 
@@ -499,15 +426,5 @@ def shipped_scenarios() -> list[Path]:
 
 
 def schema_markdown() -> str:
-    """The schema as Markdown tables (docs/scenarios.md is generated from this)."""
-    lines: list[str] = []
-    for sec, fields in SCHEMA.items():
-        lines.append(f"### {'[' + sec + ']' if sec else 'Top level'}\n")
-        lines.append("| key | type | default | allowed | meaning |")
-        lines.append("|---|---|---|---|---|")
-        for k, f in fields.items():
-            allowed = ", ".join(f"`{c}`" for c in f.choices) if f.choices else f.check_doc
-            default = json.dumps(f.default)
-            lines.append(f"| `{k}` | {_type_name(f.type)} | `{default}` | {allowed} | {f.doc} |")
-        lines.append("")
-    return "\n".join(lines)
+    """The key tables as Markdown (docs/scenarios.md holds this text)."""
+    return keys_markdown()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from experiments.keys import key
 from experiments.schema import (
-    SCHEMA,
     ScenarioError,
     apply_overrides,
     load_scenario,
@@ -35,8 +35,8 @@ def test_defaults_filled_and_sweep_cartesian_in_order() -> None:
         (("sharing.fraction", 1.0), ("attack.malicious", 2)),
     ]
     assert pts[4].get("sharing.fraction") == 0.5 and pts[4].get("attack.malicious") == 1
-    assert s.get("defense.name") == SCHEMA["defense"]["name"].default
-    assert s.get("federation.stepsize") == SCHEMA["federation"]["stepsize"].default
+    assert s.get("defense.name") == key("defense.name").default
+    assert s.get("federation.stepsize") == key("federation.stepsize").default
 
 
 @pytest.mark.parametrize(
@@ -48,15 +48,16 @@ def test_defaults_filled_and_sweep_cartesian_in_order() -> None:
         (dict(BASE, runs=0), "runs: 0 is out of range; must be > 0"),
         (dict(BASE, runs="3"), "runs: expected int"),
         (dict(BASE, sharing={"fraction": 1.5}), "sharing.fraction: 1.5 is out of range"),
-        (dict(BASE, federation={"clients": 4, "participants": 5}), "federation.participants (5)"),
-        (dict(BASE, attack={"name": "nope"}), "attack.name 'nope' is not registered"),
+        (dict(BASE, federation={"clients": 4, "participants": 5}),
+         "federation.participants: sweep point 0 (base): (5) must be <= federation.clients"),
+        (dict(BASE, attack={"name": "nope"}), "attack.name: sweep point 0 (base): 'nope' is not registered"),
         (dict(BASE, attack={"name": "gaussian", "params": {"sigmaa": 1}}), "sigmaa"),
         (dict(BASE, attack={"name": "gaussian", "params": {"sigma": -1.0}}), "sigma"),
-        (dict(BASE, defense={"name": "nope"}), "defense.name 'nope' is not registered"),
+        (dict(BASE, defense={"name": "nope"}), "defense.name: sweep point 0 (base): 'nope' is not registered"),
         (dict(BASE, sweep={"sharing.fractio": [1.0]}), "unknown key 'sharing.fractio'"),
         (dict(BASE, sweep={"sharing.fraction": []}), "must be a non-empty list"),
-        (dict(BASE, sweep={"sharing.fraction": [1.0, 2.0]}), "sharing.fraction: 2.0 is out"),
-        (dict(BASE, engine="flower"), "engine 'flower' runs task.kind"),
+        (dict(BASE, sweep={"sharing.fraction": [1.0, 2.0]}), "sweep.sharing.fraction: 2.0 is out"),
+        (dict(BASE, engine="flower"), "task.kind: 'linear' is not allowed on the flower engine"),
     ],
 )
 def test_bad_scenarios_name_the_key(raw: dict, needle: str) -> None:
