@@ -1,0 +1,388 @@
+"""``run_nn``: PSO-Fed on neural networks, every client and Monte Carlo run as one torch program.
+
+State: the global models ``G [B, P]`` and every client's full local model ``W [B, K, P]`` (flat
+:class:`~psfed_robust.core.flatten.FlattenedModel` layout; ``B`` runs, ``K`` clients). A round
+(Gogineni et al., ICASSP 2022; Lari et al., IEEE TSIPN 2025), with the round core
+(:mod:`psfed_robust.core.round`) doing every step's math:
+
+1. each run's selector picks the shared coordinates (the core selectors, seeded as the Flower
+   engine seeds them): index lists ``[B, K, M]``; participants ``[B, K]`` are sampled;
+2. downlink: :func:`~psfed_robust.core.round.merge_` writes the global values on the mask into
+   each participant's local model (the rest of the local model is kept);
+3. local training: minibatch SGD with momentum / weight decay, ``vmap(grad)`` over clients
+   (:mod:`psfed_robust.nn.train`), in row chunks sized to a memory budget; a data attack
+   (``kind == "data"``, e.g. label flip) trains the malicious clients on poisoned labels;
+4. uplink: :func:`~psfed_robust.core.round.local_deltas` against the global model on the
+   uplink mask (= the downlink mask, as in the Flower path), then the attack seam
+   :func:`~psfed_robust.core.round.attack_step` (omniscient attacks see the honest deltas);
+5. :func:`~psfed_robust.core.round.server_step` with the defense in fill or reporters mode and
+   PSO-Fed's weights ``1/|K_n|``; a run whose aggregate is not finite keeps its global model
+   (the Flower strategy's rule).
+
+When every client of a run shares the same coordinates (coordinated selectors) the attack sees
+the shared columns only (``[B, K, M]``, no mask): coordinates nobody sends are zero in the
+server's view of a delta, so statistics and norms are unchanged. Per-client masks give the
+attack the dense ``[B, K, P]`` deltas (zero where unshared) with bool masks, as the Flower
+server adversary does.
+
+Seeds follow ``experiments/flower_engine.py`` (run seed, split, initial model, masks, batch
+order), so both engines draw the same split, start model, masks and batches for a scenario seed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from psfed_robust.core.aggregation import server_weights
+from psfed_robust.core.flatten import FlattenedModel
+from psfed_robust.core.mask import Mask
+from psfed_robust.core.round import attack_step, gather, local_deltas, merge_, server_step
+from psfed_robust.core.seeding import stable_seed, torch_generator
+from psfed_robust.core.selectors import (
+    ClientSpecificMaskSelector,
+    MaskSelector,
+    RandomMaskSelector,
+    RoundRobinMaskSelector,
+    StructuredMaskSelector,
+    TopKMagnitudeSelector,
+)
+from psfed_robust.nn.config import NNConfig
+from psfed_robust.nn.data import ImageTask, client_table, load_task, split
+from psfed_robust.nn.models import build_model
+from psfed_robust.nn.train import FunctionalModel, batch_plan, train_rows
+from psfed_robust.wire import HEADER_SIZE, encoded_size
+
+__all__ = ["NNResult", "evaluate", "make_selector", "run_nn", "run_seed"]
+
+_ITEMSIZE = 4  # float32 values on the wire
+
+
+@dataclass(frozen=True)
+class NNResult:
+    """Recorded rounds ``[R]`` and metrics ``name -> [runs, R]`` (``accuracy``, ``loss``,
+    ``bytes_down``, ``bytes_up`` per participating client, ``asr`` for data attacks)."""
+
+    rounds: np.ndarray
+    metrics: dict[str, np.ndarray]
+    info: dict[str, Any]
+    seconds: float
+    final_global: Tensor  # [runs, P] on the CPU
+
+
+def run_seed(seed: int, run: int) -> int:
+    """Run ``run``'s seed (the Flower engine's derivation)."""
+    return stable_seed("experiments.flower.run", seed, run)
+
+
+def make_selector(name: str, fraction: float, seed: int) -> MaskSelector:
+    """The core selector for a scenario name (as the Flower strategy's ``make_selector``)."""
+    if name == "random":
+        return RandomMaskSelector(fraction, seed)
+    if name == "round_robin":
+        return RoundRobinMaskSelector(fraction)
+    if name == "round_robin_per_client":
+        return RoundRobinMaskSelector(fraction, coordinated=False)
+    if name == "client_specific":
+        return ClientSpecificMaskSelector(fraction, seed)
+    if name == "topk":
+        return TopKMagnitudeSelector(fraction)
+    if name == "structured":
+        return StructuredMaskSelector(fraction)
+    raise ValueError(f"unknown selector {name!r}")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("NNConfig.device is 'cuda' but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def evaluate(fm: FunctionalModel, g: Tensor, x: Tensor, y: Tensor, num_classes: int,
+             chunk: int = 2048) -> tuple[Tensor, Tensor, Tensor]:
+    """``(loss, accuracy, flip success)`` ``[B]`` of global models ``g`` ``[B, P]`` on (x, y).
+
+    Flip success: the fraction of examples predicted as the label-flip target ``C − 1 − y``
+    (examples with ``C − 1 − y = y`` excluded), the attack success rate of label flipping.
+    """
+    fwd = torch.func.vmap(fm.logits, in_dims=(0, None))
+    B = g.shape[0]
+    loss = torch.zeros(B, dtype=torch.float64, device=g.device)
+    hits = torch.zeros(B, dtype=torch.float64, device=g.device)
+    flips = torch.zeros(B, dtype=torch.float64, device=g.device)
+    target = num_classes - 1 - y
+    flippable = target != y
+    with torch.no_grad():
+        for s in range(0, len(y), chunk):
+            out = fwd(g, x[s : s + chunk])  # [B, n, C]
+            yb = y[s : s + chunk]
+            ce = torch.nn.functional.cross_entropy(out.transpose(1, 2), yb.expand(B, -1),
+                                                   reduction="none")
+            loss += ce.double().sum(-1)
+            pred = out.argmax(-1)
+            hits += (pred == yb).double().sum(-1)
+            flips += ((pred == target[s : s + chunk]) & flippable[s : s + chunk]).double().sum(-1)
+    n = float(len(y))
+    return loss / n, hits / n, flips / max(1.0, float(flippable.sum()))
+
+
+def _accepts_info(defense: Any) -> bool:
+    try:
+        return "info" in inspect.signature(defense.__call__).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class _Masks:
+    """One round's masks: index lists ``[B, K, M]`` (None = all shared) and wire bytes."""
+
+    def __init__(self, idx: Tensor | None, per_client: bool, nbytes: Tensor) -> None:
+        self.idx, self.per_client, self.nbytes = idx, per_client, nbytes
+
+
+def _round_masks(sels: list[MaskSelector], n: int, P: int, K: int, G: Tensor,
+                 flat: FlattenedModel, dev: torch.device) -> _Masks:
+    B = len(sels)
+    rows: list[list[Mask]] = []
+    per_client = bool(sels[0].per_client)
+    for b, sel in enumerate(sels):
+        ctx: dict[str, Any] = {}
+        if "flat_model" in sel.required_context:
+            ctx["flat_model"] = flat if isinstance(sel, StructuredMaskSelector) else \
+                G[b].detach().cpu().numpy()
+        if type(sel) is RandomMaskSelector and round(sel.fraction * P) >= P:
+            rows.append([Mask.all_true(P)])
+        elif per_client:
+            rows.append([sel.select(P, n, client_id=k, **ctx) for k in range(K)])
+        else:
+            rows.append([sel.select(P, n, **ctx)])
+    nbytes = torch.tensor([[encoded_size(m, _ITEMSIZE) for m in r] for r in rows],
+                          dtype=torch.float64).expand(B, K)
+    counts = {m.count for r in rows for m in r}
+    if len(counts) != 1:
+        raise ValueError(f"round {n}: masks of different sizes {sorted(counts)} cannot be "
+                         "stacked; use a selector with a fixed count")
+    if counts == {P}:
+        return _Masks(None, False, nbytes)
+    idx = torch.from_numpy(np.stack([np.stack([m.indices for m in r]) for r in rows]))
+    return _Masks(idx.to(dev).expand(B, K, -1), per_client, nbytes)
+
+
+def _chunk_rows(cfg: NNConfig, fm: FunctionalModel, shape: tuple[int, int, int],
+                rows: int) -> tuple[int, int]:
+    """``(rows per vmap call, bytes per row)`` under ``memory_budget_mb``."""
+    act = fm.activation_numel(shape)
+    per_row = 4 * (8 * fm.num_parameters + cfg.batch_size * (4 * act + 2 * int(np.prod(shape))))
+    chunk = max(1, int(cfg.memory_budget_mb * 2**20 // per_row))
+    if cfg.max_chunk:
+        chunk = min(chunk, cfg.max_chunk)
+    return min(chunk, rows), per_row
+
+
+def run_nn(config: NNConfig, *, task: ImageTask | None = None, progress: bool = False
+           ) -> NNResult:
+    """Run every Monte Carlo run of ``config`` at once (see the module docstring).
+
+    ``task`` overrides the data ``config.task`` names (tests, custom data).
+    """
+    import attacks
+    import defenses
+
+    if not isinstance(config, NNConfig):
+        raise TypeError(f"run_nn needs an NNConfig, got {type(config).__name__}")
+    t0 = time.perf_counter()
+    cfg = config
+    dev = _device(cfg.device)
+    data = task if task is not None else load_task(cfg.task, cfg.data_dir, seed=cfg.seed)
+    B, K, C = cfg.runs, cfg.clients, data.num_classes
+    shape = data.input_shape
+    seeds = [run_seed(cfg.seed, r) for r in range(B)]
+
+    # data: per-run splits as one example-id table [B*K, n_max]
+    tables, counts = [], []
+    for rs in seeds:
+        tab, cnt = client_table(split(data.y_train, K, cfg.partition, cfg.dirichlet_alpha, rs))
+        tables.append(tab)
+        counts.append(cnt)
+    n_max = max(t.shape[1] for t in tables)
+    table = torch.cat([torch.cat([t, t[:, :1].expand(-1, n_max - t.shape[1])], 1)
+                       for t in tables]).to(dev)
+    count = torch.cat(counts)
+    x_train, y_train = data.x_train.to(dev), data.y_train.to(dev)
+    x_test, y_test = data.x_test.to(dev), data.y_test.to(dev)
+
+    # models: run b starts from the Flower engine's initial model of its run seed
+    models = [build_model(cfg.model, shape, C, hidden=cfg.hidden,
+                          seed=stable_seed("experiments.flower.model", rs)) for rs in seeds]
+    fm = FunctionalModel(models[0].to(dev))
+    P = fm.num_parameters
+    G = torch.stack([FlattenedModel(m).flatten() for m in models]).to(dev)
+    W = G.unsqueeze(1).repeat(1, K, 1)
+    Wf = W.view(B * K, P)
+    momentum_state = torch.zeros_like(Wf) if cfg.momentum_scope == "persistent" else None
+    chunk, row_bytes = _chunk_rows(cfg, fm, shape, B * K)
+
+    sels = [make_selector(cfg.selector, cfg.fraction,
+                          stable_seed("experiments.flower.masks", rs) % (1 << 31)) for rs in seeds]
+    attack = attacks.get_attack(cfg.attack, **cfg.attack_params) \
+        if cfg.attack != "none" and cfg.malicious > 0 else None
+    data_attack = attack is not None and getattr(attack, "kind", "model") == "data"
+    defense = defenses.get_defense(cfg.defense, **cfg.defense_params)
+    pass_info = _accepts_info(defense)
+    mal = torch.zeros((B, K), dtype=torch.bool, device=dev)
+    mal[:, : cfg.malicious] = attack is not None
+    attack_state: dict[str, Any] = {}
+    labels = y_train[table] if data_attack else None  # [B*K, n_max] per-row labels
+    poison = data_attack and float(getattr(attack, "p", 1.0)) >= 1.0
+    if poison and labels is not None:
+        rows_mal = mal.view(-1)
+        labels[rows_mal] = attack.poison_labels(labels[rows_mal], C)  # type: ignore[union-attr]
+
+    row_run = torch.arange(B * K) // K
+    row_client = torch.arange(B * K) % K
+    synced = torch.zeros((B, K), dtype=torch.bool)
+    full_part = cfg.num_participants == K
+    recorded: list[int] = []
+    curves: dict[str, list[Tensor]] = {"accuracy": [], "loss": [], "bytes_down": [],
+                                       "bytes_up": []}
+    if data_attack:
+        curves["asr"] = []
+    down_acc = torch.zeros(B, dtype=torch.float64)
+    up_acc = torch.zeros(B, dtype=torch.float64)
+    iterator: Any = range(1, cfg.rounds + 1)
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(iterator, desc="nn rounds", leave=False)
+    for n in iterator:
+        # 1. participants and masks
+        if full_part:
+            part = torch.ones((B, K), dtype=torch.bool)
+        else:
+            part = torch.zeros((B, K), dtype=torch.bool)
+            for b in range(B):
+                g = torch_generator("nn.sample", seeds[b], n)
+                part[b, torch.randperm(K, generator=g)[: cfg.num_participants]] = True
+        masks = _round_masks(sels, n, P, K, G, fm.flat, dev)
+        idx = masks.idx
+        part_d = part.to(dev)
+        rows = part.view(-1).nonzero().squeeze(1)
+        rows_d = rows.to(dev)
+
+        # 2. downlink merge into the participants' local models
+        sub = Wf.index_select(0, rows_d)
+        if idx is None:
+            merge_(sub, None, G.index_select(0, row_run[rows].to(dev)))
+        else:
+            idx_rows = idx.reshape(B * K, -1).index_select(0, rows_d)
+            merge_(sub, idx_rows, gather(G, idx).reshape(B * K, -1).index_select(0, rows_d))
+
+        # 3. local training
+        buf = momentum_state.index_select(0, rows_d) if momentum_state is not None else \
+            torch.zeros_like(sub)
+        plan = batch_plan(count[rows].tolist(), [seeds[int(b)] for b in row_run[rows]],
+                          row_client[rows].tolist(), n, batch_size=cfg.batch_size,
+                          local_epochs=cfg.local_epochs, local_steps=cfg.local_steps,
+                          shuffle=cfg.shuffle)
+        if data_attack and not poison:
+            assert labels is not None and attack is not None
+            y_rows = y_train[table.index_select(0, rows_d)]
+            bad = mal.view(-1).index_select(0, rows_d)
+            gen = torch_generator("nn.label_flip", cfg.seed, n, device=dev)
+            y_rows[bad] = attack.poison_labels(y_rows[bad], C, gen)  # type: ignore[attr-defined]
+        else:
+            y_rows = labels.index_select(0, rows_d) if labels is not None else y_train
+        train_rows(fm, sub, buf, x_train, y_rows, table.index_select(0, rows_d), plan,
+                   lr=cfg.lr_at(n), momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                   chunk=chunk)
+        Wf.index_copy_(0, rows_d, sub)
+        if momentum_state is not None:
+            momentum_state.index_copy_(0, rows_d, buf)
+
+        # 4. uplink deltas and the attack seam
+        if idx is None:
+            ref, cur, amasks = G, W, None
+        elif not masks.per_client:
+            ref, cur, amasks = gather(G, idx[:, :1])[:, 0], W.gather(-1, idx), None
+        else:
+            dense = torch.zeros((B, K, P), dtype=torch.bool, device=dev)
+            dense.scatter_(-1, idx, True)
+            ref, cur, amasks = G, W, dense
+        honest = local_deltas(cur, ref)
+        if amasks is not None:
+            honest = torch.where(amasks, honest, torch.zeros((), dtype=honest.dtype,
+                                                             device=dev))
+        sent = honest
+        if attack is not None and not data_attack:
+            from attacks import AttackContext
+
+            ctx = AttackContext(
+                round=n, generator=torch_generator("nn.attack", cfg.seed, n, device=dev),
+                reference=ref, masks=amasks, malicious=mal,
+                participants=None if full_part else part_d,
+                honest=honest.clone() if getattr(attack, "omniscient", False) else None,
+                aggregator=defense, state=attack_state)
+            sent, changed = attack_step(attack, honest, ctx, persistent=cfg.persistent)
+            if changed is not None and bool(changed.any()):
+                keep = changed.unsqueeze(-1)
+                new = ref.unsqueeze(-2) + sent
+                if idx is None:
+                    W.copy_(torch.where(keep, new, W))
+                elif amasks is None:
+                    merge_(W, idx, torch.where(keep, new, cur))
+                else:
+                    W.copy_(torch.where(keep & amasks, new, W))
+
+        # 5. server step
+        if idx is None:
+            values, index = G.unsqueeze(-2) + sent, None
+        elif amasks is None:
+            values, index = ref.unsqueeze(-2) + sent, idx
+        else:
+            values, index = gather(G, idx) + sent.gather(-1, idx), idx
+        weights = server_weights(part_d, "participants", dtype=G.dtype)
+        extra: dict[str, Any] = {"info": {}} if pass_info else {}
+        new_g = server_step(defense, values, G, index=index,
+                            participants=None if full_part else part_d, weights=weights,
+                            mode=cfg.mode, **extra)  # type: ignore[arg-type]
+        finite = torch.isfinite(new_g).all(-1, keepdim=True)
+        G = torch.where(finite, new_g, G)
+
+        # bytes per participating client (first contact adds the dense initial model)
+        pf = part.to(torch.float64)
+        npart = pf.sum(-1).clamp_min(1.0)
+        first = (part & ~synced).to(torch.float64) * (HEADER_SIZE + _ITEMSIZE * P)
+        synced |= part
+        down_acc += ((masks.nbytes * pf).sum(-1) + first.sum(-1)) / npart
+        up_acc += (masks.nbytes * pf).sum(-1) / npart
+        if n % cfg.record_every == 0 or n == cfg.rounds:
+            loss, acc, asr = evaluate(fm, G, x_test, y_test, C)
+            recorded.append(n)
+            curves["accuracy"].append(acc.cpu())
+            curves["loss"].append(loss.cpu())
+            if data_attack:
+                curves["asr"].append(asr.cpu())
+            span = float(n - (recorded[-2] if len(recorded) > 1 else 0))
+            curves["bytes_down"].append(down_acc / span)
+            curves["bytes_up"].append(up_acc / span)
+            down_acc = torch.zeros(B, dtype=torch.float64)
+            up_acc = torch.zeros(B, dtype=torch.float64)
+
+    seconds = time.perf_counter() - t0
+    metrics = {k: torch.stack(v, 1).numpy().astype(np.float64) for k, v in curves.items()}
+    state_bytes = 4 * P * (2 if momentum_state is not None else 1)
+    info = {
+        "engine": "nn-batched", "device": str(dev), "num_parameters": P, "model": cfg.model,
+        "train_examples": len(data.y_train), "test_examples": len(data.y_test),
+        "chunk_rows": chunk, "train_bytes_per_row": row_bytes,
+        "state_bytes_per_client": state_bytes, "seconds": round(seconds, 3),
+    }
+    return NNResult(np.asarray(recorded), metrics, info, seconds, G.detach().cpu())

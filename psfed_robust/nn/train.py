@@ -1,0 +1,174 @@
+"""Batched local training: every client's minibatch SGD as one ``torch.func`` program.
+
+Client models are rows of a ``[N, P]`` tensor (the flat layout of
+:class:`~psfed_robust.core.flatten.FlattenedModel`); one SGD step of all rows is
+``vmap(grad(loss))`` over (row parameters, row batch) followed by the momentum / weight-decay
+update of ``torch.optim.SGD`` (dampening 0, no Nesterov) written on the stacked rows:
+``g ← ∇ + wd·w``, ``b ← μ·b + g``, ``w ← w − lr·b``. Clients have different numbers of examples
+(Dirichlet splits): batches are padded and carry per-example weights, a short last batch is the
+mean over its real examples (as ``order[s:s+batch]`` in a plain loop), and a client whose epoch
+has ended sits out the remaining steps unchanged (parameters and momentum).
+
+Batch order: client ``k`` of a run draws ``torch.randperm(n_k)`` once per local epoch from a
+generator seeded ``stable_seed("experiments.flower.batches", run_seed, k, round)`` — the Flower
+engine's draw, so both engines visit a client's examples in the same order. ``local_steps``
+mode draws a fresh permutation per step and trains on its first ``batch`` examples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from psfed_robust.core.flatten import FlattenedModel
+from psfed_robust.core.seeding import stable_seed
+
+__all__ = ["BatchPlan", "FunctionalModel", "batch_plan", "train_rows"]
+
+
+class FunctionalModel:
+    """A model as a pure function of its flat parameter vector ``w`` ``[P]``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.flat = FlattenedModel(model)
+        if any(True for _ in model.buffers()):
+            raise ValueError("the batched NN engine needs models without buffers (no BatchNorm)")
+        self.infos = self.flat.tensor_infos
+        self.num_parameters = self.flat.num_parameters
+
+    def params(self, w: Tensor) -> dict[str, Tensor]:
+        return {i.name: w[i.start : i.end].view(i.shape) for i in self.infos}
+
+    def logits(self, w: Tensor, x: Tensor) -> Tensor:
+        out: Tensor = functional_call(self.model, self.params(w), (x,))
+        return out
+
+    def loss(self, w: Tensor, x: Tensor, y: Tensor, weight: Tensor) -> Tensor:
+        """Weighted mean cross-entropy of one batch (weights 0 mark padding)."""
+        ce = nn.functional.cross_entropy(self.logits(w, x), y, reduction="none")
+        return (ce * weight).sum() / weight.sum().clamp_min(1.0)
+
+    def grad_fn(self) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
+        """``[N, P]`` gradients of the rows' batch losses (vmap over rows)."""
+        return vmap(grad(self.loss))  # type: ignore[no-any-return]
+
+    def activation_numel(self, input_shape: Sequence[int]) -> int:
+        """Floats of every layer output for one example (for memory sizing)."""
+        total = 0
+
+        def hook(_m: nn.Module, _i: object, out: Tensor) -> None:
+            nonlocal total
+            total += out.numel()
+
+        leaves = [m for m in self.model.modules() if not list(m.children())]
+        hooks = [m.register_forward_hook(hook) for m in leaves]
+        try:
+            with torch.no_grad():
+                self.model(torch.zeros((1, *input_shape)))
+        finally:
+            for h in hooks:
+                h.remove()
+        return total
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """One round's batches for ``N`` rows: ``positions [N, S, B]`` index each row's example
+    table, ``valid [N, S, B]`` marks real examples, ``active [N, S]`` the steps a row trains."""
+
+    positions: Tensor
+    valid: Tensor
+    active: Tensor
+
+
+def batch_plan(
+    counts: Sequence[int], run_seeds: Sequence[int], client_ids: Sequence[int], round_num: int,
+    *, batch_size: int, local_epochs: int, local_steps: int, shuffle: bool,
+) -> BatchPlan:
+    """The round's batch order of rows with ``counts[i]`` examples (see the module docstring)."""
+    n_rows = len(counts)
+    bs = batch_size
+    if local_steps > 0:
+        steps = local_steps
+    else:
+        steps = local_epochs * max(-(-int(c) // bs) for c in counts)
+    pos = torch.zeros((n_rows, steps, bs), dtype=torch.long)
+    valid = torch.zeros((n_rows, steps, bs), dtype=torch.bool)
+    active = torch.zeros((n_rows, steps), dtype=torch.bool)
+    for i, (n, rs, k) in enumerate(zip(counts, run_seeds, client_ids, strict=True)):
+        n = int(n)
+        gen = torch.Generator().manual_seed(
+            stable_seed("experiments.flower.batches", int(rs), int(k), int(round_num)))
+        if local_steps > 0:
+            take = min(bs, n)
+            for s in range(steps):
+                order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
+                pos[i, s, :take] = order[:take]
+                valid[i, s, :take] = True
+            active[i] = True
+            continue
+        per_epoch = -(-n // bs)
+        flat = torch.zeros(per_epoch * bs, dtype=torch.long)
+        for e in range(local_epochs):
+            flat[:n] = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
+            s0 = e * per_epoch
+            pos[i, s0 : s0 + per_epoch] = flat.view(per_epoch, bs)
+            v = torch.arange(per_epoch * bs) < n
+            valid[i, s0 : s0 + per_epoch] = v.view(per_epoch, bs)
+            active[i, s0 : s0 + per_epoch] = True
+    return BatchPlan(pos, valid, active)
+
+
+def train_rows(
+    fmodel: FunctionalModel,
+    w: Tensor,
+    buf: Tensor,
+    x: Tensor,
+    y: Tensor,
+    table: Tensor,
+    plan: BatchPlan,
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    chunk: int,
+) -> None:
+    """Train rows ``w`` ``[N, P]`` in place (momentum ``buf`` ``[N, P]`` in place too).
+
+    ``x``/``y``: the task's training images and labels (``y`` ``[N, n]`` when labels differ per
+    row, e.g. poisoned); ``table`` ``[N, n_max]``: each row's example ids; ``chunk``: rows per
+    vmap call (memory bound).
+    """
+    gfn = fmodel.grad_fn()
+    dev = w.device
+    n_rows = w.shape[0]
+    per_row_labels = y.dim() == 2
+    for c0 in range(0, n_rows, chunk):
+        c1 = min(n_rows, c0 + chunk)
+        wc, bc = w[c0:c1], buf[c0:c1]
+        tab = table[c0:c1]
+        pos = plan.positions[c0:c1].to(dev)
+        val = plan.valid[c0:c1].to(dev)
+        act = plan.active[c0:c1].to(dev)
+        for s in range(pos.shape[1]):
+            cols = pos[:, s]
+            ids = tab.gather(1, cols)  # [C, B] example ids
+            xb = x[ids]
+            yb = y[c0:c1].gather(1, cols) if per_row_labels else y[ids]
+            weight = val[:, s].to(w.dtype)
+            g = gfn(wc, xb, yb, weight)
+            if weight_decay:
+                g = g.add(wc, alpha=weight_decay)
+            on = act[:, s]
+            if bool(on.all()):
+                bc.mul_(momentum).add_(g)
+                wc.sub_(bc, alpha=lr)
+            else:
+                keep = on.unsqueeze(-1)
+                bc.copy_(torch.where(keep, bc * momentum + g, bc))
+                wc.copy_(torch.where(keep, wc - lr * bc, wc))
