@@ -3,7 +3,8 @@
 Public API (stable; see docs/flower.md)::
 
     from psfed_robust.flower import (
-        PSFedAvg, PSFedClient, FunctionClient, ServerAdversary,
+        PSFedAvg, MaskSettings, AggregationSettings, ThreatSettings, ProtocolSettings,
+        PSFedClient, FunctionClient, ServerAdversary,
         make_client_app, make_server_app, register_psfed_handlers, arrays_from_model,
     )
 """
@@ -20,12 +21,15 @@ from psfed_robust.flower.client import (
 )
 from psfed_robust.flower.metering import message_bytes, unique_bytes
 from psfed_robust.flower.protocol import MSG_EVALUATE, MSG_QUERY, MSG_TRAIN
-from psfed_robust.flower.strategy import (
+from psfed_robust.flower.settings import (
     MASK_STRATEGIES,
-    PSFedAvg,
-    arrays_from_model,
+    AggregationSettings,
+    MaskSettings,
+    ProtocolSettings,
+    ThreatSettings,
     make_selector,
 )
+from psfed_robust.flower.strategy import PSFedAvg, arrays_from_model
 from psfed_robust.flower.validation import REASONS, ReplyRejected
 
 __all__ = [
@@ -34,11 +38,15 @@ __all__ = [
     "MSG_QUERY",
     "MSG_TRAIN",
     "REASONS",
+    "AggregationSettings",
     "FunctionClient",
+    "MaskSettings",
     "PSFedAvg",
     "PSFedClient",
+    "ProtocolSettings",
     "ReplyRejected",
     "ServerAdversary",
+    "ThreatSettings",
     "arrays_from_model",
     "make_client_app",
     "make_selector",

@@ -1,4 +1,4 @@
-"""Thin adapter over :mod:`psfed_robust.wire` (imported lazily; keyword spelling tolerant).
+"""Thin adapter over :mod:`psfed_robust.wire` for Flower payloads.
 
 Payloads travel as npy ``Array(uint8)`` objects; :func:`encode_array` frames the codec's output in
 one copy and :func:`payload_view` reads it back without copying (``psfed_robust.flower._arrays``).
@@ -6,43 +6,30 @@ one copy and :func:`payload_view` reads it back without copying (``psfed_robust.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 from flwr.app import Array
 
+from psfed_robust import wire
 from psfed_robust.core.mask import Mask
 from psfed_robust.flower._arrays import array_from_parts, array_view
+from psfed_robust.wire import WireFormatError
 
 __all__ = ["WireFormatError", "decode", "encode", "encode_array", "payload_view"]
 
 _UINT8 = np.dtype(np.uint8)
 
 
-def _wire() -> Any:
-    import psfed_robust.wire as wire
-
-    return wire
-
-
-try:  # the codec is a sibling module; keep importing this module cheap and safe
-    from psfed_robust.wire import WireFormatError
-except ImportError:  # pragma: no cover - only while the codec is being written
-
-    class WireFormatError(ValueError):  # type: ignore[no-redef]
-        """Stand-in until psfed_robust.wire is importable."""
-
-
 def encode(mask: Mask, values: npt.NDArray[Any], encoding: str = "auto") -> Any:
     """``wire.encode_update(mask, values, encoding=...)`` → ``EncodedUpdate``."""
-    return _wire().encode_update(mask, values, encoding=encoding)
+    return wire.encode_update(mask, values, encoding=encoding)
 
 
 def encode_array(mask: Mask, values: npt.NDArray[Any], encoding: str = "auto") -> Array:
     """The wire payload of ``(mask, values)`` as an npy ``Array(uint8)`` (one copy of values)."""
-    parts, _ = _wire().encode_update_parts(mask, values, encoding=encoding)
+    parts, _ = wire.encode_update_parts(mask, values, encoding=encoding)
     return array_from_parts(_UINT8, (sum(len(p) for p in parts),), parts)
 
 
@@ -56,22 +43,12 @@ def payload_view(arr: Array) -> memoryview:
     return memoryview(data)  # type: ignore[arg-type]
 
 
-_SIZE_KW: str | None = None
-
-
 def decode(payload: Any, size: int, *, copy: bool = True) -> tuple[Mask, npt.NDArray[Any]]:
     """``wire.decode_update(payload, expected_size=size)``: (mask, values) or WireFormatError.
 
     ``copy=False``: the values are a read-only view of ``payload`` (no copy).
     """
-    global _SIZE_KW
-    fn = _wire().decode_update
-    if _SIZE_KW is None:
-        params = inspect.signature(fn).parameters
-        _SIZE_KW = "expected_size" if "expected_size" in params else "size"
-    mask, values = fn(payload, copy=copy, **{_SIZE_KW: size})
-    if not isinstance(mask, Mask):
-        raise WireFormatError(f"decoder returned {type(mask).__name__}, not a Mask")
+    mask, values = wire.decode_update(payload, copy=copy, expected_size=size)
     if not isinstance(values, np.ndarray):  # bfloat16 comes back as a torch tensor
         import torch
 

@@ -28,15 +28,17 @@ from torch import nn
 
 from psfed_robust.core.flatten import FlattenedModel
 from psfed_robust.core.mask import Mask, count_for_fraction
+from psfed_robust.core.round import attack_step, local_deltas, merge_
 from psfed_robust.core.seeding import torch_generator
-from psfed_robust.flower import _wire
+from psfed_robust.flower import _attack, _wire
 from psfed_robust.flower._arrays import (
     array_from_numpy,
     array_from_parts,
     array_view,
     as_tensor,
 )
-from psfed_robust.flower._masks import gather, scatter
+from psfed_robust.flower._attack import AttackSpec, resolve_attack_spec
+from psfed_robust.flower._masks import aligned, gather, index_tensor
 from psfed_robust.flower.protocol import (
     CFG_EVAL_MODEL,
     CFG_MODEL_SIZE,
@@ -83,8 +85,6 @@ __all__ = [
 ConfigDict = dict[str, Any]
 #: ``evaluate_fn(model, config, context) -> (loss, num_examples, metrics)``
 EvaluateFn = Callable[[nn.Module, ConfigDict, Context], tuple[float, int, Mapping[str, float]]]
-#: ``(attack name, params, seed)`` of a client-side attack
-AttackSpec = tuple[str, dict[str, Any], int]
 
 
 def resolve_client_id(context: Context) -> ClientId:
@@ -121,53 +121,6 @@ def _config(content: RecordDict, key: str) -> ConfigRecord | None:
     return rec if isinstance(rec, ConfigRecord) else None
 
 
-def _truthy(v: Any) -> bool:
-    if isinstance(v, str):
-        return v.strip().lower() in ("1", "true", "yes", "on")
-    return bool(v)
-
-
-def _listed(cid: ClientId, spec: Any) -> bool:
-    if isinstance(spec, bool):
-        return False
-    if isinstance(spec, int):
-        return cid == spec
-    if isinstance(spec, str):
-        items = [s.strip() for s in spec.replace(";", ",").split(",") if s.strip()]
-        return str(cid) in items
-    return False
-
-
-def resolve_attack_spec(
-    context: Context, cid: ClientId, server_attack: ConfigRecord | None
-) -> AttackSpec | None:
-    """Which attack (if any) this client runs, by priority:
-
-    1. the server-assigned ``psfed.attack`` record in the message (``{"name", <params>, "seed"}``);
-    2. ``node_config["malicious"]`` true → ``attack`` name and ``attack.<param>`` entries from
-       node_config, falling back to run_config;
-    3. ``run_config["malicious-clients"]`` (``"0,3,7"``) lists this client id → same keys.
-    """
-    if server_attack is not None:
-        sparams = {k: v for k, v in server_attack.items() if k not in ("name", "seed")}
-        sseed = server_attack.get("seed", 0)
-        return str(server_attack["name"]), sparams, sseed if isinstance(sseed, int) else 0
-    nc, rc = context.node_config, context.run_config
-    malicious = _truthy(nc.get("malicious", False)) or _listed(cid, rc.get("malicious-clients"))
-    if not malicious:
-        return None
-    name = nc.get("attack", rc.get("attack"))
-    if not isinstance(name, str) or not name:
-        raise ValueError("malicious client without an 'attack' name in node_config or run_config")
-    params: dict[str, Any] = {}
-    for src in (rc, nc):  # node_config overrides run_config
-        for k, v in src.items():
-            if k.startswith("attack."):
-                params[k.removeprefix("attack.")] = v
-    seed = nc.get("attack-seed", rc.get("attack-seed", 0))
-    return name, params, int(seed) if isinstance(seed, int | float) else 0
-
-
 class PSFedClient:
     """Base client: subclass and implement :meth:`train_local` (and :meth:`evaluate_local`).
 
@@ -195,6 +148,7 @@ class PSFedClient:
         self.client_id: ClientId | None = None
         self.server_round: int = 0
         self.attack: Any = None
+        self.attack_persistent = False
         self.attack_generator: torch.Generator | None = None
         self.train_metrics: dict[str, float] = {}
         self.reference: npt.NDArray[Any] | None = None
@@ -364,7 +318,7 @@ class PSFedClient:
             local = values.astype(dtype, copy=False)
         else:
             dtype = local.dtype
-            scatter(local, mask, values.astype(dtype, copy=False))
+            _merge(local, mask, values)
             local.setflags(write=False)
         # the merged model the round starts from (read-only; nothing writes to it below)
         reference = local
@@ -377,12 +331,10 @@ class PSFedClient:
             _config(msg.content, KEY_ATTACK),
         )
         if spec is not None:
-            import attacks
-
-            name, params, seed = spec
-            self.attack = attacks.get_attack(name, **params)
+            self.attack = _attack.build_attack(spec.name, spec.params)
+            self.attack_persistent = spec.persistent
             self.attack_generator = torch_generator(
-                "flower.client-attack", seed, str(self.client_id), self.server_round
+                "flower.client-attack", spec.seed, str(self.client_id), self.server_round
             )
         self.train_metrics = {}
         user_cfg = {k: v for k, v in cfg.items() if not k.startswith("psfed-")}
@@ -413,7 +365,7 @@ class PSFedClient:
         sent = after
         new_local = after
         if self.attack is not None and getattr(self.attack, "kind", "model") == "model":
-            sent, new_local = self._apply_attack(after, reference, up_mask)
+            sent, new_local = self._apply_attack(after, reference, up_mask, context)
 
         scores = None
         if bool(cfg.get(CFG_SEND_SCORES, False)):
@@ -446,15 +398,19 @@ class PSFedClient:
         return Message(content, reply_to=msg)
 
     def _apply_attack(
-        self, after: npt.NDArray[Any], reference: npt.NDArray[Any], up_mask: Mask
+        self, after: npt.NDArray[Any], reference: npt.NDArray[Any], up_mask: Mask,
+        context: Context,
     ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
-        """Attack seam: the attack maps this client's delta (vs. the merged reference)."""
-        from attacks import AttackContext
+        """The round core's attack seam on this client's delta (vs. the merged reference).
 
-        ref_t = torch.from_numpy(reference.copy())
-        delta = (torch.from_numpy(after.copy()) - ref_t).unsqueeze(0)
+        The attack's run state is an explicit dict kept in ``context.state`` between rounds.
+        """
+        ref_t = as_tensor(reference)
+        honest = local_deltas(as_tensor(after), ref_t).unsqueeze(0)
         assert self.attack_generator is not None
-        ctx = AttackContext(
+        state = _attack.load_state(context.state)
+        ctx = _attack.attack_context(
+            state, {},
             round=self.server_round,
             generator=self.attack_generator,
             reference=ref_t,
@@ -462,9 +418,11 @@ class PSFedClient:
             malicious=torch.ones(1, dtype=torch.bool),
             participants=None,
         )
-        attacked = self.attack(delta, ctx)[0]
-        sent = (ref_t + attacked.to(ref_t.dtype)).numpy()
-        new_local = sent if bool(getattr(self.attack, "persistent", False)) else after
+        attacked, changed = attack_step(self.attack, honest, ctx,
+                                        persistent=self.attack_persistent)
+        _attack.store_state(context.state, state)
+        sent = (ref_t + attacked[0]).numpy()
+        new_local = sent if changed is not None and bool(changed[0]) else after
         return sent, new_local
 
     def _id_for_record(self) -> int | str:
@@ -484,7 +442,7 @@ class PSFedClient:
         else:
             theta = local  # already a private copy: the stored state is never written
             if mask is not None and values is not None and model_kind != "local":
-                scatter(theta, mask, values.astype(theta.dtype, copy=False))
+                _merge(theta, mask, values)
         self.current_mask = mask
         self.flat_model.unflatten(as_tensor(theta))
         user_cfg = {k: v for k, v in cfg.items() if not k.startswith("psfed-")}
@@ -503,6 +461,12 @@ class PSFedClient:
         has_local = STATE_LOCAL in context.state
         meta = ConfigRecord({META_CLIENT_ID: self._id_for_record(), META_HAS_LOCAL: has_local})
         return Message(RecordDict({KEY_META: meta}), reply_to=msg)
+
+
+def _merge(local: npt.NDArray[Any], mask: Mask, values: npt.NDArray[Any]) -> None:
+    """The round core's downlink merge on a numpy local model (``local`` is written)."""
+    if mask.count:
+        merge_(torch.from_numpy(local), index_tensor(mask), as_tensor(aligned(values)))
 
 
 class FunctionClient(PSFedClient):

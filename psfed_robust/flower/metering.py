@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
@@ -35,13 +36,16 @@ from flwr.app.message import array as _array_mod
 from flwr.app.message.arraychunk import ArrayChunk
 from flwr.common.serde_utils import error_to_proto, metadata_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=E0611
+from flwr.serverapp import Grid
 from flwr.supercore.constant import HEAD_BODY_DIVIDER, HEAD_VALUE_DIVIDER
 from flwr.supercore.inflatable.inflatable_object import InflatableObject, get_all_nested_objects
+from flwr.supercore.run import Run
 
 from psfed_robust.core.mask import Mask
 
 __all__ = [
     "ByteMeter",
+    "MeteredGrid",
     "deflated_bytes",
     "mask_floor_bytes",
     "message_bytes",
@@ -238,3 +242,79 @@ def update_floor_bytes(mask: Mask, itemsize: int, *, dense: bool = False) -> int
     if dense:
         return mask.size * itemsize
     return mask.count * itemsize + mask_floor_bytes(mask)
+
+
+class MeteredGrid(Grid):
+    """Counts the bytes of every message another runtime's ``Grid`` moves (not a runtime).
+
+    Delegates to ``inner`` (the Grid of ``flwr run`` in simulation or deployment, or a
+    :class:`~psfed_robust.flower.testing.LocalGrid`); ``bytes_per_type[message_type] =
+    {"down": int, "up": int}`` with :func:`message_bytes` of each instruction and reply, so a
+    ServerApp reports bytes the same way for PSFedAvg and for Flower's FedAvg in every runtime.
+    """
+
+    def __init__(self, inner: Grid) -> None:
+        self.inner = inner
+        self.bytes_per_type: dict[str, dict[str, int]] = defaultdict(lambda: {"down": 0, "up": 0})
+        self._type_of: dict[str, str] = {}
+
+    def set_run(self, run: Run) -> None:
+        self.inner.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.inner.run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.inner.get_node_ids()
+
+    def _count(self, msg: Message, direction: str, mtype: str) -> None:
+        self.bytes_per_type[mtype][direction] += message_bytes(msg)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        msgs = list(messages)
+        for m in msgs:
+            self._count(m, "down", m.metadata.message_type)
+        ids = list(self.inner.push_messages(msgs))
+        for m, i in zip(msgs, ids, strict=False):
+            self._type_of[i] = m.metadata.message_type
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = list(self.inner.pull_messages(message_ids))
+        for r in replies:
+            mtype = self._type_of.pop(r.metadata.reply_to_message_id, r.metadata.message_type)
+            if r.has_content():
+                self._count(r, "up", mtype)
+        return replies
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        msgs = list(messages)
+        for m in msgs:
+            self._count(m, "down", m.metadata.message_type)
+        replies = list(self.inner.send_and_receive(msgs, timeout=timeout))
+        for r in replies:
+            if r.has_content():
+                self._count(r, "up", r.metadata.message_type)
+        return replies
+
+    def totals(self, prefix: str = "") -> dict[str, int]:
+        """Total ``{"down", "up"}`` bytes over message types starting with ``prefix``."""
+        out = {"down": 0, "up": 0}
+        for mtype, d in self.bytes_per_type.items():
+            if mtype.startswith(prefix):
+                out["down"] += d["down"]
+                out["up"] += d["up"]
+        return out

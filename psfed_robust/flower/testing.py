@@ -1,28 +1,61 @@
-"""In-process Flower runtime for tests and quick experiments (no Ray, no SuperLink).
+"""The in-process Flower runtime (no Ray, no SuperLink) for tests, benchmarks and the driver.
 
-:class:`LocalGrid` is a ``flwr.serverapp.Grid`` that routes each message to a ClientApp with one
-persistent :class:`flwr.app.Context` per node, so ``strategy.start(LocalGrid(...), ...)`` runs the
-real strategy and client code paths. Like the real runtimes it (optionally) serializes every
-message through Flower's object model (deflate → inflate) and pickles the Context around each call,
-so nothing survives between messages except ``context.state``. A ClientApp exception becomes an
-error reply, as in simulation/deployment.
+:class:`LocalGrid` is a ``flwr.serverapp.Grid`` over ``num_nodes`` in-process nodes that run a
+ClientApp, so ``strategy.start(LocalGrid(app, n), ...)`` runs the real strategy and client code
+paths of any Message-API strategy (PSFedAvg or Flower's FedAvg). Each node has a persistent
+:class:`flwr.app.Context` (``node_config`` ``partition-id``/``num-partitions``, a ``state``
+RecordDict that lives for the run), as in Flower's simulation and deployment runtimes. Every
+message — instruction and reply — travels the way Flower 1.42 moves it between processes: its
+object tree is deflated to bytes and inflated again (:func:`transport`), so the ClientApp never
+shares an object with the ServerApp, and with metering on (the default) the bytes of each
+message are recorded in :attr:`LocalGrid.traffic` (the same number as
+:func:`psfed_robust.flower.metering.message_bytes`). A ClientApp that raises gets Flower's error
+reply (``ErrorCode.CLIENT_APP_RAISED_EXCEPTION``) and its Context is left unchanged.
+
+Differences from the real runtimes, on purpose: messages are handled one after another in the
+calling thread (``push_messages`` runs the ClientApp), node ids are fixed at construction, TTLs
+are not enforced, the content-addressed dedup of shared objects is not applied (every message is
+counted whole, as the byte figures in docs/flower_app.md are defined), and the Context's state is
+deep-copied (Array payloads are immutable bytes, so this is cheap) rather than serialized.
 """
 
 from __future__ import annotations
 
-import pickle
+import copy
+import random
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, cast
+from dataclasses import dataclass
+from typing import Any
+from uuid import uuid4
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict, UserConfig, UserConfigValue
 from flwr.clientapp import ClientApp
-from flwr.common.constant import ErrorCode
-from flwr.serverapp import Grid
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.common.constant import (
+    NUM_PARTITIONS_KEY,
+    PARTITION_ID_KEY,
+    SUPERLINK_NODE_ID,
+    ErrorCode,
+)
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.inflatable.inflatable_object import (
+    get_all_nested_objects,
+    no_object_id_recompute,
+)
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
-__all__ = ["LocalGrid", "ensure_task_identity", "roundtrip"]
+__all__ = [
+    "LocalGrid",
+    "StaticGrid",
+    "Traffic",
+    "build_train_reply",
+    "ensure_task_identity",
+    "roundtrip",
+    "run_server_app",
+    "transport",
+]
 
 
 def ensure_task_identity(run_id: int = 1, node_id: int = 0, task_id: int = 1) -> None:
@@ -34,22 +67,54 @@ def ensure_task_identity(run_id: int = 1, node_id: int = 0, task_id: int = 1) ->
             setattr(TaskIdentity, attr, val)
 
 
+@dataclass(frozen=True)
+class Traffic:
+    """One message that crossed the grid: direction, type, round (group id) and bytes."""
+
+    direction: str  # "down" (ServerApp -> ClientApp) or "up" (reply)
+    message_type: str
+    group_id: str
+    node_id: int
+    num_bytes: int
+    seconds: float  # ClientApp time for "up", transport time for "down"
+
+
+def transport(msg: Message) -> tuple[Message, int]:
+    """Deflate ``msg`` to bytes and inflate a fresh copy; return ``(copy, bytes)``.
+
+    Object ids are computed once per object and message, inside Flower's
+    ``no_object_id_recompute()``, as Flower's own push paths do (``http_grid`` for the
+    ServerApp, ``run_clientapp.push_message`` for replies); without it every level of the tree
+    recomputes its children's ids, work no Flower runtime does.
+    """
+    with no_object_id_recompute():
+        objs = get_all_nested_objects(msg)
+        contents = {oid: o.deflate() for oid, o in objs.items()}
+        root = msg.object_id
+    size = sum(len(c) for c in contents.values())
+    out = inflate_object_from_contents(root, contents)
+    if not isinstance(out, Message):  # pragma: no cover - Flower invariant
+        raise TypeError(f"inflated a {type(out).__name__}, expected Message")
+    # the message id is not part of the object body; carry it over as the runtimes do
+    out.metadata.__dict__["_message_id"] = msg.metadata.message_id
+    return out, size
+
+
 def roundtrip(msg: Message) -> Message:
-    """Serialize a message to Flower's object contents and inflate it back (the wire path)."""
-    objs = get_all_nested_objects(msg)
-    contents = {oid: o.deflate() for oid, o in objs.items()}
-    out = cast(Message, inflate_object_from_contents(msg.object_id, contents))
-    out.metadata.__dict__["_message_id"] = msg.object_id
-    return out
+    """``transport(msg)``'s copy (the wire path, without the byte count)."""
+    return transport(msg)[0]
 
 
 class LocalGrid(Grid):
-    """A Grid that runs ``client_app`` in-process for ``num_nodes`` nodes.
+    """A ``Grid`` over ``num_nodes`` in-process nodes that run ``client_app``.
 
-    ``node_configs[i]`` is node i's ``node_config`` (default ``{"partition-id": i,
-    "num-partitions": n}``). ``drop(node_id, msg) -> bool`` simulates a lost reply (dropout);
-    ``tamper(node_id, reply) -> reply`` rewrites a reply (Byzantine tests). ``node_ids`` default to
-    large random-looking ids, never equal to the partition ids.
+    ``node_configs[i]`` replaces node i's ``node_config`` (default ``{"partition-id": i,
+    "num-partitions": n}`` plus ``node_config``'s entries); ``run_config`` is what every Context
+    sees. Node ids are 64-bit ids drawn from ``seed`` (possibly > 2**63, as in Flower), never
+    equal to the partition ids, unless ``node_ids`` are given. ``serialize=False`` passes
+    objects through (no byte counts; debugging only). Failure injection: ``offline`` node ids
+    never answer; ``drop(node_id, msg) -> bool`` loses a reply after the ClientApp ran;
+    ``tamper(node_id, reply) -> reply`` rewrites a reply (Byzantine tests).
     """
 
     def __init__(
@@ -57,105 +122,162 @@ class LocalGrid(Grid):
         client_app: ClientApp,
         num_nodes: int,
         *,
-        node_configs: Sequence[Mapping[str, Any]] | None = None,
-        run_config: Mapping[str, Any] | None = None,
+        node_configs: Sequence[Mapping[str, UserConfigValue]] | None = None,
+        node_config: Mapping[str, UserConfigValue] | None = None,
+        run_config: Mapping[str, UserConfigValue] | None = None,
         node_ids: Sequence[int] | None = None,
+        run_id: int = 1,
+        seed: int = 0,
         serialize: bool = True,
         drop: Callable[[int, Message], bool] | None = None,
         tamper: Callable[[int, Message], Message] | None = None,
     ) -> None:
+        if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 1:
+            raise ValueError(f"num_nodes must be a positive int, got {num_nodes!r}")
+        if node_configs is not None and len(node_configs) != num_nodes:
+            raise ValueError("node_configs must have num_nodes entries")
         ensure_task_identity()
         self.client_app = client_app
-        ids = list(node_ids) if node_ids is not None else [
-            (0x9E3779B97F4A7C15 * (i + 1)) % (1 << 63) for i in range(num_nodes)
-        ]
-        if len(ids) != num_nodes:
-            raise ValueError("node_ids must have num_nodes entries")
-        self.contexts: dict[int, Context] = {}
-        for i, nid in enumerate(ids):
-            nc: dict[str, Any] = (
-                dict(node_configs[i]) if node_configs is not None
-                else {"partition-id": i, "num-partitions": num_nodes}
-            )
-            self.contexts[nid] = Context(
-                run_id=1, node_id=nid, node_config=nc, state=RecordDict(),
-                run_config=dict(run_config or {}),
-            )
         self.serialize = serialize
         self.drop = drop
         self.tamper = tamper
-        self.online: set[int] = set(ids)
-        self.sent: list[Message] = []
-        self.replies: list[Message] = []
-        self._pending: dict[str, Message] = {}
-        self._run: Any = None
+        self._run = Run.create_empty(run_id)
+        if node_ids is not None:
+            ids = [int(n) for n in node_ids]
+            if len(ids) != num_nodes or len(set(ids)) != num_nodes:
+                raise ValueError("node_ids must be num_nodes distinct ids")
+        else:
+            rng = random.Random(seed)
+            ids = []
+            while len(ids) < num_nodes:
+                nid = rng.getrandbits(64)
+                if nid > SUPERLINK_NODE_ID and nid not in ids:
+                    ids.append(nid)
+        self.node_ids: list[int] = ids
+        self.contexts: dict[int, Context] = {}
+        for i, nid in enumerate(ids):
+            ncfg: UserConfig = (dict(node_configs[i]) if node_configs is not None
+                                else {PARTITION_ID_KEY: i, NUM_PARTITIONS_KEY: num_nodes})
+            ncfg.update(node_config or {})
+            self.contexts[nid] = Context(run_id=run_id, node_id=nid, node_config=ncfg,
+                                         state=RecordDict(), run_config=dict(run_config or {}))
+        self.offline: set[int] = set()
+        self.traffic: list[Traffic] = []
+        self.sent: list[Message] = []  # instructions as the ClientApps received them
+        self.replies: list[Message] = []  # replies as the ServerApp received them
+        self._replies: dict[str, Message] = {}
 
     # ------------------------------------------------------------------ Grid API
-    def set_run(self, run: Any) -> None:
+    def set_run(self, run: Run) -> None:
         self._run = run
 
     @property
-    def run(self) -> Any:
+    def run(self) -> Run:
         return self._run
 
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:  # pragma: no cover
-        raise NotImplementedError("build Message(...) directly")
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
-        return sorted(self.online)
-
-    def _call(self, msg: Message) -> Message | None:
-        nid = msg.metadata.dst_node_id
-        if nid not in self.online:
-            return None
-        if self.serialize:
-            msg = roundtrip(msg)
-        self.sent.append(msg)
-        ctx = self.contexts[nid]
-        work = pickle.loads(pickle.dumps(ctx)) if self.serialize else ctx
-        try:
-            reply = self.client_app(msg, work)
-        except Exception as e:
-            reply = Message(
-                Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(e).__name__}: {e}"),
-                reply_to=msg,
-            )
-        else:
-            self.contexts[nid] = work
-        if self.drop is not None and self.drop(nid, msg):
-            return None
-        if self.tamper is not None and not reply.has_error():
-            reply = self.tamper(nid, reply)
-        if self.serialize:
-            reply = roundtrip(reply)
-        self.replies.append(reply)
-        return reply
+        return [n for n in self.node_ids if n not in self.offline]
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids = []
-        for m in messages:
-            key = f"m{len(self._pending)}-{id(m)}"
-            self._pending[key] = m
-            ids.append(key)
+        ids: list[str] = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = str(uuid4())
+            dst = msg.metadata.dst_node_id
+            if dst not in self.contexts:
+                raise ValueError(f"message addressed to unknown node id {dst}")
+            ids.append(msg.metadata.message_id)
+            if dst in self.offline:
+                continue
+            reply = self._deliver(msg)
+            if reply is not None:
+                self._replies[msg.metadata.message_id] = reply
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        out = []
-        for key in message_ids:
-            m = self._pending.pop(key, None)
-            if m is not None and (r := self._call(m)) is not None:
-                out.append(r)
-        return out
+        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        out = []
-        for m in messages:
-            r = self._call(m)
-            if r is not None:
-                out.append(r)
+        return self.pull_messages(self.push_messages(messages))
+
+    # ------------------------------------------------------------------ runtime
+    def _deliver(self, msg: Message) -> Message | None:
+        dst = msg.metadata.dst_node_id
+        mtype, group = msg.metadata.message_type, msg.metadata.group_id
+        t0 = time.perf_counter()
+        incoming, nbytes = transport(msg) if self.serialize else (msg, 0)
+        self.traffic.append(Traffic("down", mtype, group, dst, nbytes, time.perf_counter() - t0))
+        self.sent.append(incoming)
+        context = self.contexts[dst]
+        work = copy.copy(context)
+        work.state = copy.deepcopy(context.state)  # committed only if the ClientApp succeeds
+        prev = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = (
+            context.run_id, dst, 2)
+        t0 = time.perf_counter()
+        try:
+            reply = self.client_app(incoming, work)
+            self.contexts[dst] = work
+        except Exception as ex:
+            reason = f"{type(ex).__name__}: {ex}"
+            reply = Message(
+                Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=incoming
+            )
+        finally:
+            TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = prev
+        elapsed = time.perf_counter() - t0
+        if self.drop is not None and self.drop(dst, incoming):
+            return None
+        if self.tamper is not None and not reply.has_error():
+            reply = self.tamper(dst, reply)
+        reply, nbytes = transport(reply) if self.serialize else (reply, 0)
+        reply.metadata.__dict__["_message_id"] = str(uuid4())
+        self.traffic.append(Traffic("up", mtype, group, dst, nbytes, elapsed))
+        self.replies.append(reply)
+        return reply
+
+    # ------------------------------------------------------------------ accounting
+    def bytes_by(
+        self, *, message_type: str | None = None, prefix: str | None = None
+    ) -> dict[str, int]:
+        """``{"down": bytes, "up": bytes}`` over the traffic so far (optionally filtered)."""
+        out = {"down": 0, "up": 0}
+        for t in self.traffic:
+            if message_type is not None and t.message_type != message_type:
+                continue
+            if prefix is not None and not t.message_type.startswith(prefix):
+                continue
+            out[t.direction] += t.num_bytes
         return out
+
+
+def run_server_app(
+    server_app: ServerApp,
+    grid: LocalGrid,
+    run_config: Mapping[str, UserConfigValue] | None = None,
+) -> Context:
+    """Run ``server_app`` against ``grid`` in this thread, as the ``flwr-serverapp`` would."""
+    ctx = Context(run_id=grid.run.run_id, node_id=SUPERLINK_NODE_ID, node_config={},
+                  state=RecordDict(), run_config=dict(run_config or {}))
+    prev = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = (
+        grid.run.run_id, SUPERLINK_NODE_ID, 1)
+    try:
+        server_app(grid, ctx)
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = prev
+    return ctx
 
 
 def build_train_reply(
@@ -206,12 +328,23 @@ class StaticGrid(LocalGrid):
         self, node_ids: Iterable[int], client_ids: Mapping[int, int | str] | None = None
     ) -> None:
         ensure_task_identity()
-        self.online = {int(n) for n in node_ids}
+        self.node_ids = [int(n) for n in node_ids]
+        self.offline = set()
         self.client_ids = dict(client_ids or {})
-        self._pending = {}
-        self._run = None
+        self._replies = {}
+        self._run = Run.create_empty(1)
         self.sent = []
         self.replies = []
+        self.traffic = []
+        self.contexts = {}
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = str(uuid4())
+            self.sent.append(m)
+            ids.append(m.metadata.message_id)
+        return ids
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None

@@ -59,13 +59,14 @@ REASONS: tuple[str, ...] = (
     "length-mismatch",  # number of values differs from the mask's count
     "bad-dtype",  # values are not floating point
     "non-finite",  # NaN/Inf values (also after casting to the model dtype)
-    "bad-num-examples",  # missing, non-integer or <= 0
+    "bad-num-examples",  # missing, non-integer, <= 0 or above the plausible bound
     "missing-client-id",
     "bad-client-id",  # not a non-negative int or a short non-empty str
     "client-id-mismatch",  # differs from the id this node reported before
     "duplicate-client-id",  # another node already answered with this client id
     "unknown-client-id",  # not in the strategy's expected_clients
-    "mask-mismatch",  # uplink mask differs from the downlink mask (uplink="downlink")
+    "mask-mismatch",  # uplink mask differs from the mask the server sent (uplink="downlink")
+    "over-budget",  # uplink mask shares more coordinates than agreed (uplink="client")
     "bad-scores",  # requested |grad| scores missing, wrong length/dtype or non-finite
     "bad-metrics",  # evaluate: loss missing or non-finite
     "malformed",  # anything else that could not be read
@@ -149,7 +150,9 @@ def _client_id(
     return cid
 
 
-def _num_examples(metrics: MetricRecord, *, allow_zero: bool = False) -> int:
+def _num_examples(
+    metrics: MetricRecord, *, allow_zero: bool = False, max_num_examples: int | None = None
+) -> int:
     if METRIC_NUM_EXAMPLES not in metrics:
         raise ReplyRejected("bad-num-examples", "missing")
     n = metrics[METRIC_NUM_EXAMPLES]
@@ -157,17 +160,23 @@ def _num_examples(metrics: MetricRecord, *, allow_zero: bool = False) -> int:
         raise ReplyRejected("bad-num-examples", f"not an integer: {type(n).__name__}")
     if n < 0 or (n == 0 and not allow_zero):
         raise ReplyRejected("bad-num-examples", f"{n}")
+    if max_num_examples is not None and n > max_num_examples:
+        raise ReplyRejected("bad-num-examples",
+                            f"{n} is implausible (bound max_num_examples={max_num_examples})")
     return n
 
 
-def _user_metrics(metrics: MetricRecord, skip: tuple[str, ...]) -> dict[str, float]:
-    """Finite scalar metrics (others are ignored, never aggregated)."""
+def _user_metrics(
+    metrics: MetricRecord, skip: tuple[str, ...], max_metric: float | None = None
+) -> dict[str, float]:
+    """Finite scalar metrics with ``|v| <= max_metric`` (others are ignored, never aggregated)."""
     out: dict[str, float] = {}
     for k, v in metrics.items():
         if k in skip or isinstance(v, bool) or not isinstance(v, int | float):
             continue
-        if math.isfinite(float(v)):
-            out[k] = float(v)
+        f = float(v)
+        if math.isfinite(f) and (max_metric is None or abs(f) <= max_metric):
+            out[k] = f
     return out
 
 
@@ -182,9 +191,16 @@ def parse_train_reply(
     want_scores: bool = False,
     max_payload_bytes: int | None = None,
     check_finite: bool = True,
+    max_mask_count: int | None = None,
+    max_num_examples: int | None = None,
+    max_metric: float | None = None,
 ) -> ValidUpdate:
     """Validate a ``train.psfed`` reply; raise :class:`ReplyRejected` on any defect.
 
+    The uplink budget: ``expected_mask`` (the mask the server dictated or seeded) must equal
+    the reply's mask (``mask-mismatch``); ``max_mask_count`` bounds a client-chosen mask's
+    count (``over-budget``). ``max_num_examples`` bounds the claimed example count
+    (``bad-num-examples``); user metrics with ``|v| > max_metric`` are not kept.
     ``check_finite=False`` skips only the NaN/Inf check of the values (a caller that proves
     them finite otherwise, e.g. by a finite weighted sum, and re-validates when it cannot).
     """
@@ -199,6 +215,9 @@ def parse_train_reply(
             want_scores=want_scores,
             max_payload_bytes=max_payload_bytes,
             check_finite=check_finite,
+            max_mask_count=max_mask_count,
+            max_num_examples=max_num_examples,
+            max_metric=max_metric,
         )
     except ReplyRejected:
         raise
@@ -219,6 +238,9 @@ def _parse_train(
     want_scores: bool,
     max_payload_bytes: int | None,
     check_finite: bool = True,
+    max_mask_count: int | None = None,
+    max_num_examples: int | None = None,
+    max_metric: float | None = None,
 ) -> ValidUpdate:
     if msg.has_error():
         err = msg.error
@@ -240,7 +262,7 @@ def _parse_train(
         raise ReplyRejected("bad-scores", "scores were requested but not sent")
 
     cid = _client_id(meta, expected_id, expected_clients)
-    n = _num_examples(metrics)
+    n = _num_examples(metrics, max_num_examples=max_num_examples)
 
     arr = upd[PAYLOAD]
     if arr.dtype != "uint8" or len(arr.shape) != 1:
@@ -260,6 +282,11 @@ def _parse_train(
         )
     if values.dtype.kind != "f":
         raise ReplyRejected("bad-dtype", f"values dtype {values.dtype}")
+    if expected_mask is not None and mask != expected_mask:
+        raise ReplyRejected("mask-mismatch", "uplink mask differs from the mask the server sent")
+    if max_mask_count is not None and mask.count > max_mask_count:
+        raise ReplyRejected("over-budget", f"uplink mask shares {mask.count} coordinates, "
+                            f"the agreed budget is {max_mask_count}")
     if check_finite and not all_finite(values):
         raise ReplyRejected("non-finite", "NaN or Inf in values")
     if values.dtype != model_dtype:
@@ -271,8 +298,6 @@ def _parse_train(
         cast.setflags(write=False)
     else:
         cast = values
-    if expected_mask is not None and mask != expected_mask:
-        raise ReplyRejected("mask-mismatch", "uplink mask differs from the downlink mask")
 
     scores = None
     if want_scores:
@@ -290,7 +315,7 @@ def _parse_train(
         mask=mask,
         values=cast,
         num_examples=n,
-        metrics=_user_metrics(metrics, (METRIC_NUM_EXAMPLES,)),
+        metrics=_user_metrics(metrics, (METRIC_NUM_EXAMPLES,), max_metric),
         scores=scores,
         fresh_state=bool(fresh) if isinstance(fresh, bool) else False,
     )
@@ -301,8 +326,14 @@ def parse_evaluate_reply(
     *,
     expected_id: ClientId | None = None,
     expected_clients: Collection[ClientId] | None = None,
+    max_num_examples: int | None = None,
+    max_metric: float | None = None,
 ) -> EvalResult:
-    """Validate an ``evaluate.psfed`` reply (``num-examples == 0`` means "nothing evaluated")."""
+    """Validate an ``evaluate.psfed`` reply (``num-examples == 0`` means "nothing evaluated").
+
+    ``max_num_examples`` and ``max_metric`` bound the claimed count and the loss (a reply
+    beyond them is rejected) and the user metrics (dropped), as for train replies.
+    """
     try:
         if msg.has_error():
             err = msg.error
@@ -316,18 +347,20 @@ def parse_evaluate_reply(
         metrics = _record(content, KEY_METRICS, MetricRecord)
         meta = _record(content, KEY_META, ConfigRecord)
         cid = _client_id(meta, expected_id, expected_clients)
-        n = _num_examples(metrics, allow_zero=True)
+        n = _num_examples(metrics, allow_zero=True, max_num_examples=max_num_examples)
         loss = metrics.get("loss")
         if isinstance(loss, bool) or not isinstance(loss, int | float):
             raise ReplyRejected("bad-metrics", "loss missing or not a number")
         if not math.isfinite(float(loss)):
             raise ReplyRejected("bad-metrics", "non-finite loss")
+        if max_metric is not None and abs(float(loss)) > max_metric:
+            raise ReplyRejected("bad-metrics", f"|loss| above max_metric={max_metric:g}")
         return EvalResult(
             node_id=int(msg.metadata.src_node_id),
             client_id=cid,
             loss=float(loss),
             num_examples=n,
-            metrics=_user_metrics(metrics, (METRIC_NUM_EXAMPLES, "loss")),
+            metrics=_user_metrics(metrics, (METRIC_NUM_EXAMPLES, "loss"), max_metric),
         )
     except ReplyRejected:
         raise

@@ -1,6 +1,6 @@
-"""Flower Apps built on psfed_robust.flower, and an in-process runtime for tests and benchmarks.
+"""Flower Apps built on psfed_robust.flower.
 
 - ``digits_server`` / ``digits_client``: the digits Flower App (``[tool.flwr.app.components]`` in
-  the repository's pyproject.toml); see docs/flower_app.md.
-- ``loopback``: :class:`~psfed_robust.flower.apps.loopback.LoopbackGrid`, an in-process Grid.
+  the repository's pyproject.toml); see docs/flower_app.md. The in-process runtime for tests and
+  benchmarks is :class:`psfed_robust.flower.testing.LocalGrid`.
 """

@@ -6,7 +6,7 @@ It trains the 2-layer digits MLP with ``strategy = "psfedavg"`` (partial sharing
 :class:`psfed_robust.flower.strategy.PSFedAvg`) or ``strategy = "fedavg"`` (Flower's own
 :class:`flwr.serverapp.strategy.FedAvg`, the baseline), evaluates the global model centrally on
 the fixed digits test set after every round, and counts the bytes of every message through a
-:class:`~psfed_robust.flower.apps.metered.MeteredGrid`. It logs one line per round and, at the
+:class:`~psfed_robust.flower.metering.MeteredGrid`. It logs one line per round and, at the
 end, one machine-readable line ``PSFED-DIGITS-RESULT {json}`` (tests and the docs parse it).
 """
 
@@ -26,7 +26,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 
 from psfed_robust.flower import digits
 from psfed_robust.flower.apps.digits_config import DigitsRunConfig
-from psfed_robust.flower.apps.metered import MeteredGrid
+from psfed_robust.flower.metering import MeteredGrid
 
 __all__ = [
     "RESULT_TAG",
@@ -83,6 +83,7 @@ def build_strategy(cfg: DigitsRunConfig, model: Any) -> tuple[Strategy, ArrayRec
 
 
 def _build_psfedavg(cfg: DigitsRunConfig, model: Any) -> tuple[Strategy, ArrayRecord]:
+    from psfed_robust.flower.settings import AggregationSettings, MaskSettings, ProtocolSettings
     from psfed_robust.flower.strategy import PSFedAvg, arrays_from_model
 
     strategy = PSFedAvg(
@@ -91,13 +92,12 @@ def _build_psfedavg(cfg: DigitsRunConfig, model: Any) -> tuple[Strategy, ArrayRe
         min_train_nodes=cfg.min_nodes,
         min_evaluate_nodes=cfg.min_nodes if cfg.fraction_evaluate > 0 else 0,
         min_available_nodes=cfg.min_nodes,
-        mask_fraction=cfg.fraction,
-        mask_strategy=cfg.selector,
-        mask_seed=cfg.seed,
-        aggregator=cfg.aggregator,
-        aggregation_mode="reporters" if cfg.aggregation_mode == "reporters" else "fill",
-        initial_sync=cfg.initial_sync,
         sample_seed=cfg.seed,
+        masks=MaskSettings(fraction=cfg.fraction, strategy=cfg.selector, seed=cfg.seed),
+        aggregation=AggregationSettings(
+            rule=cfg.aggregator,
+            mode="reporters" if cfg.aggregation_mode == "reporters" else "fill"),
+        protocol=ProtocolSettings(initial_sync=cfg.initial_sync),
     )
     return strategy, arrays_from_model(model)
 
