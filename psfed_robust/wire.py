@@ -35,6 +35,10 @@ bytes and the same verdicts. A large payload is assembled by one copy into huge 
 ``encoding="auto"`` picks the cheapest exact encoding (ties: dense, seeded, bitmap, gap, runs);
 a candidate is skipped only when a cheap lower bound shows it cannot be cheaper.
 
+Declared sizes are capped before anything is allocated: ``MAX_SIZE`` always, and without
+``expected_size`` a size the payload's length cannot plausibly carry (:data:`UNCHECKED_MAX_SIZE`
+and friends); pass ``expected_size`` (the receiver's model size) for larger models.
+
 Decoding never yields a wrong mask: the CRC covers the header and the body, and every structural
 property is checked as well (lengths exact, no trailing bytes, padding bits zero, count equals the
 popcount, indices in range and strictly increasing). Any failure raises :class:`WireFormatError`.
@@ -80,8 +84,16 @@ __all__ = [
 MAGIC: Final = b"PSFW"
 VERSION: Final = 1
 HEADER_SIZE: Final = 28
-#: Largest flat-vector size a payload may declare (bounds what a decoder allocates).
+#: Largest flat-vector size a payload may declare (the format's limit; with ``expected_size``).
 MAX_SIZE: Final = 1 << 40
+#: Without ``expected_size`` a decoder trusts a declared size only up to
+#: ``min(UNCHECKED_MAX_SIZE, max(UNCHECKED_FREE_SIZE, UNCHECKED_SIZE_PER_BYTE * len(payload)))``:
+#: it allocates about one byte per coordinate (the mask), so a few bytes must not make it
+#: allocate gigabytes (a 29-byte seeded payload declaring 2^40 asked for 1 TiB). Real payloads
+#: stay far below: a seeded or gap-coded update at f = 0.001 declares < 700 coordinates per byte.
+UNCHECKED_MAX_SIZE: Final = 1 << 32
+UNCHECKED_FREE_SIZE: Final = 1 << 24
+UNCHECKED_SIZE_PER_BYTE: Final = 1 << 10
 
 _HEADER = struct.Struct("<4sBBBBQQI")
 _PREFIX = struct.Struct("<4sBBBBQQ")  # the CRC-covered part of the header
@@ -411,6 +423,8 @@ def _rice_values(body: memoryview, n: int, k: int, size: int, what: str) -> npt.
     rem_len = (n * k + 7) // 8
     if len(body) < rem_len:
         raise WireFormatError(f"{what}: truncated Rice remainders")
+    if n > 8 * (len(body) - rem_len):  # each code ends with a one bit: no allocation for it
+        raise WireFormatError(f"{what}: expected {n} unary codes in {len(body) - rem_len} bytes")
     rem = _unpack_fixed(body[:rem_len], n, k, what)
     q = _unpack_unary(body[rem_len:], n, what)
     if n and int(q.max()) > (size >> k):  # so that q << k cannot overflow
@@ -468,6 +482,10 @@ def _decode_gap(buf: memoryview, size: int, count: int) -> npt.NDArray[np.bool_]
     rem_len = (m * k + 7) // 8
     if len(buf) < 2 + rem_len:
         raise WireFormatError("gap section: truncated Rice remainders")
+    if m > 8 * (len(buf) - 2 - rem_len):  # one stop bit per code, checked before allocating
+        raise WireFormatError(
+            f"gap section: expected {m} unary codes in {len(buf) - 2 - rem_len} bytes"
+        )
     if m:
         data, err = _wire_kernels.rice_decode(
             buf[2 : 2 + rem_len], buf[2 + rem_len :], m, k, size, complement
@@ -854,6 +872,14 @@ def _parse(
         raise WireFormatError(f"bad header: size {size}, count {count}")
     if expected_size is not None and size != expected_size:
         raise WireFormatError(f"payload is for size {size}, expected {expected_size}")
+    if expected_size is None:
+        limit = min(UNCHECKED_MAX_SIZE,
+                    max(UNCHECKED_FREE_SIZE, UNCHECKED_SIZE_PER_BYTE * len(buf)))
+        if size > limit:
+            raise WireFormatError(
+                f"a {len(buf)}-byte payload declares size {size}, above {limit} trusted "
+                "without expected_size (pass the model size as expected_size to decode it)"
+            )
     body = buf[HEADER_SIZE:]
     vlen = count * _DTYPES[dtype_id][2]
     mlen = len(body) - vlen

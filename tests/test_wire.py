@@ -486,3 +486,89 @@ def test_runs_structural_checks_behind_a_valid_crc() -> None:
     # a valid section of another mask with the same size and count decodes to that mask
     b = Mask((np.arange(size) < 10) | ((np.arange(size) >= 20) & (np.arange(size) < 40)))
     assert decode_update(framed(section(b)))[0] == b
+
+
+# ---------------------------------------------------------------- declared sizes (issue 14 item 9)
+def _forged(enc: str, size: int, count: int, section: bytes, dtype_id: int = 2) -> bytes:
+    """A well-formed, correctly signed header declaring ``size`` over ``section``."""
+    head = struct.pack("<4sBBBBQQ", b"PSFW", 1, ENCODINGS.index(enc), dtype_id, 0, size, count)
+    return resign(head + b"\0\0\0\0" + section + b"\0" * (4 * count if dtype_id == 2 else 0))
+
+
+def _both_paths() -> list[bool]:
+    """[compiled (when it builds), numpy]: run a check on each of the codec's paths."""
+    from psfed_robust import _wire_kernels
+
+    return [True, False] if _wire_kernels.available() else [False]
+
+
+_RUN1 = struct.pack("<BBQQ", 0, 0, 1, 1) + b"\x80\x80"  # one run: z = 0, o = 1
+FORGED = [
+    # the 29-byte payload of the issue: a seeded "none" mask of 2^40 coordinates (1 TiB)
+    ("seeded-none-2^40", lambda: _forged("seeded", 1 << 40, 0, bytes((4,)))),
+    ("seeded-all-2^40-mask-only", lambda: _forged("seeded", 1 << 40, 1 << 40, bytes((3,)), 0)),
+    ("dense-mask-only-2^40", lambda: _forged("dense", 1 << 40, 1 << 40, b"", 0)),
+    ("gap-empty-2^40", lambda: _forged("gap", 1 << 40, 0, bytes((0, 0)))),
+    # gap with one member and a broken unary stream: numpy rejected it, the compiled decoder
+    # first allocated the 8 GiB mask
+    ("gap-2^33-bad-unary", lambda: _forged("gap", 1 << 33, 1, bytes((0, 0, 0)))),
+    ("runs-2^40", lambda: _forged("runs", 1 << 40, 1, _RUN1)),
+    ("bitmap-2^40", lambda: _forged("bitmap", 1 << 40, 0, b"\0" * 16, 0)),
+]
+
+
+@pytest.mark.parametrize(("name", "make"), FORGED, ids=[f[0] for f in FORGED])
+def test_declared_sizes_are_capped_on_every_path(
+    name: str, make: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    payload = make()  # type: ignore[operator]
+    for compiled in _both_paths():
+        with monkeypatch.context() as mp:
+            if not compiled:
+                mp.setenv("PSFED_NO_CPP_KERNEL", "1")
+            with pytest.raises(WireFormatError, match=r"declares size \d+, above \d+ trusted"):
+                decode_mask(payload)
+            if payload[6] != 0:
+                with pytest.raises(WireFormatError, match="expected_size"):
+                    decode_update(payload)
+
+
+def test_size_cap_is_relative_to_the_payload_and_absolute() -> None:
+    from psfed_robust.wire import (
+        UNCHECKED_FREE_SIZE,
+        UNCHECKED_MAX_SIZE,
+        UNCHECKED_SIZE_PER_BYTE,
+    )
+
+    # any payload may declare UNCHECKED_FREE_SIZE: an empty mask of that size decodes
+    free = encode_mask(Mask.all_false(UNCHECKED_FREE_SIZE)).payload
+    assert len(free) <= HEADER_SIZE + 2 and decode_mask(free).size == UNCHECKED_FREE_SIZE
+    # one more coordinate than the payload's length allows: rejected unless the size is expected
+    big = UNCHECKED_FREE_SIZE + 1
+    p = encode_update(Mask.all_false(big), np.zeros(0, np.float32)).payload
+    assert big > UNCHECKED_SIZE_PER_BYTE * len(p)
+    with pytest.raises(WireFormatError, match=f"declares size {big}"):
+        decode_update(p)
+    m, v = decode_update(p, expected_size=big)
+    assert m.size == big and m.count == 0 and v.size == 0
+    # the same size carried by a payload long enough (values of a seeded mask): accepted
+    mask = Mask.random(big, 0.002, seed=3, round_num=1)
+    q = encode_update(mask, np.ones(mask.count, np.float32), encoding="seeded").payload
+    assert UNCHECKED_SIZE_PER_BYTE * len(q) >= big
+    assert decode_update(q)[0] == mask
+    # absolute: above UNCHECKED_MAX_SIZE whatever the payload's length (checked before the CRC)
+    huge = _forged("gap", UNCHECKED_MAX_SIZE + 8, 0, b"\0" * (UNCHECKED_MAX_SIZE // 1000))
+    assert UNCHECKED_SIZE_PER_BYTE * len(huge) > UNCHECKED_MAX_SIZE
+    with pytest.raises(WireFormatError, match=f"above {UNCHECKED_MAX_SIZE} trusted"):
+        decode_mask(huge)
+
+
+def test_code_counts_are_bounded_by_the_section_before_allocating() -> None:
+    """A gap or runs header announcing more codes than its bytes hold (one stop bit each) is
+    rejected before arrays of that many codes exist."""
+    size = 1 << 20
+    with pytest.raises(WireFormatError, match="unary codes in 1 bytes"):
+        decode_mask(_forged("gap", size, 9, bytes((0, 0, 0xFF)), 0))
+    sec = struct.pack("<BBQQ", 0, 0, 500_000, 1) + b"\xff\xff"
+    with pytest.raises(WireFormatError, match="unary codes in 1 bytes"):
+        decode_mask(_forged("runs", size, 500_000, sec, 0))
