@@ -1,14 +1,15 @@
-"""With M = D the batched engine is Online-Fed, bit for bit (psofed-model.md; P1 arXiv 2110.06556).
+"""With M = D the batched engine is Online-Fed, bit for bit (P1 arXiv 2110.06556).
 
-The reference below is a plain per-iteration, per-run, per-client loop. It consumes the same
-random streams as the engine (documented in ``psfed_robust.engine.online``): the ``schedule``
+The reference below is Online-Fed written plainly: a per-iteration, per-run, per-client loop for
+the schedule, the downlink (the participant's model becomes the global model) and the server step
+``g + Σ_k ω (w_k − g)`` with ``ω = 1/|K_n|``, summed in slot order. It consumes the same random
+streams as the engine (documented in ``psfed_robust.engine.schedule``): the ``schedule``
 generator's ``rand [B, K]`` keys per iteration (the ``participants`` smallest keys, stable order,
 take part) and the data stream of ``psfed_robust.engine.data`` built from the ``init``/``data``
-generators of run block 0. The LMS prediction ``wᵀc`` (and the global model's test prediction)
-is summed in the engine's documented order
-(``psfed_robust.engine._kernels``: 32 lane accumulators, lane ``j`` adding the products of entries
-``j, j+32, …`` in turn, then folded by halving), written out here with numpy, elementwise; the
-update ``w + (μ s e) c`` rounds the product and the sum separately (no fused multiply-add).
+generators of run block 0. The LMS step is the engine's own arithmetic (the torch reference of
+``LocalStep``: ``e = y − s·vecdot(w, c)``, ``w.addcmul_(c, μ s e)``), applied to the same
+``[R, K, D]`` batch so that torch's vectorised loops round alike; the test MSE uses the same
+batched ``vecdot``. Everything the round core does is written out here independently.
 """
 
 from __future__ import annotations
@@ -25,23 +26,6 @@ from psfed_robust.engine.online import (
     run_online,
 )
 
-LANES = 32
-
-
-def lane_dot(w: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """``Σ_d w_d c_d`` in the documented order: lane ``j`` sums ``w_d c_d`` for ``d ≡ j`` (mod 32)
-    in increasing ``d``, then lanes fold by halving, ``a[j] + a[j + h]`` for h = 16, 8, 4, 2, 1."""
-    prod = w.numpy() * c.numpy()
-    acc = np.zeros(LANES, dtype=prod.dtype)
-    for s in range(0, prod.shape[0], LANES):  # entries s..s+31 go to lanes 0..31
-        width = min(LANES, prod.shape[0] - s)
-        acc[:width] = acc[:width] + prod[s : s + width]
-    h = LANES // 2
-    while h >= 1:
-        acc = acc[:h] + acc[h : 2 * h]
-        h //= 2
-    return torch.from_numpy(acc[:1].copy())[0]
-
 
 def reference_online_fed(cfg: OnlineConfig) -> tuple[np.ndarray, np.ndarray]:
     """Online-Fed written plainly; returns per-run global test MSE [R, T] and final models."""
@@ -50,27 +34,30 @@ def reference_online_fed(cfg: OnlineConfig) -> tuple[np.ndarray, np.ndarray]:
     mu = float(cfg.stepsize)
     stream = make_stream(cfg, R, 0, torch.device("cpu"))
     sched = block_generator(cfg.seed, "schedule", 0)
-    local = [[torch.zeros(D, dtype=dtype) for _ in range(K)] for _ in range(R)]
+    local = torch.zeros((R, K, D), dtype=dtype)
     glob = [torch.zeros(D, dtype=dtype) for _ in range(R)]
     mse = np.zeros((R, cfg.iterations))
+    scale = stream.feature_scale
     for n in range(cfg.iterations):
         keys = torch.rand((R, K), generator=sched, dtype=dtype)
-        c, y = stream.next()  # regressors z = scale * c (the engine folds the scale into scalars)
-        scale = stream.feature_scale
+        chosen = [sorted(torch.argsort(keys[r], stable=True)[:P].tolist()) for r in range(R)]
         for r in range(R):
-            chosen = sorted(torch.argsort(keys[r], stable=True)[:P].tolist())
-            for k in chosen:  # downlink: the participant's model becomes the global model
-                local[r][k] = glob[r].clone()
-            for k in range(K):  # every client: one LMS step on its new sample
-                pred = lane_dot(local[r][k], c[r, k])
-                e = y[r, k] - (pred if scale == 1.0 else pred * scale)
-                local[r][k] = local[r][k] + (e * (mu * scale)) * c[r, k]
-            omega = torch.tensor(1.0, dtype=dtype) / len(chosen)  # 1/|K_n|
-            step = torch.stack([local[r][k] - glob[r] for k in chosen]).sum(0) * omega
-            glob[r] = glob[r] + step
-            pred = torch.stack([lane_dot(glob[r], z) for z in stream.test_features[r]])
-            res = (stream.test_targets[r] - pred).double()
-            mse[r, n] = float((res * res).mean())
+            for k in chosen[r]:  # downlink: the participant's model becomes the global model
+                local[r, k] = glob[r]
+        y = stream.advance()
+        c = stream.features(0, R, torch.empty((R, K, D), dtype=dtype))
+        pred = torch.linalg.vecdot(local, c)  # every client: one LMS step on its new sample
+        e = y - (pred * scale if scale != 1.0 else pred)
+        local.addcmul_(c, (e * (mu * scale)).unsqueeze(-1))
+        for r in range(R):
+            omega = torch.tensor(1.0, dtype=dtype) / len(chosen[r])  # 1/|K_n|
+            acc = torch.zeros(D, dtype=dtype)
+            for k in chosen[r]:
+                acc = acc + (local[r, k] - glob[r]) * omega
+            glob[r] = glob[r] + acc
+        g = torch.stack(glob)
+        res = (stream.test_targets - torch.linalg.vecdot(stream.test_features, g[:, None, :]))
+        mse[:, n] = (res.double() ** 2).mean(-1).numpy()
     return mse, torch.stack(glob).double().numpy()
 
 
@@ -85,7 +72,8 @@ def test_online_fed_bit_for_bit(task: str, dtype: str, dim: int) -> None:
                        dtype=dtype, seed=11)
     assert resolve_run_block(cfg, torch.device("cpu")) == cfg.runs  # one block
     ref_mse, ref_g = reference_online_fed(cfg)
-    res = run_online(cfg)
+    res = run_online(cfg, use_kernels=False)  # one path: the torch reference
+    assert res.metadata["engine_kernels"] == "torch"
     assert np.array_equal(res.final_global_model, ref_g)
     assert np.array_equal(res.global_mse, ref_mse)
 

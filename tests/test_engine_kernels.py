@@ -1,7 +1,9 @@
-"""Compiled engine kernels (psfed_robust.engine._kernels) against their torch/numpy twins.
+"""Compiled engine accelerators (psfed_robust.engine.kernels) against their torch/numpy references.
 
-Every compiled path has a plain fallback that must give the same bits, so results never depend
-on whether a C++ compiler was available; the tests that need the compiled module skip without it.
+The mask sampler must draw the numpy sampler's picks exactly (integers); the float32 RFF LMS step
+must match the torch step of ``LocalStep`` within float32 rounding and treat NaN/Inf alike; a run
+with and without the accelerators gives statistically the same results. Tests that need the
+compiled library skip without a compiler.
 """
 
 from __future__ import annotations
@@ -12,15 +14,20 @@ import numpy as np
 import pytest
 import torch
 
-from psfed_robust.engine import _kernels
-from psfed_robust.engine.data import rff_cos
-from psfed_robust.engine.masks import floyd_indices, floyd_masks
-from psfed_robust.engine.online import OnlineConfig, run_online, schedule
+from psfed_robust.engine import kernels
+from psfed_robust.engine.config import OnlineConfig
+from psfed_robust.engine.loop import LocalStep
+from psfed_robust.engine.masks import MaskPool, floyd_indices, floyd_masks
+from psfed_robust.engine.online import run_online
+from psfed_robust.engine.schedule import make_stream
 
-needs_cpp = pytest.mark.skipif(not _kernels.available(), reason="no C++ compiler / kernel build")
+needs_cpp = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler / kernel build")
 
 SMALL = OnlineConfig(num_clients=12, dim=30, iterations=60, runs=4, participants=5,
                      share_count=6, record_every=5, seed=1)
+
+#: the stated tolerance of the compiled LMS step against the torch step (relative, per step)
+LMS_RTOL = 2e-5
 
 
 @needs_cpp
@@ -37,46 +44,68 @@ def test_floyd_cpp_draws_the_numpy_picks(rows: int, dim: int, count: int) -> Non
 def test_floyd_backend_is_validated() -> None:
     with pytest.raises(ValueError, match="backend must be one of"):
         floyd_indices(3, 10, 2, torch.Generator(), backend="gpu")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        MaskPool(10, 2, torch.Generator(), backend="gpu")
+
+
+def _stepper(cfg: OnlineConfig, compiled: bool) -> tuple[LocalStep, torch.Tensor]:
+    stream = make_stream(cfg, cfg.runs, 0, torch.device("cpu"))
+    return LocalStep(cfg, stream, cfg.runs, torch.device("cpu"), compiled), stream.advance()
 
 
 @needs_cpp
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_schedule_kernel_selects_like_torch(dtype: torch.dtype) -> None:
-    cfg = SMALL.replace(num_clients=50, participants=17)
-    gen = torch.Generator().manual_seed(5)
-    for _ in range(20):
-        keys = (torch.rand((9, 50), generator=gen) * 8).floor().to(dtype)  # many ties
-        idx_t, _ = schedule(keys, cfg)
-        idx_k, _ = schedule(keys, cfg, _kernels.load())
-        assert torch.equal(idx_t, idx_k)
+@pytest.mark.parametrize("frozen", [False, True])
+def test_lms_rff_step_matches_the_torch_step(frozen: bool) -> None:
+    cfg = SMALL.replace(num_clients=9, dim=37, runs=5, input_dim=6)
+    ref, y = _stepper(cfg, False)
+    fast, y2 = _stepper(cfg, True)
+    assert fast.compiled and not ref.compiled and torch.equal(y, y2)
+    gen = torch.Generator().manual_seed(0)
+    W0 = torch.randn((5, 9, 37), generator=gen)
+    part = (torch.rand((5, 9), generator=gen) < 0.5).float() if frozen else None
+    Wa, Wb = W0.clone(), W0.clone()
+    ea = ref.step(Wa, y, part).clone()
+    eb = fast.step(Wb, y, part).clone()
+    torch.testing.assert_close(eb, ea, rtol=LMS_RTOL, atol=1e-5)
+    torch.testing.assert_close(Wb, Wa, rtol=LMS_RTOL, atol=1e-5)
+    if part is not None:  # frozen clients keep their models exactly
+        still = part == 0
+        assert torch.equal(Wb[still], W0[still]) and torch.equal(Wa[still], W0[still])
 
 
-@pytest.mark.parametrize("dim", [1, 31, 32, 33, 200])
-def test_lane_dot_torch_is_the_documented_order(dim: int) -> None:
-    gen = torch.Generator().manual_seed(dim)
-    w, c = torch.randn((3, dim), generator=gen), torch.randn((3, dim), generator=gen)
-    got = _kernels.lane_dot_torch(w, c)
-    for r in range(3):
-        prod = (w[r] * c[r]).numpy()
-        acc = np.zeros(_kernels.LANES, dtype=np.float32)
-        for d in range(dim):
-            acc[d % _kernels.LANES] += prod[d]
-        h = _kernels.LANES // 2
-        while h:
-            acc = acc[:h] + acc[h : 2 * h]
-            h //= 2
-        assert got[r].item() == acc[0]
+@needs_cpp
+def test_lms_rff_step_treats_nan_and_inf_like_torch() -> None:
+    cfg = SMALL.replace(num_clients=4, participants=2, share_count=5, dim=20, runs=3)
+    ref, y = _stepper(cfg, False)
+    fast, _ = _stepper(cfg, True)
+    W0 = torch.zeros((3, 4, 20))
+    W0[0, 1, 3] = float("nan")
+    W0[1, 2, 0] = float("inf")
+    x = ref.stream.rff_inputs()[0]  # type: ignore[attr-defined]
+    x[2, 3, 1] = float("inf")  # cos(±inf) is NaN: the whole row's update becomes NaN
+    fast.stream.rff_inputs()[0][2, 3, 1] = float("inf")  # type: ignore[attr-defined]
+    Wa, Wb = W0.clone(), W0.clone()
+    ea, eb = ref.step(Wa, y, None).clone(), fast.step(Wb, y, None).clone()
+    assert torch.equal(torch.isnan(ea), torch.isnan(eb))
+    assert torch.equal(torch.isnan(Wa), torch.isnan(Wb))
+    assert torch.equal(torch.isinf(Wa), torch.isinf(Wb))
+    assert bool(torch.isnan(eb[0, 1])) and bool(torch.isnan(eb[2, 3]))
+    finite = torch.isfinite(Wa)
+    torch.testing.assert_close(Wb[finite], Wa[finite], rtol=LMS_RTOL, atol=1e-5)
 
 
-def test_rff_cos_float32_accuracy_and_float64_is_torch() -> None:
-    a = torch.linspace(-1e4, 1e4, 400_001)
-    err = (rff_cos(a.clone()).double() - torch.cos(a.double())).abs().max().item()
-    assert err < 3e-7
-    small = torch.linspace(-7, 7, 10_001)
-    assert (rff_cos(small.clone()).double() - torch.cos(small.double())).abs().max() < 2.5e-7
-    b = torch.linspace(-50, 50, 1001, dtype=torch.float64)
-    assert torch.equal(rff_cos(b.clone()), torch.cos(b))
-    assert math.isclose(float(rff_cos(torch.zeros(1))[0]), 1.0)
+@needs_cpp
+def test_lms_rff_step_validates_its_inputs() -> None:
+    cfg = SMALL.replace(runs=2)
+    fast, y = _stepper(cfg, True)
+    with pytest.raises(ValueError, match="W must be a contiguous float32"):
+        fast.step(torch.zeros((2, 12, 30), dtype=torch.float64), y, None)
+
+
+def test_only_float32_rff_on_cpu_is_compiled() -> None:
+    for changes in ({"dtype": "float64"}, {"task": "linear", "stepsize": 0.02}):
+        step, _ = _stepper(SMALL.replace(**changes), True)  # type: ignore[arg-type]
+        assert not step.compiled
 
 
 @needs_cpp
@@ -85,38 +114,27 @@ def test_rff_cos_float32_accuracy_and_float64_is_torch() -> None:
     [
         {},
         {"selection": "round_robin"},
-        {"selection": "round_robin", "coordinated": True, "uplink": "same"},
-        {"selection": "round_robin", "attack": "gaussian", "num_malicious": 2,
-         "attack_params": {"p_a": 1.0, "sigma": 0.1}},
-        {"coordinated": True},
-        {"uplink": "same"},
-        {"uplink": "independent"},
         {"scheduling": "bernoulli", "p_c": 0.3},
         {"nonparticipant_updates": False},
-        {"dtype": "float64"},
-        {"task": "linear", "stepsize": 0.02},
         {"attack": "gaussian", "num_malicious": 3, "attack_params": {"p_a": 0.5, "sigma": 0.3}},
         {"defense": "median"},
-        {"aggregation_mode": "reporters"},
-        {"share_count": 30},
-        {"input_dim": 7},
-        {"local_mse": "test"},
         {"dim": 200, "share_count": 40, "num_clients": 30, "participants": 10, "runs": 9,
          "run_block": 5},
     ],
 )
-def test_compiled_and_torch_paths_give_the_same_bits(changes: dict[str, object]) -> None:
+def test_compiled_and_torch_paths_agree_within_tolerance(changes: dict[str, object]) -> None:
     cfg = SMALL.replace(**changes)
     a = run_online(cfg)
     b = run_online(cfg, use_kernels=False)
     assert a.metadata["engine_kernels"] == "cpp" and b.metadata["engine_kernels"] == "torch"
-    assert np.array_equal(a.global_mse, b.global_mse)
-    assert np.array_equal(a.local_mse, b.local_mse)
-    assert np.array_equal(a.final_global_model, b.final_global_model)
+    # same masks, schedules and data; only float32 rounding of the LMS step differs, and it
+    # grows slowly over 60 iterations
+    np.testing.assert_allclose(a.global_mse, b.global_mse, rtol=1e-3)
+    np.testing.assert_allclose(a.final_global_model, b.final_global_model, rtol=1e-3, atol=1e-4)
 
 
 @needs_cpp
-def test_long_p1_like_run_same_bits_and_block_workers_do_not_matter() -> None:
+def test_long_p1_like_run_statistically_the_same_and_block_workers_do_not_matter() -> None:
     cfg = OnlineConfig(num_clients=40, dim=200, iterations=400, runs=6, participants=16,
                        share_count=40, record_every=20, seed=7, run_block=2)
     a = run_online(cfg, block_workers=2)
@@ -124,13 +142,14 @@ def test_long_p1_like_run_same_bits_and_block_workers_do_not_matter() -> None:
     c = run_online(cfg, use_kernels=False)
     assert a.metadata["block_workers"] == 2 and b.metadata["block_workers"] == 1
     assert np.array_equal(a.global_mse, b.global_mse)
-    assert np.array_equal(a.global_mse, c.global_mse)
-    assert np.array_equal(a.final_global_model, c.final_global_model)
+    # 400 iterations of chaotic-free LMS: the steady state agrees to a small fraction of a dB
+    sa, sc = a.steady_state(0.25).global_mse_db, c.steady_state(0.25).global_mse_db
+    assert math.isfinite(sa) and abs(sa - sc) < 0.05
 
 
 def test_disabled_kernels_fall_back(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PSFED_NO_CPP_KERNEL", "1")
-    assert _kernels.load() is None
+    assert kernels.load() is None
     res = run_online(SMALL)
     assert res.metadata["engine_kernels"] == "torch"
     assert np.isfinite(res.global_mse).all()

@@ -25,16 +25,16 @@ Random draws (all from explicit ``torch.Generator`` objects, in this order):
 * each :meth:`next` call, from ``data_gen``: RFF — innovations ``randn [B,K,L]`` then observation
   noise ``randn [B,K]``; linear — inputs ``randn [B,K,D]`` then noise ``randn [B,K]``.
 
-RFF arguments ``ωᵀx + b`` are summed in a fixed order (:func:`rff_args`, the order of the engine's
-compiled kernel); values are reproducible on a given machine. ``advance()`` +
-``features(start, stop, out)`` split :meth:`next` so that the engine computes the regressors one
-cache-sized chunk of runs at a time (same draws, same values).
+Regressors are computed with torch (``baddbmm`` for ``ωᵀx + b``, then ``cos``), the reference
+for the engine's optional compiled LMS step. ``advance()`` + ``features(start, stop, out)`` split
+:meth:`next` so that the engine computes the regressors one cache-sized chunk of runs at a time
+(same draws, same values).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Protocol, cast
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -49,7 +49,6 @@ __all__ = [
     "RFFStream",
     "p1_target",
     "rff_args",
-    "rff_cos",
     "rff_features",
 ]
 
@@ -84,13 +83,6 @@ class DataStream(Protocol):
         """Unscaled regressors of runs ``start:stop`` of the current iteration (into ``out``)."""
         ...
 
-    def kernel_inputs(self) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-        """What the engine's compiled LMS step needs for the current iteration: ``(x, ω, b,
-        None)`` when the regressors are ``cos(rff_args(x, ω, b))`` (``x [B,K,L]``, ``ω [B,L,D]``,
-        ``b [B,D]``, contiguous), else ``(None, None, None, c [B,K,D])``."""
-        ...
-
-
 def _uniform(gen: torch.Generator, shape: tuple[int, ...], lo: float, hi: float,
              device: torch.device, dtype: torch.dtype) -> Tensor:
     u = torch.rand(shape, generator=gen, device=device, dtype=dtype)
@@ -108,48 +100,12 @@ def p1_target(x: Tensor) -> Tensor:
 
 
 def rff_args(x: Tensor, omega: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
-    """RFF arguments ``ωᵀx + b`` → ``[B, N, D]`` (``x [B, N, L]``, ``ω [B, L, D]``, ``b [B, D]``).
+    """RFF arguments ``ωᵀx + b`` → ``[B, N, D]``.
 
-    Summed in a fixed order, ``((b + x₁ω₁) + x₂ω₂) + …``, every product and sum rounded on its
-    own (no fused multiply-add): the order of the engine's compiled kernel
-    (``psfed_robust.engine._kernels``), so both give the same bits.
+    ``x [B, N, L]``, ``ω [B, L, D]``, ``b [B, D]``; one batched ``baddbmm`` (the result of a run
+    does not depend on the other runs of the batch).
     """
-    out = torch.mul(x[..., 0, None], omega[:, None, 0, :], out=out)
-    out.add_(b[:, None, :])  # x₁ω₁ + b = b + x₁ω₁ (IEEE addition commutes)
-    for i in range(1, x.shape[-1]):
-        out.add_(x[..., i, None] * omega[:, None, i, :])
-    return out
-
-
-# the float32 cosine (see rff_cos): Cody-Waite reduction by π, even Taylor polynomial of degree 12
-_INV_PI = 0.318309886183790671537767526745028724
-_MAGIC = 12582912.0  # 1.5·2²³: (t + MAGIC) − MAGIC rounds t to the nearest integer (ties to even)
-_PI_PARTS = (3.140625, 9.67502593994140625e-4, 1.509957990978376432e-7)
-_COS_COEFS = (1.0 / 479001600, -1.0 / 3628800, 1.0 / 40320, -1.0 / 720, 1.0 / 24, -1.0 / 2)
-
-
-def rff_cos(a: Tensor) -> Tensor:
-    """The regressors' cosine, ``cos(a)`` in place (returns ``a``).
-
-    float32: a fixed sequence of float32 operations, each rounded on its own (the compiled engine
-    kernel runs the same sequence): ``q = round(a/π)`` (``(a·(1/π) + 1.5·2²³) − 1.5·2²³``),
-    ``r = ((a − q·π₁) − q·π₂) − q·π₃`` (π₁ + π₂ + π₃ ≈ π, Cody–Waite),
-    ``c = 1 − r²/2 + … + r¹²/12!`` (Horner in ``r²``), ``cos a = (−1)^q c``. Absolute error
-    ≤ 2·10⁻⁷ for |a| ≤ 10⁴ (torch's ``cos``: ~4·10⁻⁸); about 1.4x faster than torch's cosine
-    in the kernel. Other dtypes: ``torch.cos_``.
-    """
-    if a.dtype != torch.float32:
-        return a.cos_()
-    q = torch.mul(a, _INV_PI).add_(_MAGIC).sub_(_MAGIC)
-    for part in _PI_PARTS:
-        a.sub_(q * part)
-    r2 = a.mul_(a)
-    c = r2 * _COS_COEFS[0]
-    for coef in _COS_COEFS[1:]:
-        c.add_(coef).mul_(r2)
-    c.add_(1.0)
-    sign = torch.remainder(q, 2.0).mul_(-2.0).add_(1.0)  # (−1)^q exactly (q is an integer)
-    return a.copy_(c.mul_(sign))
+    return torch.baddbmm(b[:, None, :], x, omega, out=out)
 
 
 def rff_features(x: Tensor, omega: Tensor, b: Tensor, out: Tensor | None = None,
@@ -157,10 +113,10 @@ def rff_features(x: Tensor, omega: Tensor, b: Tensor, out: Tensor | None = None,
     """Random Fourier features ``sqrt(2/D) cos(ωᵀx + b)`` (``scaled=False``: without the factor).
 
     ``x``: ``[B, N, L]``, ``omega``: ``[B, L, D]``, ``b``: ``[B, D]`` → ``[B, N, D]``
-    (:func:`rff_args` then :func:`rff_cos`).
+    (:func:`rff_args` then ``cos``).
     """
     D = omega.shape[-1]
-    out = rff_cos(rff_args(x, omega, b, out=out))
+    out = rff_args(x, omega, b, out=out).cos_()
     if scaled:
         out.mul_(math.sqrt(2.0 / D))
     return out
@@ -237,9 +193,6 @@ class RFFStream:
         self.test_features = rff_features(xt, self.omega, self.b)
         self._z = torch.empty((B, K, dim), device=dev, dtype=dtype)
         self._views: dict[tuple[int, int], tuple[Tensor, Tensor, Tensor]] = {}
-        #: the engine's compiled kernels (``psfed_robust.engine._kernels``, CPU) or None: set by
-        #: the engine to run :meth:`advance` compiled (same values)
-        self.kernels: Any = None
 
     def next(self) -> tuple[Tensor, Tensor]:
         """Advance every client's AR(1) input one step; return ``(c [B,K,D], y [B,K])``.
@@ -253,10 +206,6 @@ class RFFStream:
     def advance(self) -> Tensor:
         """Advance every client's AR(1) input one step (draws as :meth:`next`); return ``y``."""
         g = self.data_gen
-        if self.kernels is not None:  # the same draws and operations, in the same order
-            return cast(Tensor, self.kernels.advance_rff_draw(g, self.x, self.std, self.mean,
-                                                              self.innov, self.theta,
-                                                              self.noise_std))
         u = torch.randn(self.x.shape, generator=g, device=self.device, dtype=self.dtype)
         nu = torch.randn(self.x.shape[:-1], generator=g, device=self.device, dtype=self.dtype)
         u.mul_(self.std[..., None]).add_(self.mean[..., None]).mul_(self.innov[..., None])
@@ -270,11 +219,11 @@ class RFFStream:
         if views is None:
             views = self._views[key] = (self.x[start:stop], self.omega[start:stop],
                                         self.b[start:stop])
-        return rff_cos(rff_args(*views, out=out))  # ωᵀx + b (fixed order), then the cosine
+        return rff_args(*views, out=out).cos_()
 
-    def kernel_inputs(self) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-        """``(x, ω, b, None)``: the regressors are ``cos(rff_args(x, ω, b))`` (:meth:`features`)."""
-        return self.x, self.omega, self.b, None
+    def rff_inputs(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(x [B,K,L], ω [B,L,D], b [B,D])``: the regressors are ``cos(ωᵀx + b)``."""
+        return self.x, self.omega, self.b
 
 
 class LinearStream:
@@ -338,7 +287,3 @@ class LinearStream:
     def features(self, start: int, stop: int, out: Tensor) -> Tensor:
         """The inputs of runs ``start:stop`` (a view of the drawn batch; ``out`` is not used)."""
         return self._x[start:stop]
-
-    def kernel_inputs(self) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-        """``(None, None, None, x)``: the regressors of the current iteration are the inputs."""
-        return None, None, None, self._x

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from psfed_robust.engine import _kernels
+from psfed_robust.engine import kernels
 
 __all__ = ["MaskPool", "floyd_indices", "floyd_masks", "mask_to_indices", "rotation_table"]
 
@@ -80,18 +80,17 @@ def _floyd(rows: int, dim: int, m: int, generator: torch.Generator, device: torc
     if device.type == "cpu" and backend != "torch":
         seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator, dtype=torch.int64))
         rng = np.random.Generator(np.random.PCG64(seed))
-        kern = _kernels.load() if backend != "numpy" and dim <= 1 << 12 else None
-        if backend == "cpp" and kern is None:
+        use_cpp = backend != "numpy" and dim <= 1 << 12 and kernels.available()
+        if backend == "cpp" and not use_cpp:
             raise RuntimeError("the compiled Floyd sampler is not available (dim <= 4096 and a "
                                "working C++ compiler are needed)")
-        if kern is not None:  # the same draws and steps as below, in C++
+        if use_cpp:  # the same draws and steps as below, compiled
             st = rng.bit_generator.state["state"]
-            words = [st["state"] >> 64, st["state"], st["inc"] >> 64, st["inc"]]
-            state = torch.from_numpy(np.array([w & (2**64 - 1) for w in words],
-                                              dtype=np.uint64).view(np.int64))
-            picks_t, masks_t = kern.floyd_pcg(rows, dim, m, state, want_masks,
-                                              index_dtype == torch.int16)
-            return (masks_t if want_masks else None), picks_t
+            words = np.array([(w & (2**64 - 1)) for w in (st["state"] >> 64, st["state"],
+                                                          st["inc"] >> 64, st["inc"])],
+                             dtype=np.uint64)
+            picks_t, masks_t = kernels.floyd_pcg(rows, dim, m, words, want_masks)
+            return masks_t, picks_t.to(index_dtype)
         out = np.empty((rows, dim), dtype=np.bool_) if want_masks else None
         picks = np.empty((rows, m), dtype=np.int64)
         highs = np.arange(dim - m + 1, dim + 1, dtype=np.int64)
@@ -195,13 +194,19 @@ class MaskPool:
     chunk while the caller computes (numpy and torch release the GIL); the stream is the same.
     ``dtype``: ``torch.bool`` or a float dtype (0/1 masks, converted once per chunk);
     ``indices=True``: index lists ``[rows, count]`` (:func:`floyd_indices`) instead of masks,
-    of ``index_dtype`` (int64 or int16). Call :meth:`close` when done with a prefetching pool.
+    of ``index_dtype`` (int64 or int16); ``backend``: the Floyd sampler's (same masks). Call
+    :meth:`close` when done with a prefetching pool.
     """
 
     def __init__(self, dim: int, count: int, generator: torch.Generator,
                  device: torch.device | str = "cpu", chunk: int = 65536,
                  prefetch: bool = False, dtype: torch.dtype = torch.bool,
-                 indices: bool = False, index_dtype: torch.dtype = torch.long) -> None:
+                 indices: bool = False, index_dtype: torch.dtype = torch.long,
+                 backend: str = "auto") -> None:
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(map(repr, _BACKENDS))}, "
+                             f"got {backend!r}")
+        self.backend = backend
         self.dim, self.count, self.generator = dim, count, generator
         self.indices = indices
         self.device = torch.device(device)
@@ -220,8 +225,9 @@ class MaskPool:
     def _generate(self) -> Tensor:
         if self.indices:
             return floyd_indices(self.chunk, self.dim, self.count, self.generator, self.device,
-                                 dtype=self.index_dtype)
-        out = floyd_masks(self.chunk, self.dim, self.count, self.generator, self.device)
+                                 backend=self.backend, dtype=self.index_dtype)
+        out = floyd_masks(self.chunk, self.dim, self.count, self.generator, self.device,
+                          backend=self.backend)
         return out if self.dtype == torch.bool else out.to(self.dtype)
 
     def _chunk(self) -> Tensor:
