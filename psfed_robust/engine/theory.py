@@ -34,6 +34,7 @@ from psfed_robust.engine.online import OnlineConfig
 __all__ = [
     "Recursion",
     "check_supported",
+    "is_exact",
     "learning_curve",
     "local_learning_curve",
     "method",
@@ -99,8 +100,7 @@ def method(config: OnlineConfig) -> str:
                  and not (config.attack == "gaussian" and _persistent(config)))
     if full:
         return "scalar" if scalar_ok else "classes"
-    if config.selection != "random":
-        no(f"selection={config.selection!r} with M < D (needs 'random')")
+    # round-robin masks are modelled as random ones (an approximation: is_exact() is False)
     if config.coordinated:
         if config.uplink != "next":
             no(f"coordinated=True with uplink={config.uplink!r} and M < D (needs 'next')")
@@ -114,6 +114,13 @@ def method(config: OnlineConfig) -> str:
     no("uplink='same' with M < D together with Bernoulli scheduling and 'participants' "
        "weights, nonparticipant_updates=False or a persistent attack")
     raise AssertionError("unreachable")
+
+
+def is_exact(config: OnlineConfig) -> bool:
+    """Whether the theory of ``config`` is exact (False: round-robin selection with M < D,
+    modelled as random selection; measured error in docs/reproductions.md)."""
+    method(config)
+    return config.selection == "random" or config.share_count == config.dim
 
 
 def check_supported(config: OnlineConfig) -> None:
