@@ -9,11 +9,11 @@ overlapping coordinate and rescaled to the full dimension:
 ``d_ij = D * sum_d m_i m_j (x_i - x_j)^2 / o_ij``. A pair with ``o_ij < min_overlap`` has no
 distance. With dense masks it is the plain squared distance.
 
-Missing or non-finite distances count against a client, never for it: they are ``+inf``, and a
-Krum score (the sum of a client's ``k`` smallest distances) that needs one of them is ``+inf``.
-So a client needs ``k`` comparable neighbours with finite distances to be selectable; a client
-whose update holds inf/NaN, or whose mask overlaps too few others, is never selected (before,
-missing terms were dropped from the sum, which favoured exactly those clients).
+Missing or non-finite distances count against a client, never for it: they are ``+inf`` and
+never a zero term of a Krum score (``krum_scores``). A client whose update holds inf/NaN has no
+finite distance and is never selected; a client with fewer than ``min(k, min_neighbours)``
+comparable neighbours is never selected either (before, missing terms were dropped from the sum,
+which favoured exactly those clients).
 """
 
 from __future__ import annotations
@@ -57,20 +57,30 @@ def sq_distances(
     return torch.where(pair, d, inf)
 
 
-def krum_scores(d: Tensor, alive: Tensor, f: int) -> Tensor:
-    """Krum score per row: the sum of its ``k = n - f - 2`` smallest distances to the other alive
-    rows (``n`` alive rows per run). ``+inf`` for dead rows and wherever one of the ``k``
-    distances is ``+inf`` (missing or non-finite: see the module doc). Only Bulyan's later
-    iterations reach ``n - f - 2 < 1``; there, as in Flower's ``aggregate_krum``, ``k`` is at least
-    1 but never more than the ``n - 1`` other rows (a lone row scores 0)."""
+def krum_scores(d: Tensor, alive: Tensor, f: int, min_neighbours: int = 3) -> Tensor:
+    """Krum score per row from its ``k = n - f - 2`` nearest other alive rows (``n`` alive rows
+    per run): the plain Krum sum of the ``k`` smallest distances when ``k`` finite distances
+    exist (always with dense finite input); otherwise ``k`` times the mean of the ``k_i < k``
+    finite ones, and ``+inf`` when ``k_i < min(k, min_neighbours)``. ``+inf`` for dead rows.
+
+    A missing neighbour is thus never a zero term (which favoured clients with few comparable
+    neighbours), and a client with too few comparable neighbours is never selected. Only
+    Bulyan's later iterations reach ``n - f - 2 < 1``; there, as in Flower's ``aggregate_krum``,
+    ``k`` is at least 1 but never more than the ``n - 1`` other rows (a lone row scores 0).
+    """
     inf = torch.full((), float("inf"), dtype=d.dtype, device=d.device)
     pair = alive.unsqueeze(-1) & alive.unsqueeze(-2)
     srt = torch.where(pair, d, inf).sort(dim=-1).values
     n = alive.sum(-1, keepdim=True)
-    k = torch.minimum((n - f - 2).clamp_min(1), (n - 1).clamp_min(0)).unsqueeze(-1)
+    k = torch.minimum((n - f - 2).clamp_min(1), (n - 1).clamp_min(0))
+    k = k.unsqueeze(-1)
+    k_i = torch.minimum(k, torch.isfinite(srt).sum(-1, keepdim=True))
     ranks = torch.arange(d.shape[-1], device=d.device)
     zero = torch.zeros((), dtype=d.dtype, device=d.device)
-    scores = torch.where(ranks < k, srt, zero).sum(-1)
+    total = torch.where(ranks < k_i, srt, zero).sum(-1, keepdim=True)
+    scores = torch.where(k_i == k, total, total * k.to(d.dtype) / k_i.clamp_min(1).to(d.dtype))
+    enough = k_i >= torch.clamp(k, max=max(int(min_neighbours), 0))
+    scores = torch.where(enough, scores, inf).squeeze(-1)
     return torch.where(alive, scores, inf)
 
 

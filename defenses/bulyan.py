@@ -15,7 +15,8 @@ every call (``ParamError`` naming n and f). Per coordinate the second stage need
 selected values (``beta = c - 2f``); a coordinate with fewer (reporters mode, or a round whose
 selection lost clients to non-finite scores) keeps the global value. fill: Krum over filled
 vectors. reporters: overlap-normalised Krum distances (pairs sharing fewer than ``min_overlap``
-coordinates have none), then per coordinate over the ``c`` selected reporters. No client row at
+coordinates have none; Krum scores as in ``defenses.krum``, ``min_neighbours``), then per
+coordinate over the ``c`` selected reporters. No client row at
 all returns the global model. Ignores ``weights``. ``info["selected"]`` receives the selected rows.
 The selection loop runs ``theta`` steps over ``[..., K, K]`` score matrices (all runs at once),
 never over coordinates.
@@ -36,10 +37,11 @@ from psfed_robust.params import check_int
 class Bulyan(Aggregator):
     """Iterated-Krum selection of ``n - 2f`` clients, then a median-centred trimmed mean."""
 
-    def __init__(self, *, f: int = 0, min_overlap: int = 1) -> None:
+    def __init__(self, *, f: int = 0, min_overlap: int = 1, min_neighbours: int = 3) -> None:
         o = self._owner()
         self.f = check_int(o, "f", f, low=0)
         self.min_overlap = check_int(o, "min_overlap", min_overlap, low=1)
+        self.min_neighbours = check_int(o, "min_neighbours", min_neighbours, low=1)
 
     def check_participants(self, n: int) -> None:
         if n < 4 * self.f + 3:
@@ -55,7 +57,8 @@ class Bulyan(Aggregator):
         selected = torch.zeros_like(part)
         k = part.shape[-1]
         for t in range(int(theta.max().clamp_min(0)) if theta.numel() else 0):
-            scores = torch.where(comparable, krum_scores(d, remaining, self.f), torch.inf)
+            scores = krum_scores(d, remaining, self.f, self.min_neighbours)
+            scores = torch.where(comparable, scores, torch.inf)
             best = torch.nn.functional.one_hot(scores.argmin(-1), k).to(torch.bool)
             pick = best & remaining & torch.isfinite(scores) & (theta > t).unsqueeze(-1)
             selected = selected | pick

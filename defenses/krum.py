@@ -10,10 +10,13 @@ Preconditions (the paper's, checked by ``check_participants`` on every call): ``
 participants; Multi-Krum also ``m <= n - f``. A violating round raises ``ParamError`` instead of
 clamping the neighbour count.
 
-Missing or non-finite distances count against a client (``defenses._distance``): a client with
-an inf/NaN update, or (reporters mode) with fewer than ``n - f - 2`` neighbours sharing at least
-``min_overlap`` coordinates, gets score ``+inf`` and is never selected; if no client has a finite
-score the global model is kept. ``info["selected"]`` receives the ``[..., K]`` selected rows.
+Missing or non-finite distances count against a client, never for it (``defenses._distance``):
+a client with an inf/NaN update gets score ``+inf``; in reporters mode, where clients share
+different coordinate sets, a pair's distance is normalised per overlapping coordinate (pairs
+sharing fewer than ``min_overlap`` coordinates have none), a client with ``k_i < k = n - f - 2``
+comparable neighbours scores ``k`` times the mean of its ``k_i`` distances, and one with fewer
+than ``min(k, min_neighbours)`` scores ``+inf``. A ``+inf`` client is never selected; if no client
+has a finite score the global model is kept. ``info["selected"]`` receives the selected rows.
 
 fill: dense Krum over the participants' filled vectors (the aggregate is the selected clients'
 filled vectors' mean). reporters: overlap-normalised distances and the reporters mean over the
@@ -47,11 +50,14 @@ class MultiKrum(Aggregator):
 
     uses_weights = True
 
-    def __init__(self, *, f: int = 0, m: int | None = None, min_overlap: int = 1) -> None:
+    def __init__(
+        self, *, f: int = 0, m: int | None = None, min_overlap: int = 1, min_neighbours: int = 3
+    ) -> None:
         o = self._owner()
         self.f = check_int(o, "f", f, low=0)
         self.m = None if m is None else check_int(o, "m", m, low=1)
         self.min_overlap = check_int(o, "min_overlap", min_overlap, low=1)
+        self.min_neighbours = check_int(o, "min_neighbours", min_neighbours, low=1)
 
     def check_participants(self, n: int) -> None:
         if n <= 2 * self.f + 2:
@@ -66,7 +72,7 @@ class MultiKrum(Aggregator):
 
     def select(self, d: Tensor, part: Tensor, info: dict[str, Any]) -> Tensor:
         """``[..., K]`` bool: the selected rows (also stored as ``info["selected"]``)."""
-        sel = lowest(krum_scores(d, part, self.f), part, self._m(part))
+        sel = lowest(krum_scores(d, part, self.f, self.min_neighbours), part, self._m(part))
         info["selected"] = sel
         return sel
 
@@ -93,5 +99,5 @@ class Krum(MultiKrum):
 
     uses_weights = False
 
-    def __init__(self, *, f: int = 0, min_overlap: int = 1) -> None:
-        super().__init__(f=f, m=1, min_overlap=min_overlap)
+    def __init__(self, *, f: int = 0, min_overlap: int = 1, min_neighbours: int = 3) -> None:
+        super().__init__(f=f, m=1, min_overlap=min_overlap, min_neighbours=min_neighbours)

@@ -67,7 +67,7 @@ def test_registry_complete_and_tags() -> None:
     [
         ("gaussian", {"p_a": 1.5}, "'p_a' must be a finite real number in [0, 1]"),
         ("gaussian", {"sigma": -1.0}, "'sigma'"),
-        ("gaussian", {"persistent": True}, "unknown parameter(s) 'persistent'; allowed: p_a, sigma"),
+        ("gaussian", {"persistent": True}, "parameter(s) 'persistent'; allowed: p_a, sigma"),
         ("alie", {"z_mode": "cdf"}, "one of 'paper', 'karimireddy', 'fixed'"),
         ("alie", {"ddof": 2}, "'ddof' must be an integer in [0, 1]"),
         ("min_max", {"direction": "random"}, "one of 'unit_vec', 'std', 'sign'"),
