@@ -2,7 +2,7 @@
 
 4 clients (IID), 20 rounds, the 2-layer MLP, central evaluation of the global model on the fixed
 360-image test set. Both strategies run the same ClientApp (the digits app) through the same
-in-process runtime, :class:`psfed_robust.flower.apps.loopback.LoopbackGrid` (persistent per-node
+in-process runtime, :class:`psfed_robust.flower.testing.LocalGrid` (persistent per-node
 Contexts, every message deflated/inflated as Flower serializes it), and bytes are the serialized
 train messages, down + up, counted the same way for both.
 """
@@ -14,13 +14,13 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from psfed_robust.flower.apps.digits_client import app as client_app
 from psfed_robust.flower.apps.digits_server import DigitsResult, run_digits
-from psfed_robust.flower.apps.loopback import LoopbackGrid
+from psfed_robust.flower.testing import LocalGrid
 
 ROUNDS = 20
 CLIENTS = 4
 
 
-def _run(strategy: str, **extra: bool | float | int | str) -> tuple[DigitsResult, LoopbackGrid]:
+def _run(strategy: str, **extra: bool | float | int | str) -> tuple[DigitsResult, LocalGrid]:
     rc: dict[str, bool | float | int | str] = {
         "strategy": strategy,
         "num-server-rounds": ROUNDS,
@@ -29,19 +29,19 @@ def _run(strategy: str, **extra: bool | float | int | str) -> tuple[DigitsResult
         "seed": 0,
         **extra,
     }
-    grid = LoopbackGrid(client_app, CLIENTS, run_config=rc)
+    grid = LocalGrid(client_app, CLIENTS, run_config=rc)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
     return run_digits(grid, rc), grid
 
 
 @pytest.fixture(scope="module")
-def runs() -> dict[str, tuple[DigitsResult, LoopbackGrid]]:
+def runs() -> dict[str, tuple[DigitsResult, LocalGrid]]:
     return {"fedavg": _run("fedavg"), "psfedavg": _run("psfedavg")}
 
 
 @pytest.mark.slow
 def test_fraction_half_reaches_095_with_at_most_055_of_fedavg_bytes(
-    runs: dict[str, tuple[DigitsResult, LoopbackGrid]],
+    runs: dict[str, tuple[DigitsResult, LocalGrid]],
 ) -> None:
     fed, fed_grid = runs["fedavg"]
     ps, ps_grid = runs["psfedavg"]
@@ -70,7 +70,7 @@ def test_fraction_half_reaches_095_with_at_most_055_of_fedavg_bytes(
 
 @pytest.mark.slow
 def test_every_client_kept_its_local_model(
-    runs: dict[str, tuple[DigitsResult, LoopbackGrid]],
+    runs: dict[str, tuple[DigitsResult, LocalGrid]],
 ) -> None:
     from psfed_robust.flower.protocol import STATE_LOCAL, STATE_META
 

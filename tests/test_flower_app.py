@@ -30,8 +30,8 @@ from psfed_robust.flower import digits
 from psfed_robust.flower.apps.digits_client import app as client_app
 from psfed_robust.flower.apps.digits_config import DigitsRunConfig
 from psfed_robust.flower.apps.digits_server import run_digits
-from psfed_robust.flower.apps.loopback import LoopbackGrid, transport
 from psfed_robust.flower.metering import message_bytes
+from psfed_robust.flower.testing import LocalGrid, transport
 
 
 @pytest.fixture(autouse=True)
@@ -193,7 +193,7 @@ def test_loopback_turns_a_crash_into_an_error_reply_and_keeps_the_state() -> Non
         context.state["touched"] = ConfigRecord({"x": 1})
         raise RuntimeError("boom")
 
-    grid = LoopbackGrid(app, 2)
+    grid = LocalGrid(app, 2)
     nid = grid.node_ids[0]
     msg = Message(RecordDict({"c": ConfigRecord({"a": 1})}), dst_node_id=nid, message_type="train")
     (reply,) = grid.send_and_receive([msg])
@@ -208,7 +208,7 @@ def test_short_inprocess_run_trains_and_persists(strategy: str) -> None:
         "num-server-rounds": 3,
         "min-nodes": 3,
     }
-    grid = LoopbackGrid(client_app, 3, run_config=rc)
+    grid = LocalGrid(client_app, 3, run_config=rc)
     res = run_digits(grid, rc)
     assert len(res.accuracy) == 3 and res.final_accuracy > 0.5 > res.initial_accuracy
     assert res.train_bytes_down > 0 and res.train_bytes_up > 0
@@ -227,7 +227,7 @@ def test_dirichlet_partitions_and_other_aggregators_run() -> None:
         "aggregator": "median",
         "aggregation-mode": "reporters",
     }
-    grid = LoopbackGrid(client_app, 4, run_config=rc)
+    grid = LocalGrid(client_app, 4, run_config=rc)
     res = run_digits(grid, rc)
     assert len(res.accuracy) == 2 and res.history[-1]["accepted-replies"] == 4.0
 
@@ -238,7 +238,7 @@ def test_psfed_client_evaluation_runs_in_process() -> None:
         "min-nodes": 2,
         "fraction-evaluate": 1.0,
     }
-    grid = LoopbackGrid(client_app, 2, run_config=rc)
+    grid = LocalGrid(client_app, 2, run_config=rc)
     res = run_digits(grid, rc)
     assert res.eval_bytes_down > 0 and res.eval_bytes_up > 0
 

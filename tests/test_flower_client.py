@@ -12,8 +12,11 @@ from flwr.app import Context, Message, RecordDict
 from torch import nn
 
 from psfed_robust.flower import (
+    MaskSettings,
+    ProtocolSettings,
     PSFedAvg,
     PSFedClient,
+    ThreatSettings,
     _wire,
     arrays_from_model,
     make_client_app,
@@ -55,8 +58,12 @@ class Tracer(PSFedClient):
 def run(rounds: int = 2, n: int = 3, **kw: Any) -> tuple[PSFedAvg, LocalGrid]:
     TRACE.clear()
     grid_kw = {k: kw.pop(k) for k in ("node_configs", "run_config") if k in kw}
-    kw.setdefault("mask_fraction", 0.3)
-    kw.setdefault("mask_seed", 2)
+    kw.setdefault("masks", MaskSettings(fraction=0.3, seed=2))
+    if "evaluation" in kw:
+        kw["protocol"] = ProtocolSettings(evaluation=kw.pop("evaluation"))
+    if "client_attacks" in kw:
+        kw["threat"] = ThreatSettings(client_attacks=kw.pop("client_attacks"),
+                                      persistent=kw.pop("persistent", False))
     grid = LocalGrid(make_client_app(lambda ctx: Tracer(model_fn())), n, **grid_kw)
     s = PSFedAvg(min_train_nodes=n, min_available_nodes=n, min_evaluate_nodes=n, **kw)
     s.start(grid, arrays_from_model(model_fn()), num_rounds=rounds)
@@ -137,7 +144,8 @@ def test_function_builder_and_numeric_flow() -> None:
 
     app = make_client_app(model_fn=lambda ctx: model_fn(), train_fn=train_fn)
     grid = LocalGrid(app, 2)
-    s = PSFedAvg(min_train_nodes=2, min_available_nodes=2, evaluation="none", mask_fraction=1.0)
+    s = PSFedAvg(min_train_nodes=2, min_available_nodes=2, masks=MaskSettings(fraction=1.0),
+                 protocol=ProtocolSettings(evaluation="none"))
     init = arrays_from_model(model_fn())
     s.start(grid, init, num_rounds=1, train_config=ConfigRecord({"lr": 0.1}))
     assert sorted(calls) == [0, 1]
@@ -200,7 +208,8 @@ def test_label_flip_data_attack_via_poison_labels() -> None:
 
 def test_error_reply_for_model_size_mismatch() -> None:
     grid = LocalGrid(make_client_app(lambda ctx: Tracer(nn.Linear(3, 1))), 2)
-    s = PSFedAvg(min_train_nodes=2, min_available_nodes=2, evaluation="none")
+    s = PSFedAvg(min_train_nodes=2, min_available_nodes=2,
+                 protocol=ProtocolSettings(evaluation="none"))
     s.start(grid, arrays_from_model(model_fn()), num_rounds=1)
     assert s.history[0]["rejected.message-error"] == 2
     errs = [r for r in grid.replies if r.has_error()]

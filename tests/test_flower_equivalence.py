@@ -16,7 +16,15 @@ from psfed_robust.core.selectors import (
     RandomMaskSelector,
     RoundRobinMaskSelector,
 )
-from psfed_robust.flower import PSFedAvg, PSFedClient, arrays_from_model, make_client_app
+from psfed_robust.flower import (
+    AggregationSettings,
+    MaskSettings,
+    ProtocolSettings,
+    PSFedAvg,
+    PSFedClient,
+    arrays_from_model,
+    make_client_app,
+)
 from psfed_robust.flower.testing import LocalGrid
 
 D, K, N, STEPS, MU = 24, 5, 16, 3, 0.05
@@ -75,8 +83,9 @@ def flower_run(selector: MaskSelector, rounds: int, mode: str) -> tuple[np.ndarr
     app = make_client_app(lambda ctx: LMSClient(make_model()))
     grid = LocalGrid(app, K)
     strategy = PSFedAvg(
-        mask_selector=selector, min_train_nodes=K, min_available_nodes=K, evaluation="none",
-        aggregation_mode=mode,  # type: ignore[arg-type]
+        min_train_nodes=K, min_available_nodes=K, masks=MaskSettings(selector=selector),
+        aggregation=AggregationSettings(mode=mode),  # type: ignore[arg-type]
+        protocol=ProtocolSettings(evaluation="none"),
     )
     strategy.start(grid, arrays_from_model(make_model()), num_rounds=rounds,
                    train_config=ConfigRecord({"lr": MU}))

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from psfed_robust.core.mask import Mask
-from psfed_robust.flower import PSFedAvg
+from psfed_robust.flower import MaskSettings, ProtocolSettings, PSFedAvg, ThreatSettings
 from psfed_robust.flower.protocol import (
     KEY_META,
     KEY_METRICS,
@@ -46,8 +46,10 @@ def _prepared() -> tuple[PSFedAvg, dict[int, Message], bytes]:
     """A strategy after one valid round (ids known), configured for round 2."""
     g0 = np.linspace(-1, 1, D, dtype=np.float32)
     arrays = ArrayRecord({"w": Array(g0)})
-    s = PSFedAvg(mask_fraction=0.5, mask_seed=3, min_train_nodes=4, min_available_nodes=4,
-                 expected_clients=set(CIDS.values()), evaluation="none")
+    s = PSFedAvg(min_train_nodes=4, min_available_nodes=4,
+                 masks=MaskSettings(fraction=0.5, seed=3),
+                 threat=ThreatSettings(expected_clients=set(CIDS.values())),
+                 protocol=ProtocolSettings(evaluation="none"))
     grid = StaticGrid(NODES)
     msgs = list(s.configure_train(1, arrays, ConfigRecord(), grid))
     replies = []

@@ -6,7 +6,7 @@
 - one-copy npy Arrays are byte-identical to ``Array(ndarray)``; zero-copy views equal
   ``Array.numpy()`` and fall back to it for anything unusual;
 - the wire codec's ``encode_update_parts``/``decode_update(copy=False)`` equal the copying forms;
-- cached mask indices, take/scatter equal boolean indexing;
+- cached mask indices, gather and the client's core merge equal boolean indexing;
 - a full downlink mask skips reading the stored model but keeps every state rule.
 """
 
@@ -36,13 +36,25 @@ from torch import nn
 
 import psfed_robust.wire as wire
 from psfed_robust.core.mask import Mask
-from psfed_robust.flower import PSFedAvg, arrays_from_model, make_client_app
+from psfed_robust.flower import (
+    MaskSettings,
+    ProtocolSettings,
+    PSFedAvg,
+    ThreatSettings,
+    arrays_from_model,
+    make_client_app,
+)
 from psfed_robust.flower._arrays import array_from_numpy, array_from_parts, array_view
-from psfed_robust.flower._masks import gather, mask_indices, scatter
-from psfed_robust.flower.apps.loopback import LoopbackGrid
+from psfed_robust.flower._masks import gather, index_tensor, mask_indices
+from psfed_robust.flower.client import _merge
 from psfed_robust.flower.metering import ByteMeter, deflated_bytes, message_bytes, unique_bytes
 from psfed_robust.flower.protocol import META_FRESH_STATE, STATE_LOCAL, STATE_THETA
-from psfed_robust.flower.testing import build_train_reply, ensure_task_identity, roundtrip
+from psfed_robust.flower.testing import (
+    LocalGrid,
+    build_train_reply,
+    ensure_task_identity,
+    roundtrip,
+)
 from psfed_robust.flower.validation import all_finite
 
 
@@ -153,10 +165,10 @@ def _app() -> ClientApp:
 def test_strategy_byte_metrics_equal_the_bytes_the_runtime_serialized(fraction: float) -> None:
     torch.manual_seed(0)
     init = arrays_from_model(nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 3)))
-    grid = LoopbackGrid(_app(), 4)
-    strategy = PSFedAvg(mask_fraction=fraction, mask_seed=3, min_train_nodes=4,
-                        min_available_nodes=4, min_evaluate_nodes=4,
-                        client_attacks={1: ("gaussian", {"sigma": 0.1})})
+    grid = LocalGrid(_app(), 4)
+    strategy = PSFedAvg(min_train_nodes=4, min_available_nodes=4, min_evaluate_nodes=4,
+                        masks=MaskSettings(fraction=fraction, seed=3),
+                        threat=ThreatSettings(client_attacks={1: ("gaussian", {"sigma": 0.1})}))
     cuts: list[int] = []
 
     def evaluate_fn(rnd: int, arrays: ArrayRecord) -> MetricRecord:
@@ -242,18 +254,21 @@ def test_wire_parts_and_views_equal_the_copying_forms(fraction: float) -> None:
 
 
 # ---------------------------------------------------------------- masks and checks
-def test_cached_indices_take_and_scatter_equal_boolean_indexing() -> None:
+def test_cached_indices_gather_and_merge_equal_boolean_indexing() -> None:
     rng = np.random.default_rng(3)
     x = rng.standard_normal(500)
     for mask in (Mask.random(500, 0.3, seed=1, round_num=1), Mask.all_true(500),
                  Mask.all_false(500), Mask.from_indices([0, 7, 499], 500)):
         idx = mask_indices(mask)
         assert mask_indices(mask) is idx and not idx.flags.writeable
+        t = index_tensor(mask)
+        assert (t is None) == (mask.count == mask.size)
+        assert t is None or index_tensor(mask) is t  # one tensor object per mask
         np.testing.assert_array_equal(idx, mask.indices)
         np.testing.assert_array_equal(gather(x, mask), x[mask.data])
         y, z = x.copy(), x.copy()
         vals = rng.standard_normal(mask.count)
-        scatter(y, mask, vals)
+        _merge(y, mask, vals)
         z[mask.data] = vals
         np.testing.assert_array_equal(y, z)
         # values misaligned as in a wire payload (they start at byte 37 after a seeded mask)
@@ -262,7 +277,7 @@ def test_cached_indices_take_and_scatter_equal_boolean_indexing() -> None:
         odd[:] = vals
         assert not odd.flags.aligned or mask.count == 0
         w = x.copy()
-        scatter(w, mask, odd)
+        _merge(w, mask, odd)
         np.testing.assert_array_equal(w, z)
 
 
@@ -287,9 +302,10 @@ def test_all_finite() -> None:
 def test_full_mask_skips_the_stored_model_but_keeps_state_rules() -> None:
     torch.manual_seed(0)
     init = arrays_from_model(nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 3)))
-    grid = LoopbackGrid(_app(), 2)
-    s = PSFedAvg(mask_fraction=1.0, mask_seed=1, min_train_nodes=2, min_available_nodes=2,
-                 fraction_evaluate=0.0, initial_sync=False)
+    grid = LocalGrid(_app(), 2)
+    s = PSFedAvg(min_train_nodes=2, min_available_nodes=2, fraction_evaluate=0.0,
+                 masks=MaskSettings(fraction=1.0, seed=1),
+                 protocol=ProtocolSettings(initial_sync=False))
     s.start(grid, init, num_rounds=2)
     for ctx in grid.contexts.values():  # the stored local model is the trained one
         theta = ctx.state[STATE_LOCAL][STATE_THETA].numpy()  # type: ignore[index]
@@ -299,11 +315,11 @@ def test_full_mask_skips_the_stored_model_but_keeps_state_rules() -> None:
     assert s.history[0]["accepted-replies"] == 2.0
     ensure_task_identity()
     nid = grid.node_ids[0]
-    instr = next(iter(s.configure_train(3, s._arrays, ConfigRecord({}), grid)))  # type: ignore[arg-type]
+    instr = next(iter(s.configure_train(3, s._model.arrays, ConfigRecord({}), grid)))  # type: ignore[arg-type]
     reply = grid.send_and_receive([instr])
     (msg,) = list(reply)
     assert msg.content["psfed.meta"][META_FRESH_STATE] is False  # type: ignore[index]
-    fresh = LoopbackGrid(_app(), 2)
+    fresh = LocalGrid(_app(), 2)
     instr2 = Message(instr.content, dst_node_id=fresh.node_ids[0], message_type="train.psfed")
     (msg2,) = list(fresh.send_and_receive([instr2]))
     assert msg2.content["psfed.meta"][META_FRESH_STATE] is True  # type: ignore[index]
@@ -316,8 +332,8 @@ def test_build_train_reply_roundtrip_is_accepted_with_views() -> None:
 
     ensure_task_identity()
     d = 64
-    s = PSFedAvg(mask_fraction=0.5, mask_seed=1, min_train_nodes=2, min_available_nodes=2,
-                 fraction_evaluate=0.0)
+    s = PSFedAvg(min_train_nodes=2, min_available_nodes=2, fraction_evaluate=0.0,
+                 masks=MaskSettings(fraction=0.5, seed=1))
     init = ArrayRecord({"w": Array(np.zeros(d, np.float32))})
     grid = StaticGrid([11, 12])
     msgs = list(s.configure_train(1, init, ConfigRecord({}), grid))

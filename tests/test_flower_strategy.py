@@ -22,9 +22,13 @@ from psfed_robust.core.selectors import (
     TopKMagnitudeSelector,
 )
 from psfed_robust.flower import (
+    AggregationSettings,
+    MaskSettings,
+    ProtocolSettings,
     PSFedAvg,
     PSFedClient,
     ServerAdversary,
+    ThreatSettings,
     arrays_from_model,
     make_client_app,
     make_selector,
@@ -70,9 +74,11 @@ def app() -> Any:
 
 
 def strategy(n: int, **kw: Any) -> PSFedAvg:
-    kw.setdefault("mask_fraction", 0.5)
-    kw.setdefault("mask_seed", 1)
+    kw.setdefault("masks", MaskSettings(fraction=0.5, seed=1))
     return PSFedAvg(min_train_nodes=n, min_available_nodes=n, min_evaluate_nodes=n, **kw)
+
+
+NO_EVAL = ProtocolSettings(evaluation="none")
 
 
 class Spy(MaskSelector):
@@ -102,14 +108,14 @@ def test_waits_for_min_available_nodes_before_sampling() -> None:
             return list(range(1, 11))[: min(10, 2 * self.calls)]
 
     s = PSFedAvg(min_train_nodes=2, min_available_nodes=10, fraction_train=0.5,
-                 poll_interval=0.0)
+                 protocol=ProtocolSettings(poll_interval=0.0))
     msgs = list(s.configure_train(1, ArrayRecord({"w": Array(np.zeros(8, np.float32))}),
                                   ConfigRecord(), GrowingGrid()))
     assert len(msgs) == 5  # 0.5 x 10, not 0.5 x 2 (Flower's round-1 under-sampling)
 
 
 def test_shared_payload_object_and_dtype_float64() -> None:
-    s = strategy(4, mask_strategy="random")
+    s = strategy(4, masks=MaskSettings(strategy="random", fraction=0.5, seed=1))
     g = np.arange(30, dtype=np.float64)
     arrays = ArrayRecord({"a": Array(g[:10].reshape(2, 5)), "b": Array(g[10:])})
     msgs = list(s.configure_train(1, arrays, ConfigRecord({"lr": 0.1}), StaticGrid([5, 6, 7, 8])))
@@ -134,7 +140,7 @@ def test_shared_payload_object_and_dtype_float64() -> None:
 def test_topk_gets_flat_model_and_structured_gets_layout() -> None:
     for inner in (TopKMagnitudeSelector(0.25), StructuredMaskSelector(0.5)):
         spy = Spy(inner)
-        s = strategy(3, mask_selector=spy)
+        s = strategy(3, masks=MaskSettings(selector=spy))
         arrays = arrays_from_model(model_fn())
         s.configure_train(1, arrays, ConfigRecord(), StaticGrid([1, 2, 3]))
         assert len(spy.calls) == 1  # one selection for all clients (client-independent)
@@ -147,7 +153,7 @@ def test_topk_gets_flat_model_and_structured_gets_layout() -> None:
 
 def test_client_specific_gets_stable_ids_and_masks_differ() -> None:
     spy = Spy(ClientSpecificMaskSelector(0.4, seed=9))
-    s = strategy(3, mask_selector=spy, evaluation="none")
+    s = strategy(3, masks=MaskSettings(selector=spy), protocol=NO_EVAL)
     grid = LocalGrid(app(), 3, node_configs=[{"partition-id": p} for p in (7, 8, 9)])
     s.start(grid, arrays_from_model(model_fn()), num_rounds=2)
     assert sorted({c["client_id"] for c in spy.calls}) == [7, 8, 9]
@@ -159,7 +165,7 @@ def test_client_specific_gets_stable_ids_and_masks_differ() -> None:
 
 def test_gradient_selector_gets_client_scores_after_round_one() -> None:
     spy = Spy(GradientBasedSelector(0.3))
-    s = strategy(2, mask_selector=spy, evaluation="none")
+    s = strategy(2, masks=MaskSettings(selector=spy), protocol=NO_EVAL)
     grid = LocalGrid(app(), 2)
     s.start(grid, arrays_from_model(model_fn()), num_rounds=3)
     assert spy.calls, "selector never called"
@@ -196,8 +202,8 @@ def _constant_replies(s: PSFedAvg, msgs: list[Message]) -> tuple[Mask, list[Mess
 
 @pytest.mark.parametrize("mode", ["fill", "reporters"])
 def test_median_defense_both_modes(mode: str) -> None:
-    s = strategy(5, mask_strategy="client_specific", mask_fraction=0.5, aggregator="median",
-                 aggregation_mode=mode)
+    s = strategy(5, masks=MaskSettings(strategy="client_specific", fraction=0.5, seed=1),
+                 aggregation=AggregationSettings(rule="median", mode=mode))
     msgs, g0 = _round_inputs(s, 5)
     replies, rows, masks = [], [], []
     for i, m in enumerate(msgs):
@@ -223,7 +229,7 @@ def test_median_defense_both_modes(mode: str) -> None:
 
 def test_mean_fill_is_psofed_step_with_weighting() -> None:
     for weighting, w in (("participants", 1 / 4), ("all", 1 / 4), ("expected", 1 / 4)):
-        s = strategy(4, weighting=weighting)
+        s = strategy(4, aggregation=AggregationSettings(weighting=weighting))
         msgs, g0 = _round_inputs(s)
         mask, replies = _constant_replies(s, msgs)
         out, _ = s.aggregate_train(1, replies)
@@ -238,9 +244,10 @@ def test_mean_fill_is_psofed_step_with_weighting() -> None:
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_mean_fill_mixed_masks_and_unnormalised_weights_match_core_step(dtype: Any) -> None:
-    """The BLAS fast path (dense + seeded + index masks, weights not summing to one) equals
+    """The indexed path (dense + seeded + index masks, weights not summing to one) equals
     PSO-Fed's step ``g + Σ_k ω_k T_k (u_k − g)`` computed densely by the core function."""
-    from psfed_robust.flower.strategy import _Layout
+    from psfed_robust.flower._aggregate import Checked, aggregate, coverage
+    from psfed_robust.flower._model import Layout
     from psfed_robust.flower.validation import ValidUpdate
 
     rng = np.random.default_rng(7)
@@ -253,11 +260,10 @@ def test_mean_fill_mixed_masks_and_unnormalised_weights_match_core_step(dtype: A
     valid = [ValidUpdate(node_id=i, client_id=i, mask=m, values=v, num_examples=1)
              for i, (m, v) in enumerate(zip(masks, vals, strict=True))]
     w = torch.tensor([0.05, 0.2, 0.1, 0.3, 0.15, 0.1], dtype=torch.float64)  # sums to 0.9
-    s = strategy(6)
-    s._weights = lambda valid, dt: w.to(dt)  # type: ignore[method-assign]
-    lay = _Layout(keys=["w"], shapes=[(D,)], dtypes=[np.dtype(dtype)], offsets=[0, D],
-                  dtype=np.dtype(dtype), size=D)
-    got, cover = s._mean_fill(valid, g0, lay)
+    lay = Layout(keys=["w"], shapes=[(D,)], dtypes=[np.dtype(dtype)], offsets=[0, D],
+                 dtype=np.dtype(dtype), size=D)
+    checked = Checked(valid=valid, masks=masks)
+    got = aggregate(strategy(6).aggregator, checked, g0, lay, w, mode="fill", server_round=1)
     assert got is not None and got.dtype == dtype
     u = torch.tensor(g0, dtype=torch.float64).repeat(len(masks), 1)
     mk = torch.zeros((len(masks), D), dtype=torch.bool)
@@ -267,13 +273,13 @@ def test_mean_fill_mixed_masks_and_unnormalised_weights_match_core_step(dtype: A
     ref = psofed_server_step(u, mk, torch.tensor(g0, dtype=torch.float64), weights=w).numpy()
     tol = 1e-6 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(got, ref, rtol=tol, atol=tol)
-    assert cover == 1.0
+    assert coverage(masks, D) == 1.0
 
 
 def test_server_side_omniscient_adversary() -> None:
-    s_honest = strategy(4, evaluation="none")
-    s_attacked = strategy(4, evaluation="none",
-                          adversary=ServerAdversary("ipm", {0, 1}, params={"epsilon": 5.0}))
+    s_honest = strategy(4, protocol=NO_EVAL)
+    s_attacked = strategy(4, protocol=NO_EVAL, threat=ThreatSettings(
+        adversary=ServerAdversary("ipm", {0, 1}, params={"epsilon": 5.0})))
     init = arrays_from_model(model_fn())
     s_honest.start(LocalGrid(app(), 4), init, num_rounds=1)
     s_attacked.start(LocalGrid(app(), 4), init, num_rounds=1)
@@ -289,14 +295,14 @@ def test_server_side_omniscient_adversary() -> None:
 
 # ---------------------------------------------------------------------------- failures
 def test_dropouts_round_completes_and_all_dropped_keeps_model() -> None:
-    s = strategy(4, evaluation="none")
+    s = strategy(4, protocol=NO_EVAL)
     dropped = LocalGrid(app(), 4, drop=lambda nid, msg: nid == min(grid_ids))
     grid_ids = list(dropped.get_node_ids())
     s.start(dropped, arrays_from_model(model_fn()), num_rounds=2)
     assert [h["accepted-replies"] for h in s.history] == [3, 3]
     assert all(h["missing-replies"] == 1 for h in s.history)
 
-    s2 = strategy(3, evaluation="none")
+    s2 = strategy(3, protocol=NO_EVAL)
     init = arrays_from_model(model_fn())
     s2.start(LocalGrid(app(), 3, drop=lambda nid, msg: True), init, num_rounds=2)
     g0 = np.concatenate([a.numpy().ravel() for a in init.values()])
@@ -309,24 +315,17 @@ def test_tampered_replies_rejected_with_reasons_and_accept_failures() -> None:
             return reply
         c = reply.content
         c["psfed.metrics"]["num-examples"] = 0
-        return Message(RecordDict(dict(c.items())), reply_to=reply_to[nid])
+        instruction = [m for m in grid.sent if m.metadata.dst_node_id == nid][-1]
+        return Message(RecordDict(dict(c.items())), reply_to=instruction)
 
     grid = LocalGrid(app(), 4, tamper=tamper, serialize=False)
     bad = sorted(grid.get_node_ids())[0]
-    reply_to: dict[int, Message] = {}
-    orig = grid._call
-
-    def call(msg: Message) -> Message | None:
-        reply_to[msg.metadata.dst_node_id] = msg
-        return orig(msg)
-
-    grid._call = call  # type: ignore[method-assign]
-    s = strategy(4, evaluation="none")
+    s = strategy(4, protocol=NO_EVAL)
     s.start(grid, arrays_from_model(model_fn()), num_rounds=2)
     assert all(h["rejected.bad-num-examples"] == 1 for h in s.history)
     assert all(h["accepted-replies"] == 3 for h in s.history)
 
-    s2 = strategy(4, evaluation="none", accept_failures=False)
+    s2 = strategy(4, protocol=NO_EVAL, accept_failures=False)
     init = arrays_from_model(model_fn())
     s2.start(grid, init, num_rounds=1)
     g0 = np.concatenate([a.numpy().ravel() for a in init.values()])
@@ -334,7 +333,7 @@ def test_tampered_replies_rejected_with_reasons_and_accept_failures() -> None:
 
 
 def test_client_exception_becomes_message_error() -> None:
-    s = strategy(2, evaluation="none")
+    s = strategy(2, protocol=NO_EVAL)
     grid = LocalGrid(app(), 2, node_configs=[{"partition-id": 0}, {"no-id": 1}])
     s.start(grid, arrays_from_model(model_fn()), num_rounds=1)
     assert s.history[0]["rejected.message-error"] == 1
@@ -353,7 +352,7 @@ def test_bytes_metrics_present_and_about_fraction_of_dense() -> None:
             return 1
 
     for frac in (0.25, 0.5):
-        s = strategy(3, mask_fraction=frac, evaluation="none")
+        s = strategy(3, masks=MaskSettings(fraction=frac, seed=1), protocol=NO_EVAL)
         grid = LocalGrid(make_client_app(lambda ctx: Noop(nn.Linear(200, 100))), 3)
         res = s.start(grid, arrays_from_model(big), num_rounds=2)
         m = res.train_metrics_clientapp[2]  # round 2: no first-contact init
@@ -376,10 +375,10 @@ def test_own_aggregate_is_not_reread_but_a_changed_record_is() -> None:
     _, replies = _constant_replies(s, msgs)
     out, _ = s.aggregate_train(1, replies)
     assert out is not None
-    g1 = s._global
+    g1 = s._model.flat
     grid = StaticGrid(range(10, 14), {10 + i: i for i in range(4)})
     s.configure_train(2, out, ConfigRecord(), grid)  # Strategy.start hands the record back
-    assert s._global is g1  # not concatenated again
+    assert s._model.flat is g1  # not concatenated again
     np.testing.assert_array_equal(s.global_flat, out["w"].numpy())
     # the same record object with a replaced Array, or a fresh record: read again
     out["w"] = Array(np.full(16, 7.0, np.float32))
@@ -393,7 +392,7 @@ def test_own_aggregate_is_not_reread_but_a_changed_record_is() -> None:
 
 
 def test_mixed_dtype_aggregate_is_reread() -> None:
-    s = strategy(2, mask_fraction=1.0)
+    s = strategy(2, masks=MaskSettings(fraction=1.0, seed=1))
     arrays = ArrayRecord({"a": Array(np.zeros(4, np.float16)), "b": Array(np.zeros(4, np.float32))})
     grid = StaticGrid([5, 6], {5: 0, 6: 1})
     msgs = list(s.configure_train(1, arrays, ConfigRecord(), grid))
@@ -436,7 +435,8 @@ def test_train_config_sends_only_non_default_switches() -> None:
     msgs = list(s.configure_train(2, arrays, ConfigRecord(), grid))
     assert not any(k in m.content[KEY_CONFIG] for m in msgs for k in switches)
     assert len({id(m.content[KEY_CONFIG]) for m in msgs}) == 1
-    s = strategy(2, uplink="client", encoding="bitmap", mask_strategy="gradient")
+    s = strategy(2, masks=MaskSettings(strategy="gradient", encoding="bitmap"),
+                 protocol=ProtocolSettings(uplink="client"))
     cfg = next(iter(s.configure_train(1, arrays, ConfigRecord(), grid))).content[KEY_CONFIG]
     assert cfg[CFG_UPLINK] == "client" and cfg[CFG_UPLINK_ENCODING] == "bitmap"
     assert cfg[CFG_SEND_SCORES] is True
@@ -446,7 +446,7 @@ def test_train_config_sends_only_non_default_switches() -> None:
 def test_fast_mean_defers_finite_check_and_still_rejects_non_finite(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import psfed_robust.flower.strategy as strategy_mod
+    import psfed_robust.flower._aggregate as strategy_mod
     import psfed_robust.flower.validation as validation_mod
 
     calls: list[int] = []
@@ -487,13 +487,14 @@ def test_fast_mean_defers_finite_check_and_still_rejects_non_finite(
 
 
 def test_fast_mean_overflow_of_finite_replies_keeps_the_model() -> None:
-    s = strategy(2, mask_fraction=1.0)
+    s = strategy(2, masks=MaskSettings(fraction=1.0, seed=1))
     msgs, g0 = _round_inputs(s, 2)
     big = np.finfo(np.float32).max
     replies = [build_train_reply(m, s._sent[m.metadata.dst_node_id].mask,
                                  np.full(16, big, np.float32), client_id=i, num_examples=1)
                for i, m in enumerate(msgs)]
-    s.weighting, s.fraction_train = "expected", 0.25  # weights 1/(2·0.25) = 2: overflow
+    s.aggregation = AggregationSettings(weighting="expected")
+    s.fraction_train = 0.25  # weights 1/(2·0.25) = 2: overflow
     out, metrics = s.aggregate_train(1, replies)
     assert out is not None and metrics is not None
     assert metrics["accepted-replies"] == 2 and metrics.get("rejected.non-finite", 0) == 0
