@@ -255,4 +255,43 @@ def make_plots(
         fig.savefig(f3, dpi=110)
         plt.close(fig)
         files.append(f3)
+    comm = _communication_plot(plt, scenario, points, parts, out)
+    if comm is not None:
+        files.append(comm)
     return files
+
+
+def _communication_plot(plt: Any, scenario: Scenario, points: Sequence[SweepPoint],
+                        parts: Sequence[dict[str, Any]], out: Path) -> Path | None:
+    """Global MSE against the values communicated (P1's comparison at equal communication):
+    each iteration moves ``M`` values down and up per participant, ``2 P M`` in all (``2 p_c K
+    M`` expected with Bernoulli scheduling). Drawn for batched sweeps of the shared amount."""
+    if scenario.get("engine") != "batched" or not any(
+            k in scenario.sweep for k in ("sharing.count", "sharing.fraction")):
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for i, (p, part) in enumerate(zip(points, parts, strict=True)):
+        m = part.get("info", {}).get("share_count")
+        if m is None or "global_mse" not in part["curves"]:
+            continue
+        per_iter = 2 * int(m) * (
+            float(p.get("federation.p_c")) * int(p.get("federation.clients"))
+            if p.get("federation.scheduling") == "bernoulli"
+            else int(p.get("federation.participants")))
+        xs = [r * per_iter / 1e6 for r in part["rounds"]]
+        ys = [_db(y) for y in part["curves"]["global_mse"]]
+        ax.plot(xs, ys, color=f"C{i % 10}", lw=1.2,
+                label=f"{p.label} (M={m})" + (" (diverged)" if any(
+                    _diverged(r) for r in part["summary"] if r["metric"] == "global_mse")
+                    else ""))
+    ax.set_xlabel("values communicated (millions, downlink + uplink)")
+    ax.set_ylabel("global_mse (dB)")
+    ax.set_title(f"{scenario.name}: MSE vs communication")
+    ax.grid(alpha=0.3)
+    if len(points) <= 16:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "communication.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -184,8 +184,7 @@ from attacks import Attack, AttackContext, register_attack
 class PluginBoost(Attack):
     """Send ``factor`` times the honest delta (a README-style extension)."""
 
-    def __init__(self, *, factor: float = 3.0, persistent: bool = False) -> None:
-        super().__init__(persistent=persistent)
+    def __init__(self, *, factor: float = 3.0) -> None:
         if factor <= 0:
             raise ValueError(f"attack 'plugin_boost': 'factor' must be > 0, got {factor}")
         self.factor = factor

@@ -9,7 +9,22 @@ import numpy as np
 import pytest
 
 from psfed_robust.engine import OnlineConfig, run_online, theory
-from psfed_robust.engine.reproduce import P2_BASE, STEADY_WINDOW, validation_configs
+
+#: P2's linear setting (Lari et al.): the shipped scenario experiments/scenarios/p2_theory.toml
+P2_BASE = OnlineConfig(
+    task="linear", num_clients=50, dim=32, participants=10, share_count=4, stepsize=0.02,
+    iterations=1500, runs=100, selection="random", coordinated=False, uplink="independent",
+    server_weight="participants", attack="gaussian",
+    attack_params={"p_a": 0.5, "sigma": 1.0, "persistent": False}, num_malicious=5,
+    noise_var=0.01, input_var=1.0, test_mse="sample", record_every=10, seed=2024,
+)
+STEADY_WINDOW = 0.6  # fraction of the records averaged for the steady state
+
+
+def validation_configs(runs: int = 100, iterations: int = 1500) -> list[OnlineConfig]:
+    """The 6 attacked settings (M = 4, 8, 32 = D; mu = 0.02, 0.05) of p2_theory.toml."""
+    return [P2_BASE.replace(share_count=m, stepsize=mu, runs=runs, iterations=iterations)
+            for m in (4, 8, 32) for mu in (0.02, 0.05)]
 
 
 def test_mean_stability_bound() -> None:
