@@ -80,6 +80,7 @@ class NNConfig:
     device: str = "auto"
     memory_budget_mb: float = 1024.0
     max_chunk: int = 0  # > 0: at most this many client rows per vmap call
+    threads: int = 0  # > 0: torch intra-op threads during the run (restored after); 0: as set
 
     def __post_init__(self) -> None:
         _choice("task", self.task, TASKS)
@@ -87,7 +88,7 @@ class NNConfig:
         for name, low in (("hidden", 1), ("clients", 1), ("participants", 0), ("runs", 1),
                           ("seed", 0), ("rounds", 1), ("local_epochs", 1), ("local_steps", 0),
                           ("batch_size", 1), ("lr_step_rounds", 0), ("malicious", 0),
-                          ("record_every", 1), ("max_chunk", 0)):
+                          ("record_every", 1), ("max_chunk", 0), ("threads", 0)):
             _int(name, getattr(self, name), low)
         if self.participants > self.clients:
             raise ValueError(f"NNConfig.participants ({self.participants}) exceeds clients "

@@ -59,7 +59,7 @@ from psfed_robust.nn.models import build_model
 from psfed_robust.nn.train import FunctionalModel, batch_plan, train_rows
 from psfed_robust.wire import HEADER_SIZE, encoded_size
 
-__all__ = ["NNResult", "evaluate", "make_selector", "run_nn", "run_seed"]
+__all__ = ["NNResult", "evaluate", "make_selector", "poison_rows", "run_nn", "run_seed"]
 
 _ITEMSIZE = 4  # float32 values on the wire
 
@@ -134,6 +134,16 @@ def evaluate(fm: FunctionalModel, g: Tensor, x: Tensor, y: Tensor, num_classes: 
     return loss / n, hits / n, flips / max(1.0, float(flippable.sum()))
 
 
+def poison_rows(labels: Tensor, bad: Tensor, attack: Any, num_classes: int,
+                generator: torch.Generator | None) -> Tensor:
+    """Labels ``[R, n]`` with rows ``bad`` ``[R]`` passed through ``attack.poison_labels``
+    (a data attack's training-time poisoning); every other row is returned unchanged."""
+    out = labels.clone()
+    if bool(bad.any()):
+        out[bad] = attack.poison_labels(labels[bad], num_classes, generator)
+    return out
+
+
 def _accepts_info(defense: Any) -> bool:
     try:
         return "info" in inspect.signature(defense.__call__).parameters
@@ -193,11 +203,21 @@ def run_nn(config: NNConfig, *, task: ImageTask | None = None, progress: bool = 
 
     ``task`` overrides the data ``config.task`` names (tests, custom data).
     """
+    if not isinstance(config, NNConfig):
+        raise TypeError(f"run_nn needs an NNConfig, got {type(config).__name__}")
+    threads = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        return _run(config, task, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(config: NNConfig, task: ImageTask | None, progress: bool) -> NNResult:
     import attacks
     import defenses
 
-    if not isinstance(config, NNConfig):
-        raise TypeError(f"run_nn needs an NNConfig, got {type(config).__name__}")
     t0 = time.perf_counter()
     cfg = config
     dev = _device(cfg.device)
@@ -242,9 +262,8 @@ def run_nn(config: NNConfig, *, task: ImageTask | None = None, progress: bool = 
     attack_state: dict[str, Any] = {}
     labels = y_train[table] if data_attack else None  # [B*K, n_max] per-row labels
     poison = data_attack and float(getattr(attack, "p", 1.0)) >= 1.0
-    if poison and labels is not None:
-        rows_mal = mal.view(-1)
-        labels[rows_mal] = attack.poison_labels(labels[rows_mal], C)  # type: ignore[union-attr]
+    if poison and labels is not None:  # p = 1: the same flipped labels every round
+        labels = poison_rows(labels, mal.view(-1), attack, C, None)
 
     row_run = torch.arange(B * K) // K
     row_client = torch.arange(B * K) % K
@@ -293,11 +312,10 @@ def run_nn(config: NNConfig, *, task: ImageTask | None = None, progress: bool = 
                           local_epochs=cfg.local_epochs, local_steps=cfg.local_steps,
                           shuffle=cfg.shuffle)
         if data_attack and not poison:
-            assert labels is not None and attack is not None
-            y_rows = y_train[table.index_select(0, rows_d)]
-            bad = mal.view(-1).index_select(0, rows_d)
+            assert labels is not None
             gen = torch_generator("nn.label_flip", cfg.seed, n, device=dev)
-            y_rows[bad] = attack.poison_labels(y_rows[bad], C, gen)  # type: ignore[attr-defined]
+            y_rows = poison_rows(labels.index_select(0, rows_d),
+                                 mal.view(-1).index_select(0, rows_d), attack, C, gen)
         else:
             y_rows = labels.index_select(0, rows_d) if labels is not None else y_train
         train_rows(fm, sub, buf, x_train, y_rows, table.index_select(0, rows_d), plan,

@@ -17,15 +17,18 @@ mode draws a fresh permutation per step and trains on its first ``batch`` exampl
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from psfed_robust.core.flatten import FlattenedModel
-from psfed_robust.core.seeding import stable_seed
+from psfed_robust.core.seeding import _encode_part
 
 __all__ = ["BatchPlan", "FunctionalModel", "batch_plan", "train_rows"]
 
@@ -86,6 +89,26 @@ class BatchPlan:
     active: Tensor
 
 
+_SEP = b"\x1e"
+
+
+@functools.lru_cache(maxsize=65536)
+def _seed_prefix(run_seed: int, client: int) -> Any:
+    h = hashlib.sha256()
+    for part in ("experiments.flower.batches", run_seed, client):
+        h.update(_encode_part(part) + _SEP)
+    return h
+
+
+def _batch_seed(run_seed: int, client: int, tail: bytes) -> int:
+    """``stable_seed("experiments.flower.batches", run_seed, client, round)`` from a cached
+    hash of the first three parts (``tail``: the encoded round): one digest per client and
+    round instead of re-encoding every part."""
+    h = _seed_prefix(run_seed, client).copy()
+    h.update(tail)
+    return int.from_bytes(h.digest()[:8], "little") & ((1 << 63) - 1)
+
+
 def batch_plan(
     counts: Sequence[int], run_seeds: Sequence[int], client_ids: Sequence[int], round_num: int,
     *, batch_size: int, local_epochs: int, local_steps: int, shuffle: bool,
@@ -100,10 +123,10 @@ def batch_plan(
     pos = torch.zeros((n_rows, steps, bs), dtype=torch.long)
     valid = torch.zeros((n_rows, steps, bs), dtype=torch.bool)
     active = torch.zeros((n_rows, steps), dtype=torch.bool)
+    tail = _encode_part(int(round_num)) + _SEP
     for i, (n, rs, k) in enumerate(zip(counts, run_seeds, client_ids, strict=True)):
         n = int(n)
-        gen = torch.Generator().manual_seed(
-            stable_seed("experiments.flower.batches", int(rs), int(k), int(round_num)))
+        gen = torch.Generator().manual_seed(_batch_seed(int(rs), int(k), tail))
         if local_steps > 0:
             take = min(bs, n)
             for s in range(steps):
