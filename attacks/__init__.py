@@ -7,6 +7,7 @@ Importing this package imports every attack module so the registry is complete::
     sent = atk(deltas, ctx)          # deltas [..., K, D], ctx: AttackContext
 """
 
+import attacks.base as _base
 from attacks import (  # noqa: F401  (each import registers its attack)
     alie,
     gaussian,
@@ -20,10 +21,11 @@ from attacks import (  # noqa: F401  (each import registers its attack)
     sign_flip,
     zero,
 )
-from attacks.base import (
+from attacks.base import (  # noqa: F401  (re-exported: __all__)
     Attack,
     AttackContext,
     FunctionAttack,
+    ParamError,
     attack_class,
     get_attack,
     honest_statistics,
@@ -32,22 +34,9 @@ from attacks.base import (
     shared_masks,
     write_shared,
 )
-from psfed_robust.params import ParamError
 from psfed_robust.registry import import_submodules
 
-__all__ = [
-    "Attack",
-    "AttackContext",
-    "FunctionAttack",
-    "ParamError",
-    "attack_class",
-    "get_attack",
-    "honest_statistics",
-    "list_attacks",
-    "register_attack",
-    "shared_masks",
-    "write_shared",
-]
+__all__ = list(_base.__all__)
 
 
 import_submodules(__name__, __path__)  # files dropped into this folder register too

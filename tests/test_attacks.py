@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from attacks import AttackContext, ParamError, get_attack, honest_statistics, list_attacks
 from attacks.alie import alie_z
+from attacks.label_flip import LabelFlip
 
 ALL = [
     "alie",
@@ -182,11 +183,13 @@ def test_mask_aware_energy_on_shared_only() -> None:
 
 def test_label_flip() -> None:
     a = get_attack("label_flip")
+    assert isinstance(a, LabelFlip)
     y = torch.tensor([0, 1, 9, 4])
     assert torch.equal(a.poison_labels(y, 10), torch.tensor([9, 8, 0, 5]))
     x = torch.randn(3, 4)
     assert torch.equal(a(x, ctx((3, 4), mal(3, 1))), x)
     half = get_attack("label_flip", p=0.5)
+    assert isinstance(half, LabelFlip)
     g = torch.Generator().manual_seed(0)
     yy = torch.zeros(1000, dtype=torch.long)
     frac = (half.poison_labels(yy, 2, g) == 1).float().mean().item()

@@ -14,7 +14,7 @@ from flwr.server.strategy.aggregate import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from defenses import ParamError, get_defense, list_defenses
+from defenses import Aggregator, Mode, ParamError, get_defense, list_defenses
 from defenses._kernels import batcher_network, cpp_kernel_available, sort_columns, window_mean
 from psfed_robust.core.aggregation import fill_unshared
 
@@ -32,7 +32,7 @@ ALL = [
 PARAMS: dict[str, dict] = {"krum": {"f": 1}, "multi_krum": {"f": 1}, "bulyan": {"f": 1}}
 
 
-def make(name: str, **kw) -> object:
+def make(name: str, **kw) -> Aggregator:
     return get_defense(name, **{**PARAMS.get(name, {}), **kw})
 
 
@@ -134,7 +134,7 @@ def test_robust_rules_bound_sign_flip_that_breaks_mean() -> None:
     target = honest[2:].mean(0)
     gm = torch.zeros(d)
     assert (get_defense("mean")(x, None, gm) - target).norm() / d**0.5 > 10
-    for name, kw in [
+    cases: list[tuple[str, dict]] = [
         ("median", {}),
         ("trimmed_mean", {"beta": 0.2}),
         ("krum", {"f": 2}),
@@ -142,7 +142,8 @@ def test_robust_rules_bound_sign_flip_that_breaks_mean() -> None:
         ("bulyan", {"f": 2}),
         ("geometric_median", {}),
         ("centered_clipping", {"tau": 1.0, "iterations": 5}),
-    ]:
+    ]
+    for name, kw in cases:
         out = get_defense(name, **kw)(x, None, gm)
         assert (out - target).norm() / d**0.5 < 1.0, name
 
@@ -252,7 +253,7 @@ def test_unreported_coordinates_keep_global(name: str) -> None:
 
 @pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("mode", ["fill", "reporters"])
-def test_participants_mask_honored_and_runs_independent(name: str, mode: str) -> None:
+def test_participants_mask_honored_and_runs_independent(name: str, mode: Mode) -> None:
     x, masks, gm = _partial_case(seed=2, k=14)
     part = torch.ones(3, 14, dtype=torch.bool)
     part[0, [0, 3]] = False  # runs with 12, 14 and 13 participants

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from defenses import ParamError, get_defense, list_defenses
+from defenses import Mode, ParamError, get_defense, list_defenses
 from defenses._distance import sq_distances
 
 KRUM_TYPE = [("krum", {"f": 4}), ("multi_krum", {"f": 4}), ("bulyan", {"f": 4})]
@@ -110,7 +110,7 @@ def test_min_overlap_drops_thin_pairs() -> None:
 # --------------------------------------------------------------------------- geometric median
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
 @pytest.mark.parametrize("mode", ["fill", "reporters"])
-def test_geometric_median_aggregates_the_finite_rows(bad: float, mode: str) -> None:
+def test_geometric_median_aggregates_the_finite_rows(bad: float, mode: Mode) -> None:
     g = torch.Generator().manual_seed(3)
     x = torch.randn(8, 10, generator=g)
     masks = torch.rand(8, 10, generator=g) < 0.7
