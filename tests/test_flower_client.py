@@ -215,3 +215,46 @@ def test_error_reply_for_model_size_mismatch() -> None:
     errs = [r for r in grid.replies if r.has_error()]
     assert errs and "parameters" in str(errs[0].error.reason)
     assert isinstance(errs[0], Message)
+
+
+def test_persistence_is_the_threat_model_setting_of_the_client_seam() -> None:
+    """persistent=True: the attacker's stored local model is the poisoned one it sent (core
+    attack_step); persistent=False: the trained one. Not an attack parameter."""
+    atk = {0: ("sign_flip", {})}
+    s_t, g_t = run(rounds=1, evaluation="none", client_attacks=atk)
+    s_p, g_p = run(rounds=1, evaluation="none", client_attacks=atk, persistent=True)
+    for s, grid, persistent in ((s_t, g_t, False), (s_p, g_p, True)):
+        nid = next(n for n, c in s.node_client_ids.items() if c == 0)
+        ref, after = TRACE[(0, 1, "start")], TRACE[(0, 1, "after")]
+        poisoned = ref - (after - ref)
+        np.testing.assert_allclose(theta(grid, nid), poisoned if persistent else after,
+                                   rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="threat model"):
+        ThreatSettings(client_attacks={0: ("sign_flip", {"persistent": True})})
+
+
+def test_client_attack_state_is_explicit_and_survives_between_messages() -> None:
+    """A stateful plugin attack counts its calls in ctx.state; the ClientApp is rebuilt per
+    message, so the count lives in context.state (never on the attack object)."""
+    import attacks
+
+    name = "flower_test_counting"
+    if name not in attacks.list_attacks():
+
+        @attacks.register_attack(name)
+        def counting(deltas: torch.Tensor, ctx: Any) -> torch.Tensor:
+            ctx.state["calls"] = int(ctx.state.get("calls", 0)) + 1
+            ctx.state["last"] = deltas[0].clone()
+            return deltas * float(ctx.state["calls"])
+
+    s, grid = run(rounds=3, evaluation="none", client_attacks={1: (name, {})})
+    nid = next(n for n, c in s.node_client_ids.items() if c == 1)
+    state = grid.contexts[nid].state
+    assert state["psfed.attack-state.values"]["calls"] == 3  # type: ignore[index]
+    last = state["psfed.attack-state.arrays"]["last"].numpy()  # type: ignore[index]
+    np.testing.assert_allclose(last, TRACE[(1, 3, "after")] - TRACE[(1, 3, "start")],
+                               rtol=1e-5, atol=1e-6)
+    mask, vals = sent_values(grid, nid, 3)  # round 3 sends 3x the honest delta
+    ref, after = TRACE[(1, 3, "start")], TRACE[(1, 3, "after")]
+    np.testing.assert_allclose(vals, (ref + 3.0 * (after - ref))[mask.data], rtol=1e-5,
+                               atol=1e-6)

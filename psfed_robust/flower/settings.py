@@ -211,8 +211,9 @@ class ThreatSettings:
                 raise ValueError(f"ThreatSettings.client_attacks[{cid!r}] must be "
                                  f"(name, params), got {spec!r}")
             if "persistent" in spec[1]:
-                raise ValueError(f"ThreatSettings.client_attacks[{cid!r}]: persistence is "
-                                 "ThreatSettings.persistent, not an attack parameter")
+                raise ValueError(f"ThreatSettings.client_attacks[{cid!r}]: persistence is the "
+                                 "threat model's setting (ThreatSettings.persistent), not an "
+                                 "attack parameter")
 
 
 @dataclass(frozen=True)
