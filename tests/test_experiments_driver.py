@@ -140,7 +140,7 @@ def test_resume_refuses_a_different_scenario(tmp_path: Path) -> None:
         run_scenario(other, tmp_path, progress=False, stream=None)
 
 
-@pytest.mark.parametrize("cmd", [[], ["run"], ["theory"], ["list"], ["schema"]])
+@pytest.mark.parametrize("cmd", [[], ["run"], ["theory"], ["list"], ["schema"], ["reproduce"]])
 def test_help_on_every_command(cmd: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main([*cmd, "--help"])
@@ -149,9 +149,10 @@ def test_help_on_every_command(cmd: list[str], capsys: pytest.CaptureFixture[str
 
 
 def test_list_commands(capsys: pytest.CaptureFixture[str]) -> None:
-    for what in ("attacks", "defenses", "selectors", "scenarios"):
+    for what in ("attacks", "defenses", "selectors", "keys", "scenarios"):
         assert main(["list", what]) == 0
     out = capsys.readouterr().out
+    assert "sharing.fraction" in out and "[batched]" in out and "[flower]" in out
     assert "gaussian" in out and "median" in out and "headline" in out
     assert "RandomMaskSelector" in out
 
