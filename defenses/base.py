@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 import torch
 from torch import Tensor
 
-from psfed_robust.core.aggregation import fill_unshared
+from psfed_robust.core.aggregation import check_round_shapes, fill_unshared
 from psfed_robust.params import ParamError, check_choice
 from psfed_robust.registry import FunctionAdapter, Registrable, Registry
 
@@ -44,38 +44,6 @@ __all__ = [
 
 Mode = Literal["fill", "reporters"]
 MODES: tuple[str, ...] = ("fill", "reporters")
-
-
-def _check_inputs(
-    updates: Tensor,
-    masks: Tensor | None,
-    global_model: Tensor,
-    participants: Tensor | None,
-    weights: Tensor | None,
-) -> None:
-    if updates.dim() < 2:
-        raise ValueError(f"updates must be [..., K, D], got shape {tuple(updates.shape)}")
-    expect_g = updates.shape[:-2] + updates.shape[-1:]
-    if global_model.shape != expect_g:
-        raise ValueError(
-            f"global_model shape {tuple(global_model.shape)} must be {tuple(expect_g)} "
-            f"for updates of shape {tuple(updates.shape)}"
-        )
-    if masks is not None:
-        if masks.shape != updates.shape:
-            raise ValueError(
-                f"masks shape {tuple(masks.shape)} must equal updates shape {tuple(updates.shape)}"
-            )
-        if masks.dtype != torch.bool:
-            raise TypeError(f"masks must be a bool tensor, got {masks.dtype}")
-    if participants is not None and participants.shape != updates.shape[:-1]:
-        raise ValueError(
-            f"participants shape {tuple(participants.shape)} must be {tuple(updates.shape[:-1])}"
-        )
-    if weights is not None and weights.shape != updates.shape[:-1]:
-        raise ValueError(
-            f"weights shape {tuple(weights.shape)} must be {tuple(updates.shape[:-1])}"
-        )
 
 
 @dataclass
@@ -148,7 +116,7 @@ class Aggregator(Registrable):
         ``info`` (optional) receives the rule's diagnostics of this call.
         """
         check_choice(self._owner(), "mode", mode, MODES)
-        _check_inputs(updates, masks, global_model, participants, weights)
+        check_round_shapes(updates, masks, global_model, participants, weights)
         if updates.shape[-2] == 0:
             return global_model.clone()  # no client row at all: nothing to aggregate
         self._check_counts(updates, participants)

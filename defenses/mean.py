@@ -13,14 +13,14 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from attacks._params import check_choice
-from defenses.base import MODES, Aggregator, Mode, _check_inputs, register_defense
+from defenses.base import MODES, Aggregator, Mode, RoundInputs, register_defense
 from psfed_robust.core.aggregation import (
     psofed_server_step,
     psofed_server_step_indexed,
     reporters_mean,
     reporters_mean_indexed,
 )
+from psfed_robust.params import check_choice
 
 
 @register_defense("mean")
@@ -29,21 +29,9 @@ class Mean(Aggregator):
 
     uses_weights = True
 
-    def __call__(
-        self,
-        updates: Tensor,
-        masks: Tensor | None,
-        global_model: Tensor,
-        *,
-        participants: Tensor | None = None,
-        weights: Tensor | None = None,
-        mode: Mode = "fill",
-        info: dict[str, object] | None = None,
-    ) -> Tensor:
-        check_choice(self._owner(), "mode", mode, MODES)
-        _check_inputs(updates, masks, global_model, participants, weights)
-        fn = psofed_server_step if mode == "fill" else reporters_mean
-        return fn(updates, masks, global_model, weights=weights, participants=participants)
+    def aggregate(self, a: RoundInputs) -> Tensor:
+        fn = psofed_server_step if a.mode == "fill" else reporters_mean
+        return fn(a.x, a.masks, a.global_model, weights=a.weights, participants=a.participants)
 
     def indexed(
         self,

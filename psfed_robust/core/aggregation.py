@@ -20,6 +20,7 @@ from torch import Tensor
 
 __all__ = [
     "WeightScheme",
+    "check_round_shapes",
     "effective_masks",
     "fill_unshared",
     "psofed_server_step",
@@ -32,13 +33,21 @@ __all__ = [
 WeightScheme = Literal["participants", "expected", "all"]
 
 
-def _check_shapes(updates: Tensor, masks: Tensor | None, global_model: Tensor) -> None:
+def check_round_shapes(
+    updates: Tensor,
+    masks: Tensor | None,
+    global_model: Tensor,
+    participants: Tensor | None = None,
+    weights: Tensor | None = None,
+) -> None:
+    """Validate one round's ``[..., K, D]`` inputs (docs/contracts.md, "Tensors and shapes")."""
     if updates.dim() < 2:
         raise ValueError(f"updates must be [..., K, D], got shape {tuple(updates.shape)}")
-    if global_model.shape != updates.shape[:-2] + updates.shape[-1:]:
+    expect_g = updates.shape[:-2] + updates.shape[-1:]
+    if global_model.shape != expect_g:
         raise ValueError(
-            f"global_model shape {tuple(global_model.shape)} does not match updates "
-            f"{tuple(updates.shape)} (expected {tuple(updates.shape[:-2] + updates.shape[-1:])})"
+            f"global_model shape {tuple(global_model.shape)} must be {tuple(expect_g)} "
+            f"for updates of shape {tuple(updates.shape)}"
         )
     if masks is not None:
         if masks.shape != updates.shape:
@@ -47,6 +56,14 @@ def _check_shapes(updates: Tensor, masks: Tensor | None, global_model: Tensor) -
             )
         if masks.dtype != torch.bool:
             raise TypeError(f"masks must be a bool tensor, got {masks.dtype}")
+    for name, t in (("participants", participants), ("weights", weights)):
+        if t is not None and t.shape != updates.shape[:-1]:
+            raise ValueError(
+                f"{name} shape {tuple(t.shape)} must be {tuple(updates.shape[:-1])}"
+            )
+
+
+_check_shapes = check_round_shapes
 
 
 def effective_masks(
