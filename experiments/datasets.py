@@ -6,7 +6,8 @@
 - ``cifar10``: the ``cifar-10-batches-py`` pickles under ``data_dir`` (read directly).
 
 Images are flattened to float32 vectors scaled to [0, 1] and standardised with the training
-set's statistics; splits are IID or Dirichlet(α) over labels, seeded by :func:`stable_seed`.
+set's statistics; client splits are :func:`psfed_robust.tasks.split_indices` (IID or
+Dirichlet(α) over labels), seeded by :func:`stable_seed`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor
 
 from psfed_robust.core.seeding import numpy_rng
+from psfed_robust.tasks import split_indices
 
 __all__ = ["ImageData", "load_image_data", "split_clients"]
 
@@ -113,27 +115,7 @@ def load_image_data(kind: str, data_dir: str = "", seed: int = 0) -> ImageData:
 def split_clients(
     labels: Tensor, num_clients: int, partition: str, alpha: float, seed: int
 ) -> list[np.ndarray]:
-    """Index lists per client: IID (a seeded permutation cut in equal parts) or Dirichlet(α).
-
-    Dirichlet: for each class, proportions ``p ~ Dir(α·1_K)`` assign its examples to clients;
-    every client gets at least one example (re-drawn from the largest client if needed).
-    """
-    y = labels.numpy()
+    """Index lists per client: :func:`psfed_robust.tasks.split_indices` (IID or Dirichlet(α))
+    seeded by ``(partition, seed)``."""
     rng = numpy_rng("experiments.split", partition, seed)
-    if partition == "iid":
-        perm = rng.permutation(len(y))
-        return [np.sort(p) for p in np.array_split(perm, num_clients)]
-    if partition != "dirichlet":
-        raise ValueError(f"partition must be 'iid' or 'dirichlet', got {partition!r}")
-    parts: list[list[int]] = [[] for _ in range(num_clients)]
-    for c in np.unique(y):
-        idx = rng.permutation(np.flatnonzero(y == c))
-        p = rng.dirichlet(np.full(num_clients, alpha))
-        cuts = (np.cumsum(p)[:-1] * len(idx)).astype(int)
-        for k, chunk in enumerate(np.split(idx, cuts)):
-            parts[k].extend(chunk.tolist())
-    for k in range(num_clients):
-        if not parts[k]:
-            donor = max(range(num_clients), key=lambda j: len(parts[j]))
-            parts[k].append(parts[donor].pop())
-    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+    return split_indices(labels.numpy(), num_clients, partition, alpha, rng)

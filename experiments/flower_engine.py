@@ -1,15 +1,20 @@
 """The driver's Flower engine: image classification under attack through PSFedAvg/PSFedClient.
 
 Each Monte Carlo run is one Flower run of ``rounds`` rounds: the ``PSFedAvg`` strategy drives
-``K`` ``PSFedClient`` ClientApps (an MLP on flattened images) through
-:class:`psfed_robust.flower.testing.LocalGrid`, an in-process Grid that serializes every message
-and every client ``Context`` exactly as the Flower runtimes do (no Ray start-up per run; the same
-app code runs under ``flwr run``, see docs/flower_app.md). Non-omniscient attacks run on the
-malicious clients (client-side seam); omniscient ones (ALIE, IPM, min-max, min-sum) run as the
-server-side adversary that sees the round's honest replies — the simulation-only seam.
+``K`` ``PSFedClient`` ClientApps (the project's MLP, :func:`psfed_robust.tasks.make_mlp`, on
+flattened images) through :class:`psfed_robust.flower.testing.LocalGrid`, the in-process Grid
+that serializes every message as the Flower runtimes do (no Ray start-up per run; the same app
+code runs under ``flwr run``, see docs/flower_app.md). Non-omniscient attacks run on the malicious
+clients (client-side seam, with ``attack.persistent`` as the threat model's setting); omniscient
+ones (ALIE, IPM, min-max, min-sum) run as the server-side adversary that sees the round's honest
+replies — the simulation-only seam, which cannot make an attack persistent (refused).
+
+Keys are read through the declared key model (``experiments.keys``; ``point.get``); schema
+validation already refuses a non-default value of a key this engine does not honour, and
+:func:`check_flower_point` refuses the combinations it cannot run.
 
 Metrics per round: ``accuracy`` and ``loss`` of the global model on the held-out test set,
-``bytes_down`` and ``bytes_up`` per client (serialized message bytes).
+``bytes_down`` and ``bytes_up`` per client (serialized message bytes), ``rejected`` replies.
 """
 
 from __future__ import annotations
@@ -20,28 +25,39 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from experiments.configs import attack_params_of, defense_params_of
 from experiments.datasets import ImageData, load_image_data, split_clients
-from experiments.registry_check import attack_params, defense_params
-from experiments.results import PointResult
+from experiments.driver import PointResult
+from experiments.keys import ScenarioError
 from experiments.schema import SweepPoint
 from psfed_robust.core.seeding import stable_seed
+from psfed_robust.tasks import make_mlp
 
-__all__ = ["make_mlp", "run_flower_point"]
+__all__ = ["check_flower_point", "make_mlp", "run_flower_point"]
 
 SELECTORS = {"random": "random", "round_robin": "round_robin", "topk": "topk",
              "client_specific": "client_specific"}
 
 
-def make_mlp(num_features: int, hidden: int, num_classes: int, seed: int) -> nn.Module:
-    """The seed example's 2-layer MLP, initialised from ``seed``."""
-    gen = torch.Generator().manual_seed(seed)
-    model = nn.Sequential(nn.Linear(num_features, hidden), nn.ReLU(),
-                          nn.Linear(hidden, num_classes))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.empty_like(p).uniform_(-1, 1, generator=gen)
-                    / max(1.0, float(p.shape[-1]) ** 0.5))
-    return model
+def check_flower_point(point: SweepPoint) -> None:
+    """Refuse what this engine cannot honour (a ScenarioError naming the key)."""
+    device = str(point.get("device"))
+    if device != "cpu":
+        raise ScenarioError(f"device: the Flower engine runs on the CPU; {device!r} is not "
+                            "honoured (remove the key or set 'cpu')")
+    selector = str(point.get("sharing.selector"))
+    if selector not in SELECTORS:
+        raise ScenarioError(f"sharing.selector: {selector!r} is not available on the Flower "
+                            f"engine; allowed: {', '.join(SELECTORS)}")
+    attack = str(point.get("attack.name"))
+    if attack != "none" and int(point.get("attack.malicious")) > 0:
+        from attacks import attack_class
+
+        if attack_class(attack).omniscient and bool(point.get("attack.persistent")):
+            raise ScenarioError(
+                f"attack.persistent: the omniscient attack {attack!r} runs in the Flower "
+                "engine's server-side adversary, which cannot change a client's local model; "
+                "set attack.persistent = false or use the batched engine")
 
 
 def _evaluate(model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float]:
@@ -57,7 +73,16 @@ def _one_run(point: SweepPoint, data: ImageData, seed: int) -> dict[str, list[fl
     from flwr.app import ArrayRecord, MetricRecord
 
     from attacks import attack_class
-    from psfed_robust.flower import PSFedAvg, PSFedClient, ServerAdversary, make_client_app
+    from psfed_robust.flower import (
+        AggregationSettings,
+        MaskSettings,
+        ProtocolSettings,
+        PSFedAvg,
+        PSFedClient,
+        ServerAdversary,
+        ThreatSettings,
+        make_client_app,
+    )
     from psfed_robust.flower.testing import LocalGrid
 
     k = int(point.get("federation.clients"))
@@ -92,10 +117,11 @@ def _one_run(point: SweepPoint, data: ImageData, seed: int) -> dict[str, list[fl
         return make_mlp(data.num_features, hidden, data.num_classes, model_seed)
 
     app = make_client_app(lambda ctx: ImageClient(model_fn()))
-    attack = point.get("attack.name")
+    attack = str(point.get("attack.name"))
     malicious = list(range(int(point.get("attack.malicious")))) if attack != "none" else []
-    params = attack_params(attack, dict(point.get("attack.params")),
-                           float(point.get("attack.p_a"))) if malicious else {}
+    params = attack_params_of(point) if malicious else {}
+    params.pop("persistent", None)  # the threat model's setting, not an attack parameter
+    persistent = bool(point.get("attack.persistent"))
     client_attacks: dict[Any, tuple[str, dict[str, Any]]] = {}
     adversary = None
     if malicious:
@@ -104,28 +130,28 @@ def _one_run(point: SweepPoint, data: ImageData, seed: int) -> dict[str, list[fl
                                         seed=stable_seed("experiments.flower.adv", seed))
         else:
             client_attacks = {cid: (attack, params) for cid in malicious}
-    defense = point.get("defense.name")
     participants = int(point.get("federation.participants"))
-    fraction = float(point.get("sharing.fraction"))
     strategy = PSFedAvg(
         fraction_train=participants / k,
         fraction_evaluate=0.0,
         min_train_nodes=participants,
         min_evaluate_nodes=0,
         min_available_nodes=k,
-        mask_fraction=fraction,
-        mask_strategy=SELECTORS[point.get("sharing.selector")],
-        mask_seed=stable_seed("experiments.flower.masks", seed) % (1 << 31),
-        aggregator=defense,
-        aggregator_params=defense_params(defense, dict(point.get("defense.params"))),
-        aggregation_mode=point.get("defense.mode"),
-        evaluation="none",
-        client_attacks=client_attacks or None,
-        adversary=adversary,
-        attack_seed=stable_seed("experiments.flower.attack", seed) % (1 << 31),
-        expected_clients=list(range(k)),
         sample_seed=stable_seed("experiments.flower.sample", seed) % (1 << 31),
-        poll_interval=0.0,
+        masks=MaskSettings(
+            fraction=float(point.get("sharing.fraction")),
+            strategy=SELECTORS[str(point.get("sharing.selector"))],
+            seed=stable_seed("experiments.flower.masks", seed) % (1 << 31)),
+        aggregation=AggregationSettings(
+            rule=str(point.get("defense.name")), params=defense_params_of(point),
+            mode=point.get("defense.mode")),
+        threat=ThreatSettings(
+            adversary=adversary, client_attacks=client_attacks or None,
+            persistent=persistent and not attack_class(attack).omniscient if malicious
+            else False,
+            attack_seed=stable_seed("experiments.flower.attack", seed) % (1 << 31),
+            expected_clients=list(range(k))),
+        protocol=ProtocolSettings(evaluation="none", poll_interval=0.0),
     )
     from psfed_robust.flower import arrays_from_model
 
@@ -160,6 +186,7 @@ def run_flower_point(point: SweepPoint, seed: int, *, progress: bool = False) ->
 
     import flwr.common.logger  # noqa: F401  (configures the "flwr" logger; quiet it below)
 
+    check_flower_point(point)
     runs = int(point.get("runs"))
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level

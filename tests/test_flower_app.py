@@ -69,7 +69,7 @@ def test_partition_arguments_are_validated() -> None:
     y = digits.load_split().y_train
     with pytest.raises(ValueError, match="partition_id"):
         digits.partition_indices(y, 4, 4)
-    with pytest.raises(ValueError, match="partitioning"):
+    with pytest.raises(ValueError, match="partition must be one of"):
         digits.partition_indices(y, 0, 4, partitioning="zipf")
     with pytest.raises(ValueError, match="alpha"):
         digits.partition_indices(y, 0, 4, partitioning="dirichlet", alpha=0.0)

@@ -1,11 +1,11 @@
 """Offline digits task for the Flower engine: data, partitions and the 2-layer MLP.
 
 The data is scikit-learn's bundled ``load_digits`` (1,797 8×8 images, 10 classes; no download),
-scaled to [0, 1]. A fixed, seeded permutation sets aside ``test_size`` images (360 by default, as
-in shared/research/seed-psfed-audit.md §4) as the test set; the rest are split over
-``num_partitions`` clients by ``partition-id``: IID (a seeded permutation cut into near-equal
-parts) or Dirichlet(α) label skew. The model is the seed example's small classifier, a 2-layer MLP
-64 → hidden → 10.
+scaled to [0, 1]. A fixed, seeded permutation sets aside ``test_size`` images (360 by default) as
+the test set; the rest are split over ``num_partitions`` clients by ``partition-id``: IID (a
+seeded permutation cut into near-equal parts) or Dirichlet(α) label skew
+(:func:`psfed_robust.tasks.split_indices`). The model is the project's one 2-layer MLP
+(:func:`psfed_robust.tasks.make_mlp`), 64 → hidden → 10.
 
 Everything is deterministic and process-independent (seeds come from
 :func:`psfed_robust.core.seeding.stable_seed`), so every ClientApp process — a Ray actor in
@@ -23,9 +23,9 @@ import torch
 from torch import Tensor, nn
 
 from psfed_robust.core.seeding import numpy_rng, stable_seed
+from psfed_robust.tasks import make_mlp, split_indices
 
 __all__ = [
-    "MLP",
     "NUM_CLASSES",
     "NUM_FEATURES",
     "DigitsSplit",
@@ -40,7 +40,6 @@ __all__ = [
 NUM_FEATURES = 64
 NUM_CLASSES = 10
 _NUM_IMAGES = 1797
-_PARTITIONINGS = ("iid", "dirichlet")
 
 
 @dataclass(frozen=True)
@@ -99,30 +98,11 @@ def partition_indices(
         raise TypeError("partition_id must be an int")
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition_id must be in [0, {num_partitions - 1}], got {partition_id}")
-    if partitioning not in _PARTITIONINGS:
-        raise ValueError(f"partitioning must be one of {_PARTITIONINGS}, got {partitioning!r}")
-    n = len(labels)
     if partitioning == "iid":
-        perm = numpy_rng(seed, "digits-iid", num_partitions).permutation(n)
-        return np.sort(np.array_split(perm, num_partitions)[partition_id])
-    if not alpha > 0 or not np.isfinite(alpha):
-        raise ValueError(f"alpha must be a finite positive float, got {alpha}")
-    rng = numpy_rng(seed, "digits-dirichlet", num_partitions, float(alpha))
-    owner = np.empty(n, dtype=np.int64)
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        props = rng.dirichlet(np.full(num_partitions, float(alpha)))
-        cuts = (np.cumsum(props)[:-1] * len(idx)).astype(np.int64)
-        for p, chunk in enumerate(np.split(idx, cuts)):
-            owner[chunk] = p
-    counts = np.bincount(owner, minlength=num_partitions)
-    for p in np.flatnonzero(counts == 0).tolist():  # deterministic repair: steal from the largest
-        donor = int(np.argmax(counts))
-        victim = int(np.flatnonzero(owner == donor)[0])
-        owner[victim] = int(p)
-        counts[donor] -= 1
-        counts[p] += 1
-    return np.flatnonzero(owner == partition_id)
+        rng = numpy_rng(seed, "digits-iid", num_partitions)
+    else:
+        rng = numpy_rng(seed, "digits-dirichlet", num_partitions, float(alpha))
+    return split_indices(labels, num_partitions, partitioning, alpha, rng)[partition_id]
 
 
 def client_data(
@@ -147,32 +127,10 @@ def client_data(
     return torch.from_numpy(split.x_train[idx].copy()), torch.from_numpy(split.y_train[idx].copy())
 
 
-class MLP(nn.Module):
-    """2-layer MLP ``in_features → hidden → num_classes`` with ReLU (4,810 parameters at 64)."""
-
-    def __init__(
-        self, hidden: int = 64, in_features: int = NUM_FEATURES, num_classes: int = NUM_CLASSES
-    ) -> None:
-        super().__init__()
-        for name, v in (
-            ("hidden", hidden),
-            ("in_features", in_features),
-            ("num_classes", num_classes),
-        ):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        self.fc1 = nn.Linear(in_features, hidden)
-        self.fc2 = nn.Linear(hidden, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
-
-
-def make_model(hidden: int = 64, seed: int = 0, **kwargs: int) -> MLP:
-    """A freshly initialised :class:`MLP`, the same for the same ``(hidden, seed)`` everywhere."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(stable_seed(seed, "digits-model-init"))
-        return MLP(hidden, **kwargs)
+def make_model(hidden: int = 64, seed: int = 0) -> nn.Sequential:
+    """The shared 2-layer MLP (:func:`psfed_robust.tasks.make_mlp`) for the digits, 64 → hidden
+    → 10 (4,810 parameters at 64), the same for the same ``(hidden, seed)`` everywhere."""
+    return make_mlp(NUM_FEATURES, hidden, NUM_CLASSES, stable_seed(seed, "digits-model-init"))
 
 
 def train_epochs(
