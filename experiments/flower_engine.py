@@ -27,8 +27,8 @@ from torch import Tensor, nn
 
 from experiments.configs import attack_params_of, defense_params_of
 from experiments.datasets import ImageData, load_image_data, split_clients
-from experiments.driver import PointResult
 from experiments.keys import ScenarioError
+from experiments.results import PointResult
 from experiments.schema import SweepPoint
 from psfed_robust.core.seeding import stable_seed
 from psfed_robust.tasks import make_mlp
