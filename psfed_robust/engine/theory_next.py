@@ -368,12 +368,9 @@ def uncoordinated_step(pr: Params, s: np.ndarray) -> np.ndarray:
             if name == "pi2" or arr.ndim == 5:
                 ax = (1, 2) if name == "pi2" else (2, 4)
                 for axis in ax:
-                    idx = [slice(None)] * arr.ndim
-                    idx[axis] = F_
-                    rest = [slice(None)] * arr.ndim
-                    rest[axis] = slice(1, 3)
-                    arr[tuple(idx)] = arr[tuple(idx)] + arr[tuple(rest)].sum(axis)
-                    arr[tuple(rest)] = 0.0
+                    moved = np.moveaxis(arr, axis, -1)  # a view: class axis last
+                    moved[..., F_] = moved[..., F_] + moved[..., 1:].sum(-1)
+                    moved[..., 1:] = 0.0
             else:
                 arr[..., F_] = arr[..., F_] + arr[..., 1:].sum(-1)
                 arr[..., 1:] = 0.0
