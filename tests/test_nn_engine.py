@@ -186,3 +186,19 @@ def test_cached_batch_seed_is_stable_seed() -> None:
     for rs, k, n in ((0, 0, 1), (2**62 + 5, 99, 1234), (7, 3, 0)):
         tail = _encode_part(n) + b"\x1e"
         assert _batch_seed(rs, k, tail) == stable_seed("experiments.flower.batches", rs, k, n)
+
+
+def test_batch_plan_by_hand() -> None:
+    from psfed_robust.nn.train import batch_plan
+
+    plan = batch_plan([5, 2], [0, 0], [0, 1], 1, batch_size=2, local_epochs=1, local_steps=0,
+                      shuffle=False)
+    assert plan.positions[0].tolist() == [[0, 1], [2, 3], [4, 0]]
+    assert plan.valid[0].tolist() == [[True, True], [True, True], [True, False]]
+    assert plan.active.tolist() == [[True, True, True], [True, False, False]]
+    steps = batch_plan([5], [0], [0], 1, batch_size=2, local_epochs=1, local_steps=4,
+                       shuffle=True)
+    assert steps.active.shape == (1, 4) and bool(steps.active.all())
+    for s in range(4):  # each step: 2 distinct examples of the client's 5
+        assert len(set(steps.positions[0, s].tolist())) == 2
+        assert max(steps.positions[0, s].tolist()) < 5
