@@ -79,7 +79,7 @@ def test_model_is_the_2_layer_mlp_and_deterministic() -> None:
     a, b = digits.make_model(64, 0), digits.make_model(64, 0)
     assert sum(p.numel() for p in a.parameters()) == 64 * 64 + 64 + 64 * 10 + 10
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
-    assert a(torch.zeros(3, 8, 8)).shape == (3, 10)
+    assert a(torch.zeros(3, 64)).shape == (3, 10)
 
 
 # ---------------------------------------------------------------- run config
