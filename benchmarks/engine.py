@@ -1,13 +1,18 @@
-"""Batched online engine vs a plain per-client numpy loop at P1 scale.
+"""Batched online engine at P1 scale: default path, torch-only path, accelerators, numpy loop.
 
 P1 (Gogineni et al., ICASSP 2022, arXiv 2110.06556): RFF kernel LMS, K = 100 clients, L = 4,
 D = 200, 1,000 iterations, 500 Monte Carlo runs, 40 participants per iteration, PSO-Fed with
 M = 40 (random uncoordinated selection, uplink T = S_{k,n+1}). The engine runs the full
 experiment; the numpy loop (the same algorithm written client by client) runs a reduced number of
-runs and iterations, and the comparison is per run-iteration throughput.
+runs and iterations, and the comparison is per run-iteration throughput. The same experiment
+runs twice: the default path (compiled accelerators where they build) and torch only
+(``use_kernels=False``; the mask sampler is numpy's). Each accelerator of
+``psfed_robust.engine.kernels`` is also timed against its reference on P1-sized inputs (it stays
+only where it earns at least 3x).
 
 Usage: ``python benchmarks/engine.py [--runs 500] [--loop-runs 2] [--loop-iterations 150]
-[--threads 2] [--selection random|round_robin]``. Prints figures, ends with ONE JSON line.
+[--threads 2] [--selection random|round_robin] [--skip-torch-only]``. Prints figures, ends
+with ONE JSON line.
 """
 
 from __future__ import annotations
@@ -31,7 +36,48 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirna
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from psfed_robust.engine import OnlineConfig, run_online  # noqa: E402
+from psfed_robust.engine import OnlineConfig, kernels, run_online  # noqa: E402
+from psfed_robust.engine.loop import LocalStep  # noqa: E402
+from psfed_robust.engine.masks import floyd_indices  # noqa: E402
+from psfed_robust.engine.schedule import make_stream  # noqa: E402
+
+
+def _best(fn: object, repeat: int = 5) -> float:
+    """Best wall time of ``repeat`` calls (seconds)."""
+    best = math.inf
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()  # type: ignore[operator]
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def accelerators(cfg: OnlineConfig, block_runs: int = 125) -> dict[str, dict[str, float]]:
+    """Each compiled accelerator against its reference on one P1 run block (one thread)."""
+    if not kernels.available():
+        return {}
+    out: dict[str, dict[str, float]] = {}
+    rows = 65536
+
+    def floyd(backend: str) -> object:
+        return lambda: floyd_indices(rows, cfg.dim, cfg.share_count,
+                                     torch.Generator().manual_seed(0), backend=backend)
+
+    ref, fast = _best(floyd("numpy")), _best(floyd("cpp"))
+    out["floyd_sampler"] = {"reference_ms": round(ref * 1e3, 2),
+                            "compiled_ms": round(fast * 1e3, 2), "speedup": round(ref / fast, 1)}
+    c = cfg.replace(runs=block_runs)
+    steps = {}
+    for compiled in (False, True):
+        stream = make_stream(c, block_runs, 0, torch.device("cpu"))
+        step = LocalStep(c, stream, block_runs, torch.device("cpu"), compiled)
+        W = torch.zeros((block_runs, c.num_clients, c.dim))
+        y = stream.advance()
+        steps[compiled] = _best(lambda s=step, W=W, y=y: s.step(W, y, None), 10)
+    out["lms_rff_step"] = {"reference_ms": round(steps[False] * 1e3, 2),
+                           "compiled_ms": round(steps[True] * 1e3, 2),
+                           "speedup": round(steps[False] / steps[True], 1)}
+    return out
 
 
 def numpy_loop(runs: int, iterations: int, *, K: int = 100, L: int = 4, D: int = 200,
@@ -98,6 +144,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--selection", default="random", choices=["random", "round_robin"])
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--skip-torch-only", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -106,7 +153,7 @@ def main() -> None:
                        iterations=args.iterations, runs=args.runs, participants=40,
                        share_count=40, stepsize=0.75, selection=args.selection, record_every=10,
                        seed=2022)
-    run_online(cfg.replace(runs=min(4, args.runs), iterations=20))  # warm-up
+    run_online(cfg.replace(runs=min(4, args.runs), iterations=20))  # warm-up (builds kernels)
     t0 = time.perf_counter()
     res = run_online(cfg, device=args.device)
     engine_s = time.perf_counter() - t0
@@ -114,8 +161,25 @@ def main() -> None:
     ss = res.steady_state(0.1)
     print(f"engine  P1 scale: {cfg.runs} runs x {cfg.iterations} it, K=100, D=200, M=40, "
           f"P=40, selection={args.selection}: {engine_s:.1f} s "
-          f"({engine_us:.1f} us per run-iteration, run_block={res.metadata['run_block']})")
+          f"({engine_us:.1f} us per run-iteration, run_block={res.metadata['run_block']}, "
+          f"kernels={res.metadata['engine_kernels']})")
     print(f"        global MSE last 10%: {ss.global_mse_db:.2f} dB, local {ss.local_mse_db:.2f} dB")
+    torch_s = math.nan
+    ss_t = None
+    if not args.skip_torch_only:
+        t0 = time.perf_counter()
+        res_t = run_online(cfg, device=args.device, use_kernels=False)
+        torch_s = time.perf_counter() - t0
+        ss_t = res_t.steady_state(0.1)
+        print(f"torch only: {torch_s:.1f} s ({torch_s / engine_s:.2f}x the default); "
+              f"global MSE last 10%: {ss_t.global_mse_db:.2f} dB "
+              f"(+-{ss_t.global_mse_sem_db:.2f} dB s.e.)")
+    torch.set_num_threads(1)
+    acc = accelerators(cfg)
+    torch.set_num_threads(args.threads)
+    for name, fig in acc.items():
+        print(f"accelerator {name}: reference {fig['reference_ms']} ms, compiled "
+              f"{fig['compiled_ms']} ms ({fig['speedup']}x)")
 
     t0 = time.perf_counter()
     loop = numpy_loop(args.loop_runs, args.loop_iterations)
@@ -130,6 +194,9 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "engine",
         "p1_scale_seconds": round(engine_s, 2),
+        "torch_only_seconds": round(torch_s, 2),
+        "torch_only_ratio": round(torch_s / engine_s, 2),
+        "accelerators": acc,
         "speedup_vs_loop": round(speedup, 1),
         "engine_us_per_run_iteration": round(engine_us, 2),
         "loop_us_per_run_iteration": round(loop_us, 1),
@@ -142,6 +209,7 @@ def main() -> None:
         "engine_kernels": res.metadata["engine_kernels"],
         "load_average_start": round(load0, 2), "load_average_end": round(load1, 2),
         "steady_global_mse_db": round(ss.global_mse_db, 3),
+        "steady_global_mse_db_torch_only": None if ss_t is None else round(ss_t.global_mse_db, 3),
         "torch": torch.__version__, "python": platform.python_version(),
     }))
 

@@ -63,13 +63,16 @@ extern "C" int psfed_floyd_pcg(int64_t rows, int64_t dim, int64_t m, const uint6
   const int64_t SUB = 4096;
   const int64_t n_max = rows < SUB ? rows : SUB;
   const int64_t words_cap = m * n_max + 4;
+  // val[i * VS + j]: step i's draw for row j; rows padded by 32 entries so that the m draws of
+  // one row do not fall into the same L1 set (a stride of 4096 uint16 would)
+  const int64_t VS = n_max + 32;
   uint32_t* hs = (uint32_t*)malloc(sizeof(uint32_t) * m);
   uint32_t* thr = (uint32_t*)malloc(sizeof(uint32_t) * m);
   uint16_t* w = (uint16_t*)malloc(sizeof(uint16_t) * words_cap);
-  uint16_t* val = (uint16_t*)malloc(sizeof(uint16_t) * (m * n_max + 1));
+  uint16_t* val = (uint16_t*)malloc(sizeof(uint16_t) * (m * VS + 1));
   int64_t* rej = (int64_t*)malloc(sizeof(int64_t) * (m * n_max + 1));
   int64_t* rej2 = (int64_t*)malloc(sizeof(int64_t) * (m * n_max + 1));
-  uint8_t* sel = (uint8_t*)malloc((size_t)dim);
+  uint8_t* sel = (uint8_t*)malloc((size_t)(4 * dim));
   int rc = 0;
   if (!hs || !thr || !w || !val || !rej || !rej2 || !sel) {
     rc = -1;
@@ -83,11 +86,11 @@ extern "C" int psfed_floyd_pcg(int64_t rows, int64_t dim, int64_t m, const uint6
     const int64_t n = rows - s0 < SUB ? rows - s0 : SUB;
     pcg_words(&g, w, m * n);
     int64_t nrej = 0;
-    for (int64_t i = 0; i < m; ++i) {  // val[i * n + j]: step i's draw for row j
+    for (int64_t i = 0; i < m; ++i) {
       const uint32_t h = hs[i], t = thr[i];
       for (int64_t j = 0; j < n; ++j) {
         const uint32_t p = (uint32_t)w[i * n + j] * h;
-        val[i * n + j] = (uint16_t)(p >> 16);
+        val[i * VS + j] = (uint16_t)(p >> 16);
         if ((p & 0xFFFFu) < t) rej[nrej++] = i * n + j;
       }
     }
@@ -95,9 +98,9 @@ extern "C" int psfed_floyd_pcg(int64_t rows, int64_t dim, int64_t m, const uint6
       pcg_words(&g, w, nrej);
       int64_t nrej2 = 0;
       for (int64_t q = 0; q < nrej; ++q) {
-        const int64_t idx = rej[q], i = idx / n;
+        const int64_t idx = rej[q], i = idx / n, j = idx % n;
         const uint32_t p = (uint32_t)w[q] * hs[i];
-        if ((p & 0xFFFFu) >= thr[i]) val[idx] = (uint16_t)(p >> 16);
+        if ((p & 0xFFFFu) >= thr[i]) val[i * VS + j] = (uint16_t)(p >> 16);
         else rej2[nrej2++] = idx;
       }
       int64_t* tmp = rej;
@@ -105,11 +108,29 @@ extern "C" int psfed_floyd_pcg(int64_t rows, int64_t dim, int64_t m, const uint6
       rej2 = tmp;
       nrej = nrej2;
     }
-    for (int64_t j = 0; j < n; ++j) {
+    int64_t j = 0;
+    if (!masks) {  // four rows interleaved (independent chains), each exactly as below
+      for (; j + 4 <= n; j += 4) {
+        memset(sel, 0, (size_t)(4 * dim));
+        int64_t* o0 = picks + (s0 + j) * m;
+        for (int64_t i = 0; i < m; ++i) {
+          const uint16_t* v = val + i * VS + j;
+          const int64_t jj = dim - m + i;
+          for (int q = 0; q < 4; ++q) {
+            uint8_t* sq = sel + q * dim;
+            const int64_t t = v[q];
+            const int64_t pick = sq[t] ? jj : t;
+            sq[pick] = 1;
+            o0[q * m + i] = pick;
+          }
+        }
+      }
+    }
+    for (; j < n; ++j) {
       memset(sel, 0, (size_t)dim);
       int64_t* out = picks + (s0 + j) * m;
       for (int64_t i = 0; i < m; ++i) {
-        const int64_t t = val[i * n + j];
+        const int64_t t = val[i * VS + j];
         const int64_t pick = sel[t] ? dim - m + i : t;  // t taken: pick j = dim - m + i
         sel[pick] = 1;
         out[i] = pick;

@@ -34,7 +34,7 @@ from psfed_robust.engine.schedule import (
 __all__ = ["LocalStep", "run_block"]
 
 #: CPU LMS step: elements of one run chunk (regressors and models stay in the L2 cache)
-LMS_CHUNK_ELEMENTS = 96 * 1024
+LMS_CHUNK_ELEMENTS = 200 * 1024
 
 
 class LocalStep:
