@@ -1,22 +1,27 @@
 """Mean and mean-square theory of PSO-Fed under Gaussian model poisoning (linear, white inputs).
 
 The analysis of Lari et al. (IEEE TSIPN 2025, arXiv 2403.13108) for PSO-Fed (Gogineni et al.,
-ICASSP 2022, arXiv 2110.06556), re-derived for the configuration below (derivation:
-docs/theory.md). With white Gaussian inputs, uniformly random uncoordinated selection and the
-attack noise isotropic, every second moment of the error vectors is a multiple of the identity, so
-four scalars per coordinate — global ``g = E ε_i²``, local ``l = E ε_{k,i}²``, global–local
-``c = E ε_i ε_{k,i}`` and local–local ``h = E ε_{k,i} ε_{j,i}`` (``ε = w° − w``) — obey an exact
-affine recursion ``s_{n+1} = F s_n + f``. The global test MSE is ``σ_ν² + σ_x² D g``.
+ICASSP 2022, arXiv 2110.06556), re-derived for the engine's algorithm (derivation:
+docs/theory.md). With white Gaussian inputs, uniformly random masks and isotropic attack noise the
+second moments of the error vectors are diagonal, and an exact affine recursion
+``s_{n+1} = F s_n + f`` on per-coordinate moments gives the learning curve, the steady state
+``(I − F)⁻¹ f``, the mean-square stability limit and the optimal stepsize. Two recursions
+(:func:`method`):
 
-Covered exactly (:func:`check_supported` raises otherwise): task ``linear``; selection
-``random`` with ``coordinated=False`` (or ``M = D``); uplink ``same`` or ``independent``
-(``next`` correlates the uplink at ``n`` with the downlink at ``n+1`` and breaks the scalar
-closure; any uplink when ``M = D``); constant server weight ω — fixed scheduling (any weight
-scheme) or Bernoulli scheduling with ``"expected"``/``"all"`` weights; non-participant updates
-on; attack ``none`` or ``gaussian`` transmit-only (``persistent=False``); defense ``mean`` in
-fill mode; zero initial models, ``w° ~ N(0, σ_w² I)``. Inputs are i.i.d. over time, so the
-"independence assumption" holds exactly here and the recursion has no approximation (the
-Gaussian fourth moment ``E[xxᵀAxxᵀ] = σ⁴(A + Aᵀ + tr(A) I)`` is exact).
+* ``"scalar"`` — four scalars ``g = E ε_i²``, ``l = E ε_{k,i}²``, ``c = E ε_i ε_{k,i}``,
+  ``h = E ε_{k,i} ε_{j,i}`` (``ε = w° − w``): uplink ``same``/``independent`` (or ``M = D``),
+  constant ω, non-participant updates, transmit-only attack;
+* ``"classes"``/``"coordinated"`` (:mod:`psfed_robust.engine.theory_next`) — moments conditioned
+  on each coordinate's class (pending-in / pending-out / free) for one or two tagged clients:
+  P1's uplink ``next`` (``T_{k,n} = S_{k,n+1}``), coordinated or not, Bernoulli scheduling with
+  any weight, frozen non-participants, persistent attacks.
+
+Covered: task ``linear``; ``defense="mean"`` in fill mode; attack ``none`` or ``gaussian``
+(transmit-only or persistent); random selection (round robin with ``M < D`` is modelled as random:
+an approximation, :func:`is_exact`); zero initial models, ``w° ~ N(0, σ_w² I)``. Inputs are i.i.d.
+over time, so the "independence assumption" holds exactly and the recursions have no
+approximation (the Gaussian fourth moment ``E[xxᵀAxxᵀ] = σ⁴(A + Aᵀ + tr(A) I)`` is exact).
+:func:`check_supported` raises ``NotImplementedError`` naming the option otherwise.
 """
 
 from __future__ import annotations
