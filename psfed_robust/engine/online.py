@@ -30,6 +30,7 @@ draws, and the float32 RFF LMS step, within float32 rounding) run when they buil
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -82,9 +83,21 @@ def _build_defense(config: OnlineConfig) -> Any:
     return defenses.get_defense(config.defense, **dict(config.defense_params))
 
 
+def _block_ids(blocks: Sequence[int] | None, count: int) -> list[int]:
+    """The sorted run-block indices to run (all when ``blocks`` is None), checked."""
+    if blocks is None:
+        return list(range(count))
+    ids = sorted(set(int(b) for b in blocks))
+    if not ids or ids[0] < 0 or ids[-1] >= count:
+        raise ValueError(f"run_online: blocks must be a non-empty subset of 0..{count - 1}, got "
+                         f"{list(blocks)!r}")
+    return ids
+
+
 def run_online(config: OnlineConfig, *, device: str | torch.device | None = None,
                progress: bool = False, mask_prefetch: bool | None = None,
-               block_workers: int | None = None, use_kernels: bool = True) -> OnlineResult:
+               block_workers: int | None = None, use_kernels: bool = True,
+               blocks: Sequence[int] | None = None) -> OnlineResult:
     """Run ``config`` (all runs, block by block) and return its learning curves.
 
     ``device``: torch device (default CPU); the same code runs on CUDA. ``progress``: tqdm bar.
@@ -95,6 +108,10 @@ def run_online(config: OnlineConfig, *, device: str | torch.device | None = None
     threads and only one block worker runs): a worker thread draws the next chunk of random
     masks while the engine computes (same masks). ``use_kernels`` (CPU; default on): run the
     compiled accelerators when they build (:mod:`psfed_robust.engine.kernels`).
+    ``blocks`` (default: all): run only these run blocks (indices into ``block_ranges(runs,
+    resolve_run_block(config, device))``); the per-run arrays hold their runs in ascending block
+    order. A block draws only from its own generators, so it gives the same numbers in any call
+    or process: a point split into blocks across machines merges, in run order, to the full run.
     """
     dev = torch.device(device if device is not None else "cpu")
     t0 = time.perf_counter()
@@ -102,18 +119,20 @@ def run_online(config: OnlineConfig, *, device: str | torch.device | None = None
     defense = _build_defense(config)
     compiled = dev.type == "cpu" and use_kernels and kernels.available()
     blk = resolve_run_block(config, dev)
-    blocks = block_ranges(config.runs, blk)
+    ranges = block_ranges(config.runs, blk)
+    ids = _block_ids(blocks, len(ranges))
+    runs = sum(ranges[b][1] - ranges[b][0] for b in ids)
     T = config.iterations // config.record_every
-    g_all = np.zeros((config.runs, T))
-    l_all = np.zeros((config.runs, T))
-    final = np.zeros((config.runs, config.dim))
+    g_all = np.zeros((runs, T))
+    l_all = np.zeros((runs, T))
+    final = np.zeros((runs, config.dim))
     threads = torch.get_num_threads()
     if dev.type != "cpu":
         workers = 1
     elif block_workers is None:
-        workers = min(threads, len(blocks))
+        workers = min(threads, len(ids))
     else:
-        workers = max(1, min(block_workers, len(blocks)))
+        workers = max(1, min(block_workers, len(ids)))
     if mask_prefetch is None:
         mask_prefetch = (dev.type == "cpu" and needs_random(config) and threads > 1
                          and workers == 1)
@@ -125,10 +144,10 @@ def run_online(config: OnlineConfig, *, device: str | torch.device | None = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=config.runs * config.iterations, unit="run-it", desc="online FL")
+        bar = tqdm(total=runs * config.iterations, unit="run-it", desc="online FL")
 
     def one(b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        start, stop = blocks[b]
+        start, stop = ranges[b]
         return run_block(config, b, stop - start, dev, attack, defense, bar,
                          bool(mask_prefetch), compiled)
 
@@ -136,13 +155,15 @@ def run_online(config: OnlineConfig, *, device: str | torch.device | None = None
         if workers > 1:
             with ThreadPoolExecutor(max_workers=workers,
                                     thread_name_prefix="psfed-block") as pool:
-                outs = list(pool.map(one, range(len(blocks))))
+                outs = list(pool.map(one, ids))
         else:
-            outs = [one(b) for b in range(len(blocks))]
-        for (start, stop), (gm, lm, gfinal) in zip(blocks, outs, strict=True):
-            g_all[start:stop] = gm
-            l_all[start:stop] = lm
-            final[start:stop] = gfinal
+            outs = [one(b) for b in ids]
+        at = 0
+        for (gm, lm, gfinal) in outs:
+            g_all[at:at + len(gm)] = gm
+            l_all[at:at + len(gm)] = lm
+            final[at:at + len(gm)] = gfinal
+            at += len(gm)
     finally:
         torch.set_num_threads(threads)
         if bar is not None:
@@ -152,6 +173,8 @@ def run_online(config: OnlineConfig, *, device: str | torch.device | None = None
     meta["mask_prefetch"] = bool(mask_prefetch)
     meta["engine_kernels"] = "cpp" if compiled else "torch"
     meta["block_workers"] = workers
+    if blocks is not None:
+        meta["blocks"] = ids
     return OnlineResult(
         iterations=iters,
         global_mse_db=10 * np.log10(g_all.mean(axis=0)),
