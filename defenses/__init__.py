@@ -8,12 +8,15 @@ Importing this package imports every defense module so the registry is complete:
 """
 
 from defenses import (  # noqa: F401  (each import registers its defense)
+    arc,
+    bucketing,
     bulyan,
     centered_clipping,
     geometric_median,
     krum,
     mean,
     median,
+    nnm,
     norm_clipping,
     trimmed_mean,
 )
@@ -27,13 +30,17 @@ from defenses.base import (
     list_defenses,
     register_defense,
 )
+from defenses.compose import Composed, PreAggregator, compose
 from psfed_robust.registry import import_submodules
 
 __all__ = [
     "Aggregator",
+    "Composed",
     "CoordinatewiseAggregator",
     "Mode",
     "ParamError",
+    "PreAggregator",
+    "compose",
     "defense_class",
     "get_defense",
     "list_defenses",

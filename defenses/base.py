@@ -1,7 +1,7 @@
 """Aggregator interface and registry (contract: docs/contracts.md, "Defenses").
 
-``Aggregator.__call__(updates, masks, global_model, *, participants, weights, mode, info)`` returns
-the new global model ``[..., D]``. Two views of partial updates:
+``Aggregator.__call__(updates, masks, global_model, *, participants, weights, mode, info,
+generator)`` returns the new global model ``[..., D]``. Two views of partial updates:
 
 - ``fill``: each participant's unshared entries are replaced by ``global_model`` (PSO-Fed's server
   step); the dense rule then runs over the participants' filled vectors (``dense``).
@@ -63,6 +63,7 @@ class RoundInputs:
     mode: Mode
     info: dict[str, Any]  # receives the rule's diagnostics
     valid: Tensor | None = None  # [..., K, D] reporters: masks & participants
+    generator: torch.Generator | None = None  # the round's RNG (randomised rules: bucketing)
 
 
 class Aggregator(Registrable):
@@ -110,10 +111,12 @@ class Aggregator(Registrable):
         weights: Tensor | None = None,
         mode: Mode = "fill",
         info: dict[str, Any] | None = None,
+        generator: torch.Generator | None = None,
     ) -> Tensor:
         """New global model ``[..., D]`` from client values ``[..., K, D]`` (see module doc).
 
-        ``info`` (optional) receives the rule's diagnostics of this call.
+        ``info`` (optional) receives the rule's diagnostics of this call; ``generator`` is the
+        round's explicit RNG for randomised rules (bucketing's shuffle), ignored by the others.
         """
         check_choice(self._owner(), "mode", mode, MODES)
         check_round_shapes(updates, masks, global_model, participants, weights)
@@ -127,7 +130,7 @@ class Aggregator(Registrable):
         )
         inputs = RoundInputs(
             updates, masks, global_model, participants, part, weights, mode,
-            {} if info is None else info,
+            {} if info is None else info, generator=generator,
         )
         return self.aggregate(inputs)
 
@@ -183,10 +186,13 @@ class CoordinatewiseAggregator(Aggregator):
 class FunctionAggregator(FunctionAdapter, Aggregator):
     """Adapter for a decorated function ``f(updates, masks, global_model, *, participants,
     weights, mode, **params)`` (the function then handles both modes itself; it also receives
-    ``info`` if it declares that parameter)."""
+    ``info`` and ``generator`` if it declares those parameters)."""
 
     def aggregate(self, a: RoundInputs) -> Tensor:
-        extra = {"info": a.info} if "info" in inspect.signature(type(self).func).parameters else {}
+        declared = inspect.signature(type(self).func).parameters
+        extra: dict[str, Any] = {"info": a.info} if "info" in declared else {}
+        if "generator" in declared:
+            extra["generator"] = a.generator
         out: Tensor = self.call(
             a.x, a.masks, a.global_model, participants=a.participants, weights=a.weights,
             mode=a.mode, **extra,
@@ -194,7 +200,9 @@ class FunctionAggregator(FunctionAdapter, Aggregator):
         return out
 
 
-_RESERVED = ("updates", "masks", "global_model", "participants", "weights", "mode", "info")
+_RESERVED = (
+    "updates", "masks", "global_model", "participants", "weights", "mode", "info", "generator",
+)
 _REGISTRY: Registry[Aggregator] = Registry(
     "defense", Aggregator, FunctionAggregator, reserved=_RESERVED
 )
@@ -220,6 +228,16 @@ def defense_class(name: str) -> type[Aggregator]:
     return _REGISTRY.cls(name)
 
 
-def get_defense(name: str, **params: Any) -> Aggregator:
-    """Build the defense registered as ``name``; unknown names/params raise ``ParamError``."""
-    return _REGISTRY.get(name, **params)
+def get_defense(name: str, *, pre: Any = None, **params: Any) -> Aggregator:
+    """Build the defense registered as ``name``; unknown names/params raise ``ParamError``.
+
+    ``pre`` (optional): pre-aggregators run in front of the rule, in order, e.g.
+    ``get_defense("krum", f=2, pre=["nnm", ("bucketing", {"s": 2})])`` (see
+    ``defenses.compose.compose``); an empty list or None gives the plain rule.
+    """
+    rule = _REGISTRY.get(name, **params)
+    if not pre:
+        return rule
+    from defenses.compose import compose  # compose builds on this module
+
+    return compose(pre, rule)

@@ -186,6 +186,7 @@ def server_step(
     weights: Tensor | None = None,
     mode: Mode = "fill",
     info: dict[str, Any] | None = None,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """The new global model ``[..., D]``: ``defense`` over the round's sent values.
 
@@ -194,12 +195,16 @@ def server_step(
     neither (dense updates). ``weights`` ``[..., K]`` are the server weights ω (PSO-Fed's
     ``1/|K_n|``, ``1/(p_c K)``, ``1/K``, or normalised example counts); ``participants``
     ``[..., K]`` bool marks real participants (Bernoulli padding slots are ``False``).
-    ``info`` receives the defense's diagnostics (e.g. Krum's selected rows).
+    ``info`` receives the defense's diagnostics (e.g. Krum's selected rows); ``generator`` is
+    the round's explicit RNG for randomised defenses (bucketing's shuffle), passed on only when
+    given.
     """
     _check_mode(mode)
     if masks is not None and index is not None:
         raise ValueError("server_step: pass masks or index, not both")
     extra: dict[str, Any] = {} if info is None else {"info": info}
+    if generator is not None:
+        extra["generator"] = generator
     if index is not None:
         fast = getattr(defense, "indexed", None)
         if fast is not None:
