@@ -27,7 +27,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,8 +40,8 @@ from experiments.results import DIVERGED_DB, PointResult
 from experiments.schema import Scenario, SweepPoint, check_runnable
 from psfed_robust.core.seeding import stable_seed
 
-__all__ = ["PointResult", "RunOutputs", "db_interval", "finalize", "run_scenario",
-           "steady_state"]
+__all__ = ["Assembled", "PointResult", "RunOutputs", "assemble", "compute_point", "db_interval",
+           "finalize", "run_points", "run_scenario", "steady_state", "summary_columns"]
 
 TIDY_HEADER = ("point", "run", "round", "metric", "value")
 
@@ -240,10 +240,6 @@ def run_scenario(
     stream: Any = None,
 ) -> RunOutputs:
     """Run every sweep point (resuming verified parts) and write all outputs into ``out_dir``."""
-    from tqdm import tqdm
-
-    from experiments.engines import run_point
-
     points = scenario.points()
     check_runnable(scenario, points)  # nothing is written before this passes
     out = Path(out_dir)
@@ -264,7 +260,6 @@ def run_scenario(
     _atomic_write(stamp, digest + "\n")
     for tmp in parts.glob("*.tmp*"):  # left by a run killed mid-write
         tmp.unlink(missing_ok=True)
-    window = float(scenario.get("output.steady_window"))
     stream = stream if stream is not None else sys.stdout
     t0 = time.perf_counter()
     todo = []
@@ -278,22 +273,57 @@ def run_scenario(
     if len(todo) < len(points):
         print(f"resuming: {len(points) - len(todo)} of {len(points)} sweep points already done",
               file=stream)
-    bar = tqdm(todo, desc="sweep points", unit="pt", disable=not progress, file=sys.stderr)
-    for point in bar:
-        bar.set_postfix_str(point.label[:60])
-        seed = point_seed(scenario, point)
-        res = run_point(point, seed, progress=progress)
+    for point, rows, record in run_points(scenario, todo, progress=progress):
         csv_path, rec_path = _paths(out, point)
-        rows = _part_csv(res)
         _atomic_write(csv_path, rows)
-        record = {"setting": point.setting, "seed": seed,
-                  "csv_sha256": hashlib.sha256(rows.encode()).hexdigest(),
-                  "csv_rows": rows.count("\n"), "summary": _summarise(point, res, window),
-                  "info": res.info, "curves": {k: _curve(v) for k, v in res.metrics.items()},
-                  "rounds": [int(r) for r in res.rounds]}
         _atomic_write(rec_path, json.dumps(record, default=_json_default, sort_keys=True))
-    bar.close()
     return finalize(scenario, out, elapsed=time.perf_counter() - t0, plots=plots, stream=stream)
+
+
+def compute_point(scenario: Scenario, point: SweepPoint, *,
+                  progress: bool = False) -> tuple[str, dict[str, Any]]:
+    """Run one point: its part rows (CSV text, no header) and its record (summary, curves...)."""
+    from experiments.engines import run_point
+
+    seed = point_seed(scenario, point)
+    res = run_point(point, seed, progress=progress)
+    rows = _part_csv(res)
+    record = {"setting": point.setting, "seed": seed,
+              "csv_sha256": hashlib.sha256(rows.encode()).hexdigest(),
+              "csv_rows": rows.count("\n"),
+              "summary": _summarise(point, res, float(scenario.get("output.steady_window"))),
+              "info": res.info, "curves": {k: _curve(v) for k, v in res.metrics.items()},
+              "rounds": [int(r) for r in res.rounds]}
+    return rows, record
+
+
+def run_points(scenario: Scenario, points: Sequence[SweepPoint], *,
+               progress: bool = False) -> Iterator[tuple[SweepPoint, str, dict[str, Any]]]:
+    """Compute ``points``, yielding ``(point, rows, record)`` as each finishes.
+
+    Progress (``progress=True``) goes to stderr: one bar on a terminal (the engine's own bar
+    only when a single point runs, so bars never nest), else one line per finished point, so
+    logs get ``len(points)`` lines, not a redraw per iteration.
+    """
+    tty = progress and sys.stderr.isatty()
+    bar = None
+    if tty and len(points) > 1:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(points), desc="sweep points", unit="pt", file=sys.stderr)
+    for i, point in enumerate(points, 1):
+        if bar is not None:
+            bar.set_postfix_str(point.label[:60])
+        t = time.perf_counter()
+        rows, record = compute_point(scenario, point, progress=tty and bar is None)
+        if bar is not None:
+            bar.update(1)
+        elif progress and not tty:
+            print(f"[{i}/{len(points)}] {point.label} ({time.perf_counter() - t:.1f} s)",
+                  file=sys.stderr, flush=True)
+        yield point, rows, record
+    if bar is not None:
+        bar.close()
 
 
 def _curve(values: np.ndarray) -> list[float]:
@@ -331,6 +361,66 @@ def _load_parts(out: Path, scenario: Scenario,
     return loaded
 
 
+@dataclass
+class Assembled:
+    """The merged results of a sweep, before anything is written (see :func:`assemble`)."""
+
+    tidy_csv: str
+    summary_csv: str
+    summary_rows: list[dict[str, Any]]
+    meta: dict[str, Any]
+    table: str
+    worst_case: str  # Markdown: worst case over attacks ("" unless attack.name is swept)
+
+
+SUMMARY_FIXED = ("metric", "runs", "diverged", "diverged_runs", "steady_db", "ci_low_db",
+                 "ci_high_db", "theory_db", "steady", "ci_low", "ci_high")
+
+
+def summary_columns(scenario: Scenario) -> list[str]:
+    """The columns of summary.csv (and of ``psfed_robust.run(...).summary`` rows)."""
+    return ["point", "label", *scenario.sweep, *SUMMARY_FIXED]
+
+
+def assemble(scenario: Scenario, points: Sequence[SweepPoint], records: Sequence[dict[str, Any]],
+             rows: Sequence[str], *, elapsed: float = 0.0) -> Assembled:
+    """tidy.csv, summary.csv, meta.json and the Markdown table of verified per-point results
+    (``records`` and ``rows`` in the order of ``points``); nothing is written."""
+    buf = io.StringIO()
+    buf.write(",".join(TIDY_HEADER) + "\n")
+    for p, text in zip(points, rows, strict=True):
+        for line in text.splitlines():
+            buf.write(f"{p.index},{line}\n")
+    summary_rows = []
+    for p, part in zip(points, records, strict=True):
+        for row in part["summary"]:
+            summary_rows.append({**row, "point": p.index, "label": p.label, **dict(p.values)})
+    cols = summary_columns(scenario)
+    sbuf = io.StringIO()
+    w = csv.writer(sbuf, lineterminator="\n")
+    w.writerow(cols)
+    for row in summary_rows:
+        w.writerow([_cell(row.get(c)) for c in cols])
+    meta_obj = {
+        "scenario": scenario.resolved(),
+        "scenario_source": scenario.source,
+        "scenario_digest": scenario.digest(),
+        "points": [
+            {"index": p.index, "values": dict(p.values), "setting": p.setting, "part": p.key,
+             "seed": point_seed(scenario, p), "info": part.get("info", {})}
+            for p, part in zip(points, records, strict=True)
+        ],
+        "versions": _versions(),
+        "git_commit": _git_commit(),
+        "elapsed_seconds_last_session": round(elapsed, 3),
+    }
+    from experiments.report import markdown_table, worst_case_markdown, worst_case_rows
+
+    return Assembled(buf.getvalue(), sbuf.getvalue(), summary_rows, meta_obj,
+                     markdown_table(scenario, summary_rows),
+                     worst_case_markdown(scenario, worst_case_rows(scenario, summary_rows)))
+
+
 def finalize(
     scenario: Scenario,
     out: Path,
@@ -342,54 +432,29 @@ def finalize(
     """Assemble tidy.csv, summary.csv, meta.json, plots and the Markdown table from the parts."""
     points = scenario.points()
     parts = _load_parts(out, scenario, points)
-    buf = io.StringIO()
-    buf.write(",".join(TIDY_HEADER) + "\n")
-    for p in points:
-        for line in _paths(out, p)[0].read_text().splitlines():
-            buf.write(f"{p.index},{line}\n")
+    merged = assemble(scenario, points, parts, [_paths(out, p)[0].read_text() for p in points],
+                      elapsed=elapsed)
     tidy = out / "tidy.csv"
-    _atomic_write(tidy, buf.getvalue())
-    summary_rows = []
-    for p, part in zip(points, parts, strict=True):
-        for row in part["summary"]:
-            summary_rows.append({**row, "point": p.index, "label": p.label, **dict(p.values)})
-    sweep_keys = list(scenario.sweep)
-    cols = ["point", "label", *sweep_keys, "metric", "runs", "diverged", "diverged_runs",
-            "steady_db", "ci_low_db", "ci_high_db", "theory_db", "steady", "ci_low", "ci_high"]
-    sbuf = io.StringIO()
-    w = csv.writer(sbuf, lineterminator="\n")
-    w.writerow(cols)
-    for row in summary_rows:
-        w.writerow([_cell(row.get(c)) for c in cols])
+    _atomic_write(tidy, merged.tidy_csv)
     summary = out / "summary.csv"
-    _atomic_write(summary, sbuf.getvalue())
+    _atomic_write(summary, merged.summary_csv)
     meta = out / "meta.json"
-    meta_obj = {
-        "scenario": scenario.resolved(),
-        "scenario_source": scenario.source,
-        "scenario_digest": scenario.digest(),
-        "points": [
-            {"index": p.index, "values": dict(p.values), "setting": p.setting, "part": p.key,
-             "seed": point_seed(scenario, p), "info": part.get("info", {})}
-            for p, part in zip(points, parts, strict=True)
-        ],
-        "versions": _versions(),
-        "git_commit": _git_commit(),
-        "elapsed_seconds_last_session": round(elapsed, 3),
-    }
-    _atomic_write(meta, json.dumps(meta_obj, indent=2, default=_json_default, sort_keys=True))
+    _atomic_write(meta, json.dumps(merged.meta, indent=2, default=_json_default, sort_keys=True))
+    from experiments.figures import make_plots
+    from experiments.report import write_tables
+
+    tables = write_tables(scenario, merged.summary_rows, out)
     do_plots = scenario.get("output.plots") if plots is None else plots
     plot_files: list[Path] = []
-    from experiments.report import make_plots, markdown_table
-
     if do_plots:
         plot_files = make_plots(scenario, points, parts, out)
-    table = markdown_table(scenario, summary_rows)
     if stream is not None:
-        print(table, file=stream)
+        print(merged.table, file=stream)
+        if merged.worst_case:
+            print("\n" + merged.worst_case, file=stream)
         print(f"\nwrote {tidy}, {summary}, {meta}"
-              + "".join(f", {p}" for p in plot_files), file=stream)
-    return RunOutputs(out, tidy, summary, meta, plot_files, table, summary_rows)
+              + "".join(f", {p}" for p in [*tables, *plot_files]), file=stream)
+    return RunOutputs(out, tidy, summary, meta, plot_files, merged.table, merged.summary_rows)
 
 
 def _cell(v: Any) -> str:

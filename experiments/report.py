@@ -1,10 +1,19 @@
-"""Reports: the Markdown summary table and PNG plots people can look at."""
+"""Reports: the Markdown tables (per point, worst case over attacks) and number formatting.
+
+The worst case over attacks is the standard selection of ByzFL (Allouah et al., *Fixing by
+Mixing*, AISTATS 2023; the ByzFL benchmark): a defense is rated by the attack that hurts it most,
+so every row names that attack and sits beside the no-attack baseline of the same setting.
+Figures are drawn in :mod:`experiments.figures`.
+"""
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 from collections import defaultdict
 from collections.abc import Sequence
+from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,9 +21,11 @@ from experiments.keys import short_key
 from experiments.results import DIVERGED_DB
 
 if TYPE_CHECKING:
-    from experiments.schema import Scenario, SweepPoint
+    from experiments.schema import Scenario
 
-__all__ = ["DIVERGED_DB", "make_plots", "markdown_table", "short_key"]
+__all__ = ["DIVERGED_DB", "fmt_metric", "fmt_value", "frac_label", "main_metric",
+           "markdown_table", "short_key", "worst_case_markdown", "worst_case_rows",
+           "write_tables"]
 
 X_PREFERENCE = (
     "sharing.fraction",
@@ -24,6 +35,31 @@ X_PREFERENCE = (
     "attack.params.sigma",
     "attack.p_a",
 )
+
+#: metrics where a higher value is better (every other metric: lower is better)
+HIGHER_IS_BETTER = frozenset({"accuracy"})
+
+
+def frac_label(v: Any) -> str:
+    """``0.125`` -> ``1/8``, ``1.0`` -> ``1``: exact when ``v`` is a ratio with a small
+    denominator (<= 1024), else the shortest exact decimal (``fmt_value``)."""
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        return fmt_value(v)
+    f = Fraction(v).limit_denominator(1024)
+    if abs(float(f) - float(v)) > 1e-12 * max(1.0, abs(float(v))):
+        return fmt_value(v)
+    return str(f.numerator) if f.denominator == 1 else f"{f.numerator}/{f.denominator}"
+
+
+def fmt_value(v: Any) -> str:
+    """A swept value as written: ``0.125`` (never rounded to ``0.12``), ``1``, names as is."""
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        return f"{v:.10g}"
+    return str(v)
 
 
 def _num(v: Any, digits: int = 2) -> str:
@@ -36,12 +72,57 @@ def _num(v: Any, digits: int = 2) -> str:
     return str(v)
 
 
+def _bytes(v: float) -> str:
+    """Bytes as an integer below 10 KiB, else in binary units with three significant digits."""
+    if abs(v) < 10 * 1024:
+        return f"{round(v):d} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        v /= 1024.0
+        if abs(v) < 1024 or unit == "TiB":
+            return f"{v:.3g} {unit}"
+    raise AssertionError("unreachable")
+
+
+def fmt_metric(metric: str, v: Any) -> str:
+    """A steady-state value of ``metric`` for a table: dB with 2 decimals, bytes as integers or
+    KiB/MiB, accuracy/loss with 4 decimals, counts without decimals when whole."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, float) and math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    x = float(v)
+    if metric.endswith("_mse"):
+        return f"{x:.2f}"
+    if metric.startswith("bytes"):
+        return _bytes(x)
+    if metric in ("accuracy", "loss"):
+        return f"{x:.4f}"
+    return f"{x:.0f}" if x == round(x) else f"{x:.2f}"
+
+
 def _diverged(row: dict[str, Any]) -> bool:
     """The summary row's verdict (rows of older parts: non-finite or above DIVERGED_DB)."""
     if "diverged" in row:
         return bool(row["diverged"])
     v = row.get("steady_db", row.get("steady"))
     return isinstance(v, float) and not (v < DIVERGED_DB)
+
+
+def main_metric(metrics: Sequence[str]) -> str:
+    """The metric reports rank by: ``global_mse`` (online), else ``accuracy`` (image tasks)."""
+    for m in ("global_mse", "accuracy"):
+        if m in metrics:
+            return m
+    return sorted(metrics)[0]
+
+
+def _value_col(metric: str) -> tuple[str, str, str]:
+    return (("steady_db", "ci_low_db", "ci_high_db") if metric.endswith("_mse")
+            else ("steady", "ci_low", "ci_high"))
+
+
+def _unit(metric: str) -> str:
+    return f"{metric} (dB)" if metric.endswith("_mse") else metric
 
 
 def markdown_table(scenario: Scenario, rows: Sequence[dict[str, Any]]) -> str:
@@ -68,8 +149,7 @@ def markdown_table(scenario: Scenario, rows: Sequence[dict[str, Any]]) -> str:
     for idx in sorted(by_point):
         ms = by_point[idx]
         first = next(iter(ms.values()))
-        cells = [_num(first.get(k)) if not isinstance(first.get(k), str) else first[k]
-                 for k in keys]
+        cells = [fmt_value(first.get(k)) for k in keys]
         if online:
             g = ms.get("global_mse", {})
             loc = ms.get("local_mse", {})
@@ -83,215 +163,142 @@ def markdown_table(scenario: Scenario, rows: Sequence[dict[str, Any]]) -> str:
                           "diverged" if _diverged(loc) else _num(loc.get("steady_db"))]
         else:
             cells += ["diverged" if m in ms and _diverged(ms[m])
-                      else _num(ms[m].get("steady"), 4) if m in ms else "–" for m in metrics]
+                      else fmt_metric(m, ms[m].get("steady")) if m in ms else "–"
+                      for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _db(x: float) -> float:
-    return 10 * math.log10(x) if x > 0 else float("nan")
+def attack_axes(scenario: Scenario) -> list[str]:
+    """Swept keys the worst case is taken over: the attack's name and its parameters."""
+    return [k for k in scenario.sweep if k == "attack.name" or k.startswith("attack.params")]
 
 
-def make_plots(
-    scenario: Scenario,
-    points: Sequence[SweepPoint],
-    parts: Sequence[dict[str, Any]],
-    out: Path,
-) -> list[Path]:
-    """Learning curves, steady state vs the swept x (theory overlaid), defense comparison."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    files: list[Path] = []
-    keys = list(scenario.sweep)
-    main_metric = "global_mse" if "global_mse" in parts[0]["curves"] else next(
-        iter(parts[0]["curves"])
-    )
-    is_mse = main_metric.endswith("_mse")
-
-    def value(part: dict[str, Any], metric: str) -> float | None:
-        """Steady state of ``metric``; None when the point diverged."""
-        for r in part["summary"]:
-            if r["metric"] == metric:
-                if _diverged(r):
-                    return None
-                v = r.get("steady_db") if is_mse else r.get("steady")
-                return None if v is None else float(v)
-        return None
-
-    def diverged(part: dict[str, Any]) -> bool:
-        return any(_diverged(r) for r in part["summary"] if r["metric"] == main_metric)
-
-    # 1. Learning curves, one panel per value of the first non-x swept key (max 6 panels).
-    x_key = next((k for k in X_PREFERENCE if k in scenario.sweep), keys[0] if keys else None)
-    facet_key = next((k for k in keys if k != x_key and len(scenario.sweep[k]) <= 6), None)
-    facets = scenario.sweep[facet_key] if facet_key else [None]
-    fig, axes = plt.subplots(1, len(facets), figsize=(5 * len(facets), 4), squeeze=False,
-                             sharey=True)
-    x_vals = list(scenario.sweep[x_key]) if x_key else []
-    other_keys = [k for k in keys if k not in (x_key, facet_key)]
-    other_combos = sorted({tuple(p.get(k) for k in other_keys) for p in points}, key=str)
-    styles = ["-", "--", ":", "-."]
-    for ax, fv in zip(axes[0], facets, strict=True):
-        for p, part in zip(points, parts, strict=True):
-            if facet_key and p.get(facet_key) != fv:
-                continue
-            ys = part["curves"][main_metric]
-            ys = [_db(y) for y in ys] if is_mse else ys
-            label = ", ".join(f"{short_key(k)}={v}" for k, v in p.values if k != facet_key)
-            label = (label or "base") + (" (diverged)" if diverged(part) else "")
-            ci = x_vals.index(p.get(x_key)) if x_key else 0
-            combo = tuple(p.get(k) for k in other_keys)
-            li = other_combos.index(combo) if combo in other_combos else 0
-            ax.plot(part["rounds"], ys, lw=1.2, label=label, color=f"C{ci % 10}",
-                    linestyle=styles[li % len(styles)],
-                    marker=None if li < len(styles) else ".", markevery=10)
-        ax.set_title(f"{short_key(facet_key)} = {fv}" if facet_key else scenario.name)
-        ax.set_xlabel("iteration" if is_mse else "round")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(f"{main_metric} (dB)" if is_mse else main_metric)
-    _handles, labels = axes[0][0].get_legend_handles_labels()
-    if len(labels) <= 16:
-        axes[0][-1].legend(fontsize=7, loc="best")
-    fig.suptitle(f"{scenario.name}: learning curves (mean over {scenario.get('runs')} runs)")
-    fig.tight_layout()
-    f1 = out / "learning_curves.png"
-    fig.savefig(f1, dpi=110)
-    plt.close(fig)
-    files.append(f1)
-
-    # 2. Steady state against the x key: one panel per facet value, one line per combination of
-    #    the other keys (diverged points are left out and counted in the panel title).
-    if x_key is not None:
-        fig, axes2 = plt.subplots(1, len(facets), figsize=(5.2 * len(facets), 4.6),
-                                  squeeze=False, sharey=True)
-        any_theory = False
-        for ax, fv in zip(axes2[0], facets, strict=True):
-            groups: dict[tuple[Any, ...], list[tuple[Any, float | None, float | None]]] = (
-                defaultdict(list)
-            )
-            for p, part in zip(points, parts, strict=True):
-                if facet_key and p.get(facet_key) != fv:
-                    continue
-                other = tuple((k, v) for k, v in p.values if k not in (x_key, facet_key))
-                theory = next((r.get("theory_db") for r in part["summary"]
-                               if r["metric"] == main_metric), None)
-                groups[other].append((p.get(x_key), value(part, main_metric), theory))
-            n_div = 0
-            for i, (other, pts) in enumerate(groups.items()):
-                pts.sort(key=lambda t: t[0])
-                ok = [t for t in pts if t[1] is not None and math.isfinite(float(t[1]))]
-                n_div += len(pts) - len(ok)
-                li = other_combos.index(tuple(v for _, v in other)) if tuple(
-                    v for _, v in other) in other_combos else i
-                color = f"C{li % 10}"
-                label = ", ".join(f"{short_key(k)}={v}" for k, v in other) or "simulation"
-                ax.plot([t[0] for t in ok], [t[1] for t in ok], "o-", color=color, label=label)
-                th = [(t[0], t[2]) for t in pts if t[2] is not None and math.isfinite(t[2])]
-                if th:
-                    any_theory = True
-                    ax.plot([t[0] for t in th], [t[1] for t in th], "x--", color=color,
-                            alpha=0.9, markersize=9, label=f"theory ({label})")
-            title = f"{short_key(facet_key)} = {fv}" if facet_key else scenario.name
-            ax.set_title(title + (f"  ({n_div} diverged, not shown)" if n_div else ""),
-                         fontsize=10)
-            ax.set_xlabel(x_key)
-            xs_all = [p.get(x_key) for p in points]
-            if x_key in ("sharing.fraction", "sharing.count", "federation.stepsize",
-                         "attack.params.sigma") and all(isinstance(v, int | float) and v > 0
-                                                        for v in xs_all):
-                ax.set_xscale("log", base=2)
-            ax.grid(alpha=0.3)
-            if len(groups) <= 12:
-                ax.legend(fontsize=7)
-        axes2[0][0].set_ylabel(f"steady-state {main_metric}" + (" (dB)" if is_mse else ""))
-        fig.suptitle(f"{scenario.name}: steady state vs {short_key(x_key)}"
-                     + (" (x--: theory)" if any_theory else ""))
-        fig.tight_layout()
-        f2 = out / f"steady_vs_{short_key(x_key).replace('.', '_')}.png"
-        fig.savefig(f2, dpi=110)
-        plt.close(fig)
-        files.append(f2)
-
-    # 3. Per-defense comparison (grouped bars), when defenses are swept.
-    if "defense.name" in scenario.sweep:
-        defs = scenario.sweep["defense.name"]
-        group_key = next((k for k in ("attack.name", x_key) if k in scenario.sweep
-                          and k != "defense.name"), None)
-        gvals = scenario.sweep[group_key] if group_key else [None]
-        fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(gvals) * len(defs) / 2), 4.5))
-        width = 0.8 / len(defs)
-        table: list[list[float]] = []
-        for d in defs:
-            ys = []
-            for gv in gvals:
-                vals = [value(part, main_metric) for p, part in zip(points, parts, strict=True)
-                        if p.get("defense.name") == d and (group_key is None
-                                                           or p.get(group_key) == gv)]
-                found = [float(v) for v in vals if v is not None and math.isfinite(float(v))]
-                ys.append(min(found) if found else float("nan"))
-            table.append(ys)
-        finite = [v for row in table for v in row if math.isfinite(v)]
-        base = (min(finite) - 3.0) if (is_mse and finite) else 0.0
-        for j, (d, ys) in enumerate(zip(defs, table, strict=True)):
-            xs = [i + j * width for i in range(len(gvals))]
-            ax.bar(xs, [y - base for y in ys], width=width, bottom=base, label=d)
-            for x, y in zip(xs, ys, strict=True):
-                if not math.isfinite(y):  # every point of this bar diverged
-                    ax.text(x, base, "diverged", rotation=90, ha="center", va="bottom",
-                            fontsize=7)
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(gvals))])
-        ax.set_xticklabels([str(g) for g in gvals])
-        ax.set_xlabel(group_key or "")
-        ax.set_ylabel(f"best steady-state {main_metric}" + (" (dB, lower is better)" if is_mse
-                                                             else ""))
-        ax.set_title(f"{scenario.name}: defenses (best over the other swept keys)")
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-        ax.grid(alpha=0.3, axis="y")
-        fig.tight_layout()
-        f3 = out / "defense_comparison.png"
-        fig.savefig(f3, dpi=110)
-        plt.close(fig)
-        files.append(f3)
-    comm = _communication_plot(plt, scenario, points, parts, out)
-    if comm is not None:
-        files.append(comm)
-    return files
+def _badness(row: dict[str, Any], metric: str) -> float:
+    """How much an attack hurt: diverged is worst; else the metric, signed so higher is worse."""
+    if _diverged(row):
+        return math.inf
+    v = row.get(_value_col(metric)[0])
+    if v is None or not math.isfinite(float(v)):
+        return math.inf
+    return -float(v) if metric in HIGHER_IS_BETTER else float(v)
 
 
-def _communication_plot(plt: Any, scenario: Scenario, points: Sequence[SweepPoint],
-                        parts: Sequence[dict[str, Any]], out: Path) -> Path | None:
-    """Global MSE against the values communicated (P1's comparison at equal communication):
-    each iteration moves ``M`` values down and up per participant, ``2 P M`` in all (``2 p_c K
-    M`` expected with Bernoulli scheduling). Drawn for batched sweeps of the shared amount."""
-    if scenario.get("engine") != "batched" or not any(
-            k in scenario.sweep for k in ("sharing.count", "sharing.fraction")):
-        return None
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for i, (p, part) in enumerate(zip(points, parts, strict=True)):
-        m = part.get("info", {}).get("share_count")
-        if m is None or "global_mse" not in part["curves"]:
+def _attack_label(row: dict[str, Any], axes: Sequence[str]) -> str:
+    extra = [f"{short_key(k)}={fmt_value(row.get(k))}" for k in axes if k != "attack.name"]
+    return str(row.get("attack.name")) + (f" ({', '.join(extra)})" if extra else "")
+
+
+WORST_COLUMNS = ("metric", "worst_attack", "worst", "ci_low", "ci_high", "diverged",
+                 "no_attack", "gap", "attacks_compared")
+
+
+def worst_case_rows(scenario: Scenario, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per setting of the non-attack swept keys (defense x fraction x ...): the attack that hurts
+    the main metric most (a diverged point is the worst), its value and 95% CI, the no-attack
+    value of the same setting and the gap to it. Empty unless ``attack.name`` is swept."""
+    if "attack.name" not in scenario.sweep:
+        return []
+    metric = main_metric(sorted({str(r["metric"]) for r in rows}))
+    vcol, lo, hi = _value_col(metric)
+    axes = attack_axes(scenario)
+    group_keys = [k for k in scenario.sweep if k not in axes]
+    groups: dict[str, tuple[list[Any], list[dict[str, Any]], list[dict[str, Any]]]] = {}
+    for r in sorted(rows, key=lambda r: int(r["point"])):
+        if r["metric"] != metric:
             continue
-        per_iter = 2 * int(m) * (
-            float(p.get("federation.p_c")) * int(p.get("federation.clients"))
-            if p.get("federation.scheduling") == "bernoulli"
-            else int(p.get("federation.participants")))
-        xs = [r * per_iter / 1e6 for r in part["rounds"]]
-        ys = [_db(y) for y in part["curves"]["global_mse"]]
-        ax.plot(xs, ys, color=f"C{i % 10}", lw=1.2,
-                label=f"{p.label} (M={m})" + (" (diverged)" if any(
-                    _diverged(r) for r in part["summary"] if r["metric"] == "global_mse")
-                    else ""))
-    ax.set_xlabel("values communicated (millions, downlink + uplink)")
-    ax.set_ylabel("global_mse (dB)")
-    ax.set_title(f"{scenario.name}: MSE vs communication")
-    ax.grid(alpha=0.3)
-    if len(points) <= 16:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "communication.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+        vals = [r.get(k) for k in group_keys]
+        ident = repr([fmt_value(v) for v in vals])
+        _, attacked, base = groups.setdefault(ident, (vals, [], []))
+        (base if r.get("attack.name") == "none" else attacked).append(r)
+    out = []
+    for vals, attacked, base in groups.values():
+        if not attacked:
+            continue
+        worst = max(attacked, key=lambda r: _badness(r, metric))  # first of equals: point order
+        div = _diverged(worst)
+        w = math.nan if div else float(worst[vcol])
+        b = base[0] if base else None
+        b_val = None if b is None else (math.inf if _diverged(b) else float(b[vcol]))
+        gap = None if b_val is None or div or not math.isfinite(b_val) else w - b_val
+        out.append({**dict(zip(group_keys, vals, strict=True)), "metric": metric,
+                    "worst_attack": _attack_label(worst, axes), "worst": w,
+                    "ci_low": math.nan if div else worst.get(lo),
+                    "ci_high": math.nan if div else worst.get(hi), "diverged": div,
+                    "no_attack": b_val, "gap": gap, "attacks_compared": len(attacked)})
+    return out
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, float):
+        return format(v, ".10g")
+    return str(v)
+
+
+def worst_case_csv(scenario: Scenario, worst: Sequence[dict[str, Any]]) -> str:
+    axes = attack_axes(scenario)
+    cols = [k for k in scenario.sweep if k not in axes] + list(WORST_COLUMNS)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(cols)
+    for row in worst:
+        w.writerow([_cell(row.get(c)) for c in cols])
+    return buf.getvalue()
+
+
+def worst_case_markdown(scenario: Scenario, worst: Sequence[dict[str, Any]]) -> str:
+    """The worst-case rows pivoted: one line per defense (x other keys), per value of the x key
+    (the shared fraction when swept) the worst value with its attack, and the no-attack value."""
+    if not worst:
+        return ""
+    metric = str(worst[0]["metric"])
+    axes = attack_axes(scenario)
+    group_keys = [k for k in scenario.sweep if k not in axes]
+    x_key = next((k for k in X_PREFERENCE if k in group_keys), None)
+    row_keys = sorted((k for k in group_keys if k != x_key),
+                      key=lambda k: (k != "defense.name", group_keys.index(k)))
+    xs = list(scenario.sweep[x_key]) if x_key else [None]
+    lines_by: dict[str, tuple[list[Any], dict[str, dict[str, Any]]]] = {}
+    for r in worst:
+        vals = [r.get(k) for k in row_keys]
+        ident = repr([fmt_value(v) for v in vals])
+        lines_by.setdefault(ident, (vals, {}))[1][fmt_value(r.get(x_key)) if x_key else ""] = r
+    xl = (lambda v: frac_label(v)) if x_key in ("sharing.fraction",) else fmt_value
+    head = [short_key(k) for k in row_keys]
+    for x in xs:
+        at = f"{short_key(x_key)} {xl(x)}: " if x_key else ""
+        head += [f"{at}worst (attack)", f"{at}no attack"]
+    names = sorted({str(a) for a in scenario.sweep["attack.name"] if a != "none"})
+    worse = "higher" if metric not in HIGHER_IS_BETTER else "lower"
+    lines = [f"## {scenario.name}: worst case over attacks ({', '.join(names)}), "
+             f"steady-state {_unit(metric)}, {worse} is worse", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for vals, by_x in lines_by.values():
+        cells = [fmt_value(v) for v in vals]
+        for x in xs:
+            got = by_x.get(fmt_value(x) if x_key else "")
+            if got is None:
+                cells += ["–", "–"]
+                continue
+            r = got
+            w = "diverged" if r["diverged"] else fmt_metric(metric, r["worst"])
+            b = r["no_attack"]
+            cells += [f"{w} ({r['worst_attack']})",
+                      "–" if b is None else "diverged" if math.isinf(b) else fmt_metric(metric, b)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_tables(scenario: Scenario, rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
+    """worst_case.csv and worst_case.md (when attacks are swept); returns the files written."""
+    worst = worst_case_rows(scenario, rows)
+    if not worst:
+        return []
+    csv_path, md_path = out / "worst_case.csv", out / "worst_case.md"
+    csv_path.write_text(worst_case_csv(scenario, worst))
+    md_path.write_text(worst_case_markdown(scenario, worst) + "\n")
+    return [csv_path, md_path]
