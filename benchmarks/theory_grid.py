@@ -13,7 +13,7 @@ after the first 10%; μ* within one grid step of the simulated best stepsize on 
 stepsize sweeps (M < D, uplink next; common random numbers across the sweep). Round-robin
 selection (modelled as random: an approximation) is reported apart.
 
-Usage: ``python benchmarks/theory_grid.py [--runs 1024] [--iterations 800] [--quick]``. Prints
+Usage: ``python benchmarks/theory_grid.py [--runs 2048] [--iterations 800] [--quick]``. Prints
 figures, ends with ONE JSON line.
 """
 
@@ -37,7 +37,7 @@ from psfed_robust.engine import OnlineConfig, run_online, theory  # noqa: E402
 
 BASE = OnlineConfig(
     task="linear", num_clients=20, dim=16, participants=5, share_count=4, stepsize=0.05,
-    iterations=800, runs=1024, uplink="next", attack="gaussian",
+    iterations=800, runs=2048, uplink="next", attack="gaussian",
     attack_params={"p_a": 0.5, "sigma": 1.0}, num_malicious=3, noise_var=0.01,
     test_mse="expected", record_every=10, seed=15)
 STEADY_WINDOW = 0.5
@@ -156,7 +156,7 @@ def mu_sweep(name: str, cfg: OnlineConfig) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=1024)
+    ap.add_argument("--runs", type=int, default=2048)
     ap.add_argument("--iterations", type=int, default=800)
     ap.add_argument("--mu-runs", type=int, default=256)
     ap.add_argument("--quick", action="store_true", help="4 settings, 128 runs, 1 μ sweep")
@@ -170,13 +170,14 @@ def main(argv: list[str] | None = None) -> int:
         args.runs, args.mu_runs = 128, 64
     rows = []
     print(f"{'setting':42s} {'sim dB':>8s} {'±CI95':>6s} {'theory':>8s} {'diff':>6s} "
-          f"{'LCmax':>6s} {'loc.diff':>8s} {'s':>5s}")
+          f"{'LCmax':>6s} {'rec.sem':>7s} {'loc.diff':>8s} {'s':>5s}")
     for name, cfg in settings + rr:
         r = compare(cfg.replace(runs=args.runs, iterations=args.iterations))
         r["name"] = name
         rows.append(r)
         print(f"{name:42s} {r['sim_db']:8.3f} {r['ci95_db']:6.3f} {r['theory_db']:8.3f} "
-              f"{r['diff_db']:+6.3f} {r['lc_max_dev_db']:6.3f} {r['local_diff_db']:+8.3f} "
+              f"{r['diff_db']:+6.3f} {r['lc_max_dev_db']:6.3f} {r['record_sem_db']:7.3f} "
+              f"{r['local_diff_db']:+8.3f} "
               f"{r['seconds']:5.1f}", flush=True)
     exact = [r for r in rows if r["exact"]]
     approx = [r for r in rows if not r["exact"]]
