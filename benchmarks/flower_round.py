@@ -2,13 +2,13 @@
 
     .venv/bin/python benchmarks/flower_round.py [--quick] [--clients K] [--rounds R]
 
-Runtime (both strategies): :class:`psfed_robust.flower.apps.loopback.LoopbackGrid`, Flower's
+Runtime (both strategies): :class:`psfed_robust.flower.testing.LocalGrid`, Flower's
 Message API in one process — ``Strategy.start`` drives the rounds, each message's object tree is
 deflated and inflated as Flower serializes it, each node keeps a persistent Context (PSFedAvg's
 local model lives in ``context.state``), and ClientApps run one after another. No Ray, SuperLink
 or polling, so the strategy and client costs are what is compared. Not charged: the per-message
-serialization of the Context that the real runtimes do (≈ 5 ms per MB of state in simulation,
-shared/research/flower-1.42.md §2.7), which only the stateful PSFedAvg client would pay.
+serialization of the Context that the real runtimes do (a few ms per MB of state in
+simulation), which only the stateful PSFedAvg client would pay.
 
 Model: an MLP 784 → 1024 → 256 → 10 (1,068,810 float32 parameters). Clients: K (default 8)
 identical ClientApps doing one SGD step on a fixed synthetic batch of 32. Evaluation off.
@@ -58,8 +58,9 @@ from torch import nn  # noqa: E402
 from psfed_robust.flower import PSFedAvg, arrays_from_model, register_psfed_handlers  # noqa: E402
 from psfed_robust.flower.apps.digits_client import app as digits_client_app  # noqa: E402
 from psfed_robust.flower.apps.digits_server import run_digits  # noqa: E402
-from psfed_robust.flower.apps.loopback import LoopbackGrid  # noqa: E402
 from psfed_robust.flower.client import FunctionClient  # noqa: E402
+from psfed_robust.flower.settings import MaskSettings  # noqa: E402
+from psfed_robust.flower.testing import LocalGrid  # noqa: E402
 
 FRACTIONS = (1.0, 0.5, 0.1)
 IN, H1, H2, OUT = 784, 1024, 256, 10
@@ -112,7 +113,7 @@ def bench_client_app() -> ClientApp:
 
 
 def run_one(strategy: Strategy, initial: ArrayRecord, clients: int, rounds: int) -> dict[str, Any]:
-    grid = LoopbackGrid(bench_client_app(), clients)
+    grid = LocalGrid(bench_client_app(), clients)
     stamps: list[float] = []
     cpu: list[float] = []
     cuts: list[int] = []
@@ -182,9 +183,7 @@ def make_psfed(clients: int, f: float) -> tuple[Strategy, ArrayRecord]:
         min_train_nodes=clients,
         min_evaluate_nodes=0,
         min_available_nodes=clients,
-        mask_fraction=f,
-        mask_strategy="random",
-        mask_seed=0,
+        masks=MaskSettings(fraction=f, strategy="random", seed=0),
     )
     return s, arrays_from_model(big_model())
 
@@ -199,7 +198,7 @@ def digits_comparison() -> dict[str, float]:
             "fraction": 0.5,
             "seed": 0,
         }
-        grid = LoopbackGrid(digits_client_app, 4, run_config=rc)
+        grid = LocalGrid(digits_client_app, 4, run_config=rc)
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
         out[strategy] = run_digits(grid, rc)
     fed, ps = out["fedavg"], out["psfedavg"]
@@ -228,7 +227,7 @@ def main() -> None:
     d = sum(p.numel() for p in big_model().parameters())
     print(
         f"# Flower round benchmark: MLP {IN}-{H1}-{H2}-{OUT} ({d:,} params), "
-        f"{args.clients} clients, {args.rounds} rounds x {args.reps} reps, LoopbackGrid, "
+        f"{args.clients} clients, {args.rounds} rounds x {args.reps} reps, LocalGrid, "
         f"torch threads 1, {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs"
     )
@@ -295,7 +294,7 @@ def main() -> None:
 
     line = {
         "benchmark": "flower_round",
-        "runtime": "LoopbackGrid (in-process Message API, serialized messages)",
+        "runtime": "LocalGrid (in-process Message API, serialized messages)",
         "num_parameters": d,
         "clients": args.clients,
         "rounds": args.rounds,
