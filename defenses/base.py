@@ -233,11 +233,12 @@ def get_defense(name: str, *, pre: Any = None, **params: Any) -> Aggregator:
 
     ``pre`` (optional): pre-aggregators run in front of the rule, in order, e.g.
     ``get_defense("krum", f=2, pre=["nnm", ("bucketing", {"s": 2})])`` (see
-    ``defenses.compose.compose``); an empty list or None gives the plain rule.
+    ``defenses.compose.compose``); an empty list or None gives the plain rule. With ``pre``, an
+    ``f`` the rule does not take (``median``) is the pre-aggregators' ``f``.
     """
-    rule = _REGISTRY.get(name, **params)
     if not pre:
-        return rule
+        return _REGISTRY.get(name, **params)
     from defenses.compose import compose  # compose builds on this module
 
-    return compose(pre, rule)
+    f = params.pop("f") if "f" in params and "f" not in _REGISTRY.cls(name).param_names() else None
+    return compose(pre, _REGISTRY.get(name, **params), f=f)

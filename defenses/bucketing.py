@@ -44,6 +44,8 @@ def model_generator(seed: int, global_model: torch.Tensor, purpose: str) -> torc
 class Bucketing(PreAggregator):
     """Random buckets of ``s`` participants, each replaced by its mean."""
 
+    uses_f = False
+
     def __init__(self, *, s: int = 2, seed: int = 0) -> None:
         o = self._owner()
         self.s = check_int(o, "s", s, low=1)

@@ -9,8 +9,10 @@ row with its nearest neighbours (Allouah et al., AISTATS 2023), bucketing averag
     agg = get_defense("krum", f=2, pre=["nnm", ("bucketing", {"s": 2})])   # the same
 
 A spec is a registered name, ``(name, params)``, a mapping ``{"name": ..., **params}`` or a
-``PreAggregator`` object. A pre-aggregator's ``f=None`` (the default) means the rule's ``f``
-(0 if the rule has none), so ``pre=["nnm"]`` with ``krum(f=2)`` mixes over ``n - 2`` neighbours.
+``PreAggregator`` object. A pre-aggregator's ``f=None`` (the default) means the composition's
+``f``: the rule's ``f`` (``pre=["nnm"]`` with ``krum(f=2)`` mixes ``n - 2`` rows), or, for a rule
+without one, ``compose(..., f=...)`` / ``get_defense("median", f=2, pre=["nnm"])``. NNM and ARC
+without any ``f`` raise (with ``f = 0`` NNM would mix every row into the mean).
 
 Both aggregation modes: in *fill* mode the pre-aggregator sees the participants' filled vectors
 and hands dense rows to the rule; in *reporters* mode it sees each row's reported coordinates
@@ -34,6 +36,7 @@ from torch import Tensor
 
 from defenses.base import Aggregator, ParamError, RoundInputs, defense_class
 from psfed_robust.core.aggregation import fill_unshared
+from psfed_robust.params import check_int
 
 __all__ = ["Composed", "PreAggregator", "compose", "pre_aggregator", "rows_view"]
 
@@ -69,6 +72,7 @@ class PreAggregator(Aggregator):
     """
 
     uses_weights = True
+    uses_f: ClassVar[bool] = True  # transform depends on f (NNM, ARC; not bucketing)
     f: int | None = None
 
     def resolve_f(self, default: int) -> int:
@@ -94,9 +98,9 @@ class PreAggregator(Aggregator):
         return Mean().aggregate(self.transform(a, self.resolve_f(0)))
 
 
-def _rule_f(rule: Aggregator) -> int:
-    f = getattr(rule, "f", 0)
-    return f if isinstance(f, int) and not isinstance(f, bool) else 0
+def _rule_f(rule: Aggregator) -> int | None:
+    f = getattr(rule, "f", None)
+    return f if isinstance(f, int) and not isinstance(f, bool) else None
 
 
 def pre_aggregator(spec: Any) -> PreAggregator:
@@ -141,12 +145,24 @@ class Composed(Aggregator):
 
     name: ClassVar[str] = "composed"
 
-    def __init__(self, *, pre: Sequence[PreAggregator], rule: Aggregator) -> None:
+    def __init__(
+        self, *, pre: Sequence[PreAggregator], rule: Aggregator, f: int | None = None
+    ) -> None:
         if isinstance(rule, PreAggregator | Composed) or not isinstance(rule, Aggregator):
             raise ParamError(f"compose: the rule must be an aggregation rule, got {rule!r}")
         self.pre = tuple(pre)
         self.rule = rule
-        self.f = _rule_f(rule)
+        own = _rule_f(rule)
+        self.f = own if f is None else check_int("compose", "f", f, low=0)
+        for p in self.pre:
+            if p.uses_f and p.f is None and self.f is None:
+                raise ParamError(
+                    f"{p._owner()}: needs f, and rule {rule.name!r} has none: give it as "
+                    f"({p.name!r}, {{'f': ...}}) or pass f to compose/get_defense"
+                )
+
+    def _f(self, p: PreAggregator) -> int:
+        return p.resolve_f(0 if self.f is None else self.f)
 
     @property
     def uses_weights(self) -> bool:  # type: ignore[override]
@@ -162,21 +178,24 @@ class Composed(Aggregator):
 
     def check_participants(self, n: int) -> None:
         for p in self.pre:
-            p.check_rows(n, p.resolve_f(self.f))
+            p.check_rows(n, self._f(p))
             n = p.out_count(n)
         self.rule.check_participants(n)
 
     def aggregate(self, a: RoundInputs) -> Tensor:
         for p in self.pre:
-            a = p.transform(a, p.resolve_f(self.f))
+            a = p.transform(a, self._f(p))
         return self.rule.aggregate(a)
 
 
-def compose(pre: Sequence[Any] | Any, rule: Aggregator | str) -> Aggregator:
+def compose(
+    pre: Sequence[Any] | Any, rule: Aggregator | str, *, f: int | None = None
+) -> Aggregator:
     """``rule`` preceded by the pre-aggregators ``pre`` (specs, see :func:`pre_aggregator`).
 
     ``rule`` is an ``Aggregator`` or a registered name (default parameters). ``pre`` may be one
-    spec or a sequence of them; an empty sequence returns the rule itself.
+    spec or a sequence of them; an empty sequence returns the rule itself. ``f``: the
+    pre-aggregators' default ``f`` (default: the rule's).
     """
     from defenses.base import get_defense
 
@@ -189,8 +208,8 @@ def compose(pre: Sequence[Any] | Any, rule: Aggregator | str) -> Aggregator:
     if not stages:
         return r
     if isinstance(r, Composed):
-        return Composed(pre=[*stages, *r.pre], rule=r.rule)
-    return Composed(pre=stages, rule=r)
+        return Composed(pre=[*stages, *r.pre], rule=r.rule, f=r.f if f is None else f)
+    return Composed(pre=stages, rule=r, f=f)
 
 
 def masked_mix(w: Tensor, x: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor | None]:
