@@ -9,8 +9,16 @@ import math
 import pytest
 import torch
 
-from defenses import Composed, ParamError, PreAggregator, compose, get_defense, list_defenses
-from defenses.base import RoundInputs
+from defenses import (
+    Aggregator,
+    Composed,
+    ParamError,
+    PreAggregator,
+    compose,
+    get_defense,
+    list_defenses,
+)
+from defenses.base import Mode, RoundInputs
 from psfed_robust.core.round import server_step
 
 T, F = True, False
@@ -18,11 +26,12 @@ X3 = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]], dtype=tor
 G3 = torch.zeros(3, dtype=torch.float64)
 
 
-def rows(pre: PreAggregator, x: torch.Tensor, g: torch.Tensor, *, masks: torch.Tensor | None = None,
+def rows(pre: Aggregator, x: torch.Tensor, g: torch.Tensor, *, masks: torch.Tensor | None = None,
          mode: str = "fill", part: torch.Tensor | None = None, f: int = 0,
          weights: torch.Tensor | None = None,
          gen: torch.Generator | None = None) -> RoundInputs:
     """The rows ``pre`` hands to the rule."""
+    assert isinstance(pre, PreAggregator)
     p = torch.ones(x.shape[:-1], dtype=torch.bool) if part is None else part
     a = RoundInputs(x, masks, g, part, p, weights, mode, {}, generator=gen)  # type: ignore[arg-type]
     return pre.transform(a, f)
@@ -77,7 +86,7 @@ def test_nnm_never_mixes_non_finite_rows_into_honest_ones() -> None:
 
 
 def test_nnm_precondition() -> None:
-    with pytest.raises(ParamError, match=r"defense 'nnm': needs n > f participants \(f=3\), got n=3"):
+    with pytest.raises(ParamError, match=r"needs n > f participants \(f=3\), got n=3"):
         get_defense("nnm", f=3)(X3, None, G3)
     with pytest.raises(ParamError, match="n > f"):
         get_defense("median", f=0, pre=["nnm"]).check_participants(0)
@@ -200,7 +209,7 @@ def test_compose_specs_and_f_inheritance() -> None:
     agg = get_defense("krum", f=2, pre=["nnm", ("bucketing", {"s": 2}), {"name": "arc", "f": 1}])
     assert isinstance(agg, Composed)
     assert [p.name for p in agg.pre] == ["nnm", "bucketing", "arc"]
-    assert agg.pre[0].resolve_f(agg.f) == 2 and agg.pre[2].resolve_f(agg.f) == 1
+    assert agg.f == 2 and agg.pre[0].resolve_f(2) == 2 and agg.pre[2].resolve_f(2) == 1
     same = compose(["nnm", {"name": "bucketing", "params": {"s": 2}}, ("arc", {"f": 1})],
                    get_defense("krum", f=2))
     assert repr(same) == repr(agg)
@@ -240,7 +249,7 @@ def test_composed_keeps_no_state_and_reports_info() -> None:
 
 @pytest.mark.parametrize("mode", ["fill", "reporters"])
 @pytest.mark.parametrize("pre", [["nnm"], ["arc"], ["arc", "nnm"], [("bucketing", {"s": 1})]])
-def test_batched_equals_per_run(mode: str, pre: list) -> None:
+def test_batched_equals_per_run(mode: Mode, pre: list) -> None:
     """[B, K, D] with per-run participants and masks == each run alone on its participants."""
     gen = torch.Generator().manual_seed(5)
     b, k, d = 4, 7, 6
