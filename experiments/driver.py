@@ -30,7 +30,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy import stats
@@ -40,8 +40,12 @@ from experiments.results import DIVERGED_DB, PointResult
 from experiments.schema import Scenario, SweepPoint, check_runnable
 from psfed_robust.core.seeding import stable_seed
 
-__all__ = ["Assembled", "PointResult", "RunOutputs", "assemble", "compute_point", "db_interval",
-           "finalize", "run_points", "run_scenario", "steady_state", "summary_columns"]
+if TYPE_CHECKING:
+    from experiments.executors import Executor
+
+__all__ = ["Assembled", "PointResult", "RunOutputs", "assemble", "build_part", "compute_point",
+           "db_interval", "finalize", "run_points", "run_scenario", "steady_state",
+           "summary_columns"]
 
 TIDY_HEADER = ("point", "run", "round", "metric", "value")
 
@@ -238,8 +242,16 @@ def run_scenario(
     force: bool = False,
     plots: bool | None = None,
     stream: Any = None,
+    executor: str | Executor = "local",
 ) -> RunOutputs:
-    """Run every sweep point (resuming verified parts) and write all outputs into ``out_dir``."""
+    """Run every sweep point (resuming verified parts) and write all outputs into ``out_dir``.
+
+    ``executor``: ``"local"`` (this process, one point after another), ``"ray"`` or an executor
+    object (:mod:`experiments.executors`): workers only compute parts; they are written here.
+    """
+    from experiments.executors import SweepJob, get_executor
+
+    runner = get_executor(executor)  # an unknown executor is refused before any work
     points = scenario.points()
     check_runnable(scenario, points)  # nothing is written before this passes
     out = Path(out_dir)
@@ -273,7 +285,9 @@ def run_scenario(
     if len(todo) < len(points):
         print(f"resuming: {len(points) - len(todo)} of {len(points)} sweep points already done",
               file=stream)
-    for point, rows, record in run_points(scenario, todo, progress=progress):
+    results = (run_points(scenario, todo, progress=progress) if runner is None else runner.run(
+        SweepJob(scenario, compute_point, build_part, point_seed), todo, progress=progress))
+    for point, rows, record in results:
         csv_path, rec_path = _paths(out, point)
         _atomic_write(csv_path, rows)
         _atomic_write(rec_path, json.dumps(record, default=_json_default, sort_keys=True))
@@ -285,8 +299,14 @@ def compute_point(scenario: Scenario, point: SweepPoint, *,
     """Run one point: its part rows (CSV text, no header) and its record (summary, curves...)."""
     from experiments.engines import run_point
 
+    return build_part(scenario, point, run_point(point, point_seed(scenario, point),
+                                                 progress=progress))
+
+
+def build_part(scenario: Scenario, point: SweepPoint,
+               res: PointResult) -> tuple[str, dict[str, Any]]:
+    """A point's part from its result: CSV rows and record (also for merged run blocks)."""
     seed = point_seed(scenario, point)
-    res = run_point(point, seed, progress=progress)
     rows = _part_csv(res)
     record = {"setting": point.setting, "seed": seed,
               "csv_sha256": hashlib.sha256(rows.encode()).hexdigest(),
