@@ -16,7 +16,7 @@ EPILOG = """examples:
   psfed-robust run my.toml --set attack.malicious=5 --set sweep.sharing.fraction=[1,0.25]
   psfed-robust theory p2_mse_vs_m
   psfed-robust reproduce p2                         # the papers' figures (shipped scenarios)
-  psfed-robust list attacks
+  psfed-robust list attacks --plugin my_attack.py   # registered attacks, plugin's included
   psfed-robust list keys                            # every scenario key, engines honouring it
 """
 
@@ -54,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true",
                      help="discard results of a different scenario in --out")
     run.add_argument("--no-plots", action="store_true", help="skip PNG plots")
-    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--quiet", action="store_true", help="no progress output")
+    _plugin_arg(run)
 
     th = sub.add_parser(
         "theory", help="print the steady-state theory for a scenario's sweep points",
@@ -63,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     th.add_argument("scenario", help="scenario TOML file or shipped scenario name")
     th.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _plugin_arg(th)
 
     rep = sub.add_parser(
         "reproduce", help="reproduce a paper's figures by running its shipped scenarios",
@@ -81,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
                         description="List registered attacks/defenses, selectors, every "
                         "scenario key, or the scenarios shipped in experiments/scenarios.")
     ls.add_argument("what", choices=("attacks", "defenses", "selectors", "keys", "scenarios"))
+    _plugin_arg(ls)
 
     sc = sub.add_parser("schema", help="print the scenario schema (Markdown)",
                         description="Print every scenario key, its type, default and allowed "
@@ -89,10 +92,23 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _plugin_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="FILE",
+                   help="Python file (relative to the current folder) or module imported "
+                   "first, e.g. one registering attacks/defenses; repeatable")
+
+
+def _load_plugins(args: argparse.Namespace) -> None:
+    from experiments.schema import load_plugins
+
+    load_plugins(args.plugins, Path.cwd())
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from experiments.driver import run_scenario
     from experiments.schema import load_scenario
 
+    _load_plugins(args)
     overrides = list(args.overrides)
     if args.runs is not None:
         overrides.append(f"runs={args.runs}")
@@ -127,15 +143,17 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 def _cmd_theory(args: argparse.Namespace) -> int:
     from experiments.engines import theory_for_point
+    from experiments.report import fmt_value
     from experiments.schema import load_scenario
 
+    _load_plugins(args)
     scenario = load_scenario(args.scenario, args.overrides)
     print(f"| point | {' | '.join(scenario.sweep) or 'base'} | theory steady-state global MSE "
           f"(dB) | optimal stepsize mu* |")
     print("|---|" + "---|" * (max(1, len(scenario.sweep)) + 2))
     for p in scenario.points():
         t = theory_for_point(p)
-        vals = " | ".join(str(v) for _, v in p.values) or "-"
+        vals = " | ".join(fmt_value(v) for _, v in p.values) or "-"
         if t is None:
             print(f"| {p.index} | {vals} | not covered by the theory | – |")
         else:
@@ -144,6 +162,7 @@ def _cmd_theory(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
+    _load_plugins(args)
     if args.what == "attacks":
         from attacks import attack_class, list_attacks
 

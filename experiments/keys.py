@@ -89,6 +89,11 @@ UNIT_OPEN = Range(0.0, 1.0, low_open=True)
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 
 
+def _param_tables(v: Any) -> bool:
+    return all(isinstance(n, str) and isinstance(t, dict) and all(isinstance(k, str) for k in t)
+               for n, t in v.items())
+
+
 def _safe_name(v: Any) -> bool:
     return bool(_NAME_RE.fullmatch(v)) and ".." not in v and len(v) <= 120
 
@@ -224,7 +229,13 @@ KEYS: tuple[Key, ...] = (
         "(passed to attacks that take p_a).", range=UNIT),
     Key("attack.persistent", bool, False, "Threat model: a persistent attacker keeps its "
         "crafted model as its local model; otherwise the attack is transmit-only."),
-    Key("attack.params", dict, {}, "Attack parameters (see `psfed-robust list attacks`)."),
+    Key("attack.params", dict, {}, "Attack parameters (see `psfed-robust list attacks`); when "
+        "`attack.name` is swept, each attack takes the keys it accepts."),
+    Key("attack.params_by_name", dict, {}, "Parameters of one attack, by name, used only when "
+        "that attack runs and over `attack.params`: `[attack.params_by_name.gaussian]` `sigma = "
+        "2` (`--set attack.params_by_name.gaussian.sigma=2`; sweepable at that depth). Every key "
+        "must be a parameter of that attack.", check=_param_tables,
+        check_doc="a table per attack name"),
     # ---------------------------------------------------------------- [defense]
     Key("defense.name", str, "mean", "Aggregator registry name ('mean' is PSO-Fed's step)."),
     Key("defense.mode", str, "fill", "How partial updates meet the aggregator.",
@@ -232,7 +243,12 @@ KEYS: tuple[Key, ...] = (
     Key("defense.f", int, None, "Declared number of Byzantine participants the rule assumes "
         "(unset: `attack.malicious`); passed as `f` to rules that take it (to trimmed_mean only "
         "when set) unless `defense.params.f` is given.", range=NONNEG, nullable=True),
-    Key("defense.params", dict, {}, "Aggregator parameters (see `psfed-robust list defenses`)."),
+    Key("defense.params", dict, {}, "Aggregator parameters (see `psfed-robust list defenses`); "
+        "when `defense.name` is swept, each rule takes the keys it accepts."),
+    Key("defense.params_by_name", dict, {}, "Parameters of one rule, by name, used only when "
+        "that rule aggregates and over `defense.params`: `[defense.params_by_name.trimmed_mean]` "
+        "`beta = 0.2`. Every key must be a parameter of that rule.", check=_param_tables,
+        check_doc="a table per defense name"),
     # ---------------------------------------------------------------- [output]
     Key("output.record_every", int, 10, "Record metrics every this many iterations/rounds "
         "(<= rounds).", range=POS, online="record_every"),
@@ -344,6 +360,8 @@ def setting_json(values: tuple[tuple[str, Any], ...]) -> str:
 def short_key(dotted: str) -> str:
     """``sharing.fraction`` -> ``fraction``; ``attack.name`` -> ``attack``; params keep a prefix."""
     parts = dotted.split(".")
+    if len(parts) == 4 and parts[1] == "params_by_name":
+        return f"{parts[2]}.{parts[3]}"
     if parts[-1] == "name":
         return parts[0]
     if "params" in parts:

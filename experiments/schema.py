@@ -41,6 +41,8 @@ __all__ = [
     "ScenarioError",
     "SweepPoint",
     "apply_overrides",
+    "apply_values",
+    "is_param_key",
     "load_scenario",
     "parse_scenario",
     "schema_markdown",
@@ -48,17 +50,34 @@ __all__ = [
 
 Config = dict[str, dict[str, Any]]
 TOP_LEVEL = tuple(k.name for k in KEYS if not k.section)
+#: tables of registry parameters: ``params.<param>`` and ``params_by_name.<name>.<param>``
+PARAM_TABLES = ("params", "params_by_name")
 
 
 def _lookup(dotted: str) -> tuple[str, str, Key | None]:
-    """(section, leaf, declaration) of a dotted key; ``params.X`` leaves have no declaration."""
+    """(section, leaf, declaration) of a dotted key; ``params.X`` and
+    ``params_by_name.NAME.X`` leaves have no declaration (the registry checks them)."""
     sec, _, rest = dotted.partition(".") if "." in dotted else ("", "", dotted)
     if sec and rest.startswith("params.") and f"{sec}.params" in {k.name for k in KEYS}:
         if dotted == "attack.params.persistent":
             key(dotted)  # renamed: raises naming the new key
         return sec, rest, None
+    if sec and rest.startswith("params_by_name.") and f"{sec}.params_by_name" in {
+            k.name for k in KEYS}:
+        if rest.count(".") != 2 or "" in rest.split("."):
+            raise ScenarioError(f"{dotted!r}: write {sec}.params_by_name.<{sec} name>.<parameter>"
+                                f", e.g. {sec}.params_by_name.{_EXAMPLE[sec]}")
+        return sec, rest, None
     k = key(dotted)
     return k.section, k.leaf, k
+
+
+_EXAMPLE = {"attack": "gaussian.sigma", "defense": "trimmed_mean.beta"}
+
+
+def is_param_key(dotted: str) -> bool:
+    """A registry parameter (untyped until the attack/defense checks it), not a declared key."""
+    return any(f".{t}." in dotted for t in PARAM_TABLES)
 
 
 def _validate_table(raw: Mapping[str, Any]) -> Config:
@@ -86,7 +105,12 @@ def _validate_table(raw: Mapping[str, Any]) -> Config:
 
 def _set(cfg: Config, dotted: str, value: Any) -> None:
     sec, leaf, k = _lookup(dotted)
-    if k is None:
+    if k is None and leaf.startswith("params_by_name."):
+        _, name, param = leaf.split(".")
+        tables = {n: dict(t) for n, t in cfg[sec]["params_by_name"].items()}
+        tables.setdefault(name, {})[param] = copy.deepcopy(value)
+        cfg[sec]["params_by_name"] = tables
+    elif k is None:
         cfg[sec]["params"] = dict(cfg[sec]["params"])
         cfg[sec]["params"][leaf.split(".", 1)[1]] = copy.deepcopy(value)
     else:
@@ -94,11 +118,19 @@ def _set(cfg: Config, dotted: str, value: Any) -> None:
 
 
 def _get(cfg: Mapping[str, Mapping[str, Any]], dotted: str) -> Any:
+    """A validated value; ``attack.params``/``defense.params`` are the parameters of the
+    configured attack/rule: the shared table with its own ``params_by_name`` table on top."""
     sec, leaf, k = _lookup(dotted)
+    if k is None and leaf.startswith("params_by_name."):
+        _, name, param = leaf.split(".")
+        return cfg[sec]["params_by_name"].get(name, {}).get(param)
     if k is None:
         return cfg[sec]["params"].get(leaf.split(".", 1)[1])
     if dotted == "defense.f" and cfg["defense"]["f"] is None:
         return cfg["attack"]["malicious"]
+    if leaf == "params" and sec in ("attack", "defense"):
+        own = cfg[sec]["params_by_name"].get(cfg[sec]["name"], {})
+        return {**cfg[sec]["params"], **own}
     return cfg[sec][leaf]
 
 
@@ -232,6 +264,9 @@ def validate_point(point: SweepPoint) -> None:
     from experiments.configs import attack_params_of, defense_params_of
     from experiments.registry_check import check_name
 
+    for kind in ("attack", "defense"):
+        _check_by_name(kind, cfg[kind]["params_by_name"], where)
+
     check_name("attack", str(att["name"]), where)
     check_name("defense", str(cfg["defense"]["name"]), where)
     check_attack(str(att["name"]), attack_params_of(point), where)
@@ -241,6 +276,27 @@ def validate_point(point: SweepPoint) -> None:
         from experiments.configs import online_config
 
         online_config(point)
+
+
+def _check_by_name(kind: str, tables: Mapping[str, Mapping[str, Any]], where: str) -> None:
+    """Each ``<kind>.params_by_name`` table names a registered attack/rule and holds only its
+    parameters (a key it would ignore is an error, never a silently dropped setting)."""
+    from experiments.registry_check import accepted_params, check_name
+
+    for name, params in tables.items():
+        if kind == "attack" and name == "none":
+            raise ScenarioError(f"attack.params_by_name.none: {where}: 'none' takes no parameters")
+        check_name(kind, name, f"{where}, {kind}.params_by_name.{name}")
+        acc = accepted_params(kind, name)
+        for p in params:
+            new = RENAMED.get(f"{kind}.params.{p}")
+            if new is not None:
+                raise ScenarioError(f"{kind}.params_by_name.{name}.{p}: is a scenario key; use "
+                                    f"{new!r}")
+            if p not in acc:
+                raise ScenarioError(
+                    f"{kind}.params_by_name.{name}.{p}: {where}: not a parameter of {name!r}; "
+                    f"allowed: {', '.join(acc) or '(none)'}")
 
 
 def check_runnable(scenario: Scenario, points: Iterable[SweepPoint] | None = None) -> None:
@@ -269,14 +325,29 @@ def parse_value(text: str) -> Any:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    """Apply ``key=value`` overrides (dotted keys) to a raw scenario table."""
-    raw = copy.deepcopy(raw)
+    """Apply ``key=value`` overrides (dotted keys, TOML values) to a raw scenario table."""
+    values: list[tuple[str, Any]] = []
     for ov in overrides:
         if "=" not in ov:
             raise ScenarioError(f"override {ov!r} must look like key=value (e.g. runs=5)")
         name, text = ov.split("=", 1)
-        name = name.strip()
-        value = parse_value(text.strip())
+        values.append((name.strip(), parse_value(text.strip())))
+    return apply_values(raw, values)
+
+
+def apply_values(raw: dict[str, Any], overrides: Iterable[tuple[str, Any]] | Mapping[str, Any],
+                 cwd: Path | None = None) -> dict[str, Any]:
+    """Apply ``(dotted key, value)`` overrides, as ``--set`` does, to a raw scenario table.
+
+    Plugin files given here resolve against ``cwd`` (default: the current directory), not
+    against the scenario file: the user typed them where they stand.
+    """
+    raw = copy.deepcopy(raw)
+    items = overrides.items() if isinstance(overrides, Mapping) else overrides
+    for name, value in items:
+        if not isinstance(name, str):
+            raise ScenarioError(f"override keys must be dotted strings, got {name!r}")
+        value = copy.deepcopy(value)
         if name.startswith("sweep."):
             if not isinstance(value, list):
                 raise ScenarioError(f"{name}: a sweep override needs a list, e.g. {name}=[1, 2]")
@@ -285,21 +356,34 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
                 raise ScenarioError(f"[sweep] must be a table, got {type(sweep).__name__}")
             sweep[name.removeprefix("sweep.")] = value
             continue
+        if name == "plugins" and isinstance(value, list):
+            value = [_abs_plugin(v, cwd) for v in value]
         sec, leaf, _ = _lookup(name)
         target = raw if not sec else raw.setdefault(sec, {})
         if not isinstance(target, dict):
             raise ScenarioError(f"[{sec}] must be a table, got {type(target).__name__}")
-        if leaf.startswith("params."):
-            params = target.setdefault("params", {})
-            if not isinstance(params, dict):
-                raise ScenarioError(f"{sec}.params: must be a table, got {params!r}")
-            params[leaf.split(".", 1)[1]] = value
+        path = leaf.split(".")
+        if path[0] in PARAM_TABLES:
+            if path[0] == "params":
+                path = ["params", leaf.split(".", 1)[1]]
+            for part in path[:-1]:
+                nxt = target.setdefault(part, {})
+                if not isinstance(nxt, dict):
+                    raise ScenarioError(f"{name}: {sec}.{part} must be a table, got {nxt!r}")
+                target = nxt
+            target[path[-1]] = value
         else:
             target[leaf] = value
         # An explicit override of a swept key replaces the sweep axis.
         if isinstance(raw.get("sweep"), dict):
             raw["sweep"].pop(name, None)
     return raw
+
+
+def _abs_plugin(item: Any, cwd: Path | None) -> Any:
+    if isinstance(item, str) and item.endswith(".py") and not Path(item).is_absolute():
+        return str(((cwd or Path.cwd()) / item).resolve())
+    return item
 
 
 def load_plugins(plugins: Iterable[str], base: Path | None = None) -> None:
@@ -363,7 +447,7 @@ def parse_scenario(raw: Mapping[str, Any], source: str = "<dict>") -> Scenario:
                 _set(probe, name, v)  # type/range check of every value
             except ScenarioError as exc:
                 raise ScenarioError(f"sweep.{exc}") from exc
-            normalised.append(canonical_value(name, v) if not name.count(".params.") else v)
+            normalised.append(v if is_param_key(name) else canonical_value(name, v))
         seen = [json.dumps(canonical_value(name, v), default=str) for v in values]
         if len(set(seen)) != len(seen):
             raise ScenarioError(f"sweep.{name}: values repeat ({values!r}): each setting once")

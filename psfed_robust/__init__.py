@@ -46,8 +46,24 @@ __all__ = [
     "StructuredMaskSelector",
     "TopKMagnitudeSelector",
     "__version__",
+    "run",
     "stable_seed",
 ]
+
+def run(scenario: Any, *, overrides: Any = None, out: Any = None, plugins: Any = (),
+        progress: bool = False) -> Any:
+    """Run a scenario (a shipped name, a TOML path or a dict) and return its results.
+
+    ``overrides``: dotted keys like ``--set``; ``out``: a folder to write what the CLI writes
+    (nothing is written without it); ``plugins``: files/modules registering extensions;
+    ``progress``: print progress and tables (silent otherwise). Returns
+    :class:`experiments.api.Result` (``.summary``, ``.tidy``, ``.meta``, ``.worst_case``).
+    Imported on call, so ``import psfed_robust`` stays free of the experiment layer.
+    """
+    from experiments.api import run as _run
+
+    return _run(scenario, overrides=overrides, out=out, plugins=plugins, progress=progress)
+
 
 _LAZY = {"PSFedAvg": "psfed_robust.flower", "PSFedClient": "psfed_robust.flower"}
 
