@@ -123,7 +123,7 @@ def test_aggregated_metrics_stay_finite() -> None:
                    for i, m in enumerate(msgs)]
         _, metrics = s.aggregate_train(1, replies)
         assert metrics is not None and metrics["accepted-replies"] == 2
-        return {k: float(v) for k, v in metrics.items()}
+        return {k: float(v) for k, v in metrics.items()}  # type: ignore[arg-type]
 
     m = run(1e30)  # default-sized bound: the value is dropped, never summed
     assert "huge" not in m and m["loss"] == 1.5
