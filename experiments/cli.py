@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-plots", action="store_true", help="skip PNG plots")
     run.add_argument("--quiet", action="store_true", help="no progress output")
     _plugin_arg(run)
+    from experiments.executors import add_executor_arguments
+
+    add_executor_arguments(run)
 
     th = sub.add_parser(
         "theory", help="print the steady-state theory for a scenario's sweep points",
@@ -106,6 +109,7 @@ def _load_plugins(args: argparse.Namespace) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from experiments.driver import run_scenario
+    from experiments.executors import executor_from_args
     from experiments.schema import load_scenario
 
     _load_plugins(args)
@@ -119,7 +123,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(f"scenario {scenario.name!r} from {scenario.source}: {len(scenario.points())} sweep "
           f"point(s) x {scenario.get('runs')} run(s), engine {scenario.get('engine')} -> {out}")
     run_scenario(scenario, out, progress=not args.quiet, force=args.force,
-                 plots=False if args.no_plots else None)
+                 plots=False if args.no_plots else None, executor=executor_from_args(args))
     return 0
 
 

@@ -111,8 +111,10 @@ def code_identity() -> dict[str, str]:
             "python": sys.version.split()[0]}
 
 
-def _prepare_worker(scenario: Scenario, driver_identity: dict[str, str]) -> None:
-    """Refuse to compute with code or versions unlike the driver's; import the plugins."""
+def _prepare_worker(scenario: Scenario, driver_identity: dict[str, str],
+                    plugins: Sequence[str]) -> None:
+    """Refuse to compute with versions unlike the driver's; import the plugins (``plugins``:
+    the driver's ``--plugin`` entries, files as absolute paths; then the scenario's)."""
     from experiments.schema import load_plugins
 
     mine = code_identity()
@@ -128,13 +130,15 @@ def _prepare_worker(scenario: Scenario, driver_identity: dict[str, str]) -> None
             "(docs/executors.md)")
     source = scenario.source
     base = Path(source).parent if source and not source.startswith("<") else None
+    load_plugins(plugins)
     load_plugins(scenario.get("plugins"), base)
 
 
 def point_task(compute: Callable[[Scenario, SweepPoint], Part], scenario: Scenario,
-               point: SweepPoint, identity: dict[str, str]) -> tuple[Part, str]:
+               point: SweepPoint, identity: dict[str, str],
+               plugins: Sequence[str]) -> tuple[Part, str]:
     """A Ray task: one whole sweep point -> its part (and this worker's code digest)."""
-    _prepare_worker(scenario, identity)
+    _prepare_worker(scenario, identity, plugins)
     return compute(scenario, point), code_identity()["code"]
 
 
@@ -151,9 +155,9 @@ class BlockOutput:
 
 
 def block_task(scenario: Scenario, point: SweepPoint, seed: int, blocks: list[int],
-               device: str, identity: dict[str, str]) -> BlockOutput:
+               device: str, identity: dict[str, str], plugins: Sequence[str]) -> BlockOutput:
     """A Ray task: run blocks ``blocks`` of a batched point on ``device``."""
-    _prepare_worker(scenario, identity)
+    _prepare_worker(scenario, identity, plugins)
     import torch
 
     from experiments.configs import online_config
@@ -288,6 +292,8 @@ class RayExecutor:
     open. ``cpus_per_point`` / ``gpus_per_point``: the Ray resources each task asks for (torch
     uses that many threads). ``runs_per_task``: split a batched point with more runs into groups
     of whole engine run blocks. ``max_retries``: Ray's retries of a task whose worker died.
+    ``plugins``: modules or ``.py`` files (absolute paths) each worker imports first, as the
+    driver did for ``--plugin`` (the scenario's own ``plugins`` are imported too).
     ``stream``: where progress and failures are reported (default stderr).
     """
 
@@ -297,6 +303,7 @@ class RayExecutor:
     gpus_per_point: float = 0.0
     runs_per_task: int | None = None
     max_retries: int = 3
+    plugins: tuple[str, ...] = ()
     stream: Any = None
     failures: list[tuple[SweepPoint, str]] = field(default_factory=list, init=False)
 
@@ -413,12 +420,13 @@ class RayExecutor:
                 if u.point.key in failed:
                     continue
                 if u.group < 0:
-                    ref = remote_point.remote(job.compute, scenario_ref, u.point, identity)
+                    ref = remote_point.remote(job.compute, scenario_ref, u.point, identity,
+                                              self.plugins)
                 else:
                     ref = remote_blocks.remote(scenario_ref, u.point,
                                                job.seed(job.scenario, u.point), list(u.blocks),
                                                plan_device(u.point, self.gpus_per_point),
-                                               identity)
+                                               identity, self.plugins)
                 inflight[ref] = u
             bar.show(done, running(), len(failed))
             if not inflight:
@@ -513,6 +521,9 @@ def executor_from_args(args: argparse.Namespace) -> str | Executor:
         if given:
             raise ScenarioError(f"{', '.join(given)}: only with --executor ray")
         return "local"
+    plugins = tuple(str(Path(p).resolve()) if p.endswith(".py") else p
+                    for p in getattr(args, "plugins", None) or ())
     return RayExecutor(address=args.ray_address, num_cpus=args.ray_cpus,
                        cpus_per_point=args.cpus_per_point, gpus_per_point=args.gpus_per_point,
-                       runs_per_task=args.runs_per_task, max_retries=args.max_retries)
+                       runs_per_task=args.runs_per_task, max_retries=args.max_retries,
+                       plugins=plugins)
