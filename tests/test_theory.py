@@ -60,17 +60,19 @@ def test_single_client_reduces_to_exact_lms_with_gaussian_inputs() -> None:
     assert theory.max_stable_stepsize(cfg) == pytest.approx(2 / (sx * (D + 2)), rel=1e-4)
 
 
-@pytest.mark.parametrize("coordinated", [False, True])
-def test_uplink_next_single_client_is_plain_lms(coordinated: bool) -> None:
+@pytest.mark.parametrize("coordinated,selection", [(False, "random"), (True, "random"),
+                                                   (True, "round_robin")])
+def test_uplink_next_single_client_is_plain_lms(coordinated: bool, selection: str) -> None:
     """K = 1, uplink next, any M: the client merges back exactly what it sent, so its model is
     plain LMS and every global coordinate is a past copy of it: global = local = LMS. A
     persistent attack adds p_a σ_δ² per step: l = (η + p_a σ_δ²)/(1 − ρ) (by hand)."""
     D, mu, sx, sn = 16, 0.03, 1.2, 0.05
     cfg = OnlineConfig(task="linear", num_clients=1, participants=1, dim=D, share_count=3,
                        stepsize=mu, input_var=sx, noise_var=sn, uplink="next",
-                       coordinated=coordinated)
+                       coordinated=coordinated, selection=selection)
     emse = mu * sn * D * sx / (2 - mu * sx * (D + 2))
-    assert theory.method(cfg) == ("coordinated" if coordinated else "classes")
+    kind = "rr" if selection == "round_robin" else "coordinated" if coordinated else "classes"
+    assert theory.method(cfg) == kind and theory.is_exact(cfg)
     assert theory.steady_state(cfg) == pytest.approx(sn + emse, rel=1e-9)
     assert theory.steady_state_local(cfg) == pytest.approx(sn + emse, rel=1e-9)
     pa, sig = 0.3, 0.4
@@ -79,6 +81,8 @@ def test_uplink_next_single_client_is_plain_lms(coordinated: bool) -> None:
     rho = 1 - 2 * mu * sx + (D + 2) * mu * mu * sx * sx
     l_post = (mu * mu * sx * sn + pa * sig * sig) / (1 - rho)
     assert theory.steady_state(att) == pytest.approx(sn + sx * D * l_post, rel=1e-9)
+    if selection == "round_robin":  # the mean-square limit of LMS as well
+        assert theory.max_stable_stepsize(cfg) == pytest.approx(2 / (sx * (D + 2)), rel=1e-4)
 
 
 def test_class_recursion_equals_scalar_recursion_where_both_apply() -> None:
@@ -174,6 +178,7 @@ def test_unsupported_configurations_are_named() -> None:
         theory.check_supported(P2.replace(**changes))
     theory.check_supported(_persistent(P2.replace(uplink="next")))
     assert not theory.is_exact(P2.replace(selection="round_robin"))
+    assert theory.is_exact(P2.replace(selection="round_robin", coordinated=True))
     assert theory.is_exact(P2.replace(selection="round_robin", share_count=32))
 
 
@@ -217,6 +222,8 @@ def _sim_vs_theory(cfg: OnlineConfig) -> tuple[float, float, float]:
     ("next bernoulli participants, no np updates",
      SMALL.replace(scheduling="bernoulli", p_c=0.3, nonparticipant_updates=False)),
     ("next persistent", _persistent(SMALL)),
+    ("round robin coordinated next, M = 3", SMALL.replace(selection="round_robin",
+                                                          coordinated=True, share_count=3)),
 ])
 def test_theory_matches_simulation(name: str, cfg: OnlineConfig) -> None:
     """Reduced grid (full grid: benchmarks/theory_grid.py): steady state within 0.3 dB (global

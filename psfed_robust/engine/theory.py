@@ -106,7 +106,9 @@ def method(config: OnlineConfig) -> str:
                  and not (config.attack == "gaussian" and _persistent(config)))
     if full:
         return "scalar" if scalar_ok else "classes"
-    # round-robin masks are modelled as random ones (an approximation: is_exact() is False)
+    if config.selection == "round_robin" and config.coordinated:
+        return "rr"  # deterministic common windows: exact per-coordinate recursion
+    # uncoordinated round robin is modelled as random masks (an approximation: is_exact False)
     if config.coordinated:
         if config.uplink != "next":
             no(f"coordinated=True with uplink={config.uplink!r} and M < D (needs 'next')")
@@ -123,10 +125,10 @@ def method(config: OnlineConfig) -> str:
 
 
 def is_exact(config: OnlineConfig) -> bool:
-    """Whether the theory of ``config`` is exact (False: round-robin selection with M < D,
-    modelled as random selection; measured error in docs/reproductions.md)."""
-    method(config)
-    return config.selection == "random" or config.share_count == config.dim
+    """Whether the theory of ``config`` is exact (False: uncoordinated round-robin selection
+    with M < D, modelled as random selection; measured error in docs/reproductions.md)."""
+    kind = method(config)
+    return config.selection == "random" or config.share_count == config.dim or kind == "rr"
 
 
 def check_supported(config: OnlineConfig) -> None:
@@ -163,7 +165,7 @@ class Recursion:
     the global ``E e²``, the client-averaged a-priori ``E ê_k²`` and the post-step ``E e_k²``.
     """
 
-    F: np.ndarray  # [S, S]
+    F: np.ndarray  # [S, S] (round robin: over one period of the windows)
     f: np.ndarray  # [S]
     s0: np.ndarray  # [S] initial moments
     rows: np.ndarray  # [3, S]
@@ -173,19 +175,35 @@ class Recursion:
     test_noise: bool
     local_mse: str  # "apriori" | "test" (as OnlineConfig.local_mse)
     method: str
+    #: round robin: the maps ``(F_n, f_n)`` of the ``L`` phases of the windows and their rows
+    steps: tuple[tuple[np.ndarray, np.ndarray], ...] = ()
+    phase_rows: np.ndarray | None = None  # [L, 3, S]
+
+    @property
+    def period(self) -> int:
+        """Iterations after which the maps repeat (1 unless round robin)."""
+        return max(1, len(self.steps))
+
+    def advance(self, s: np.ndarray, n: int) -> np.ndarray:
+        """The moments after iteration ``n`` (0-based) from the moments ``s`` before it."""
+        if self.steps:
+            F, f = self.steps[n % len(self.steps)]
+            return np.asarray(F @ s + f)
+        return np.asarray(self.F @ s + self.f)
 
     def mse(self, s: np.ndarray) -> np.ndarray:
         """Global test MSE ``σ_ν² + σ_x² D E e²`` for moments ``s [..., S]``."""
         floor = self.noise_var if self.test_noise else 0.0
         return floor + self.input_var * self.dim * (np.asarray(s) @ self.rows[0])
 
-    def local(self, s: np.ndarray) -> np.ndarray:
-        """Local MSE as the engine records it: a-priori ``σ_ν² + σ_x² D E ê_k²`` of the step
-        taken from state ``s``, or (``local_mse="test"``) the local models' test MSE."""
+    def local(self, s: np.ndarray, n: int = 0) -> np.ndarray:
+        """Local MSE as the engine records it: a-priori ``σ_ν² + σ_x² D E ê_k²`` of iteration
+        ``n`` taken from state ``s``, or (``local_mse="test"``) the local models' test MSE."""
+        rows = self.rows if self.phase_rows is None else self.phase_rows[n % self.period]
         if self.local_mse == "apriori":
-            return self.noise_var + self.input_var * self.dim * (np.asarray(s) @ self.rows[1])
+            return self.noise_var + self.input_var * self.dim * (np.asarray(s) @ rows[1])
         floor = self.noise_var if self.test_noise else 0.0
-        return floor + self.input_var * self.dim * (np.asarray(s) @ self.rows[2])
+        return floor + self.input_var * self.dim * (np.asarray(s) @ rows[2])
 
 
 def _scalar_recursion(config: OnlineConfig, mu: float) -> tuple[np.ndarray, np.ndarray,
@@ -304,6 +322,52 @@ def _class_polynomial(config: OnlineConfig, kind: str) -> tuple[tuple[np.ndarray
     return _POLY_CACHE[key]
 
 
+_RR_CACHE: dict[str, tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray, np.ndarray]] = {}
+
+
+def _rr_polynomial(config: OnlineConfig) -> tuple[list[tuple[np.ndarray, np.ndarray]],
+                                                  np.ndarray, np.ndarray]:
+    """Coordinated round robin: per phase ``n`` of the windows (period ``D / gcd(D, M)``)
+    the quadratic-in-μ map of eq. RR (``S_n`` = window ``n``; ``T_n`` = window ``n + 1``
+    (next), window ``n`` (same) or a fresh common mask (independent)), the readout rows per
+    phase and the initial state. Cached per configuration (stepsize excluded)."""
+    key = repr(config.replace(stepsize=1.0))
+    hit = _RR_CACHE.get(key)
+    if hit is not None:
+        return hit
+    D, M = config.dim, config.share_count
+    L = D // math.gcd(D, M)
+    h = 0.1 / float(config.input_var)
+    pr0 = _params(config, 0.0)
+    S = D * theory_next.RR_SIZE
+    basis = np.vstack([np.zeros((1, S)), np.eye(S)])
+    polys, rows = [], []
+    for n in range(L):
+        sb = theory_next.rr_bits(D, M, n)
+        if config.uplink == "next":
+            tp = theory_next.rr_bits(D, M, n + 1)
+        elif config.uplink == "same":
+            tp = sb
+        else:
+            tp = np.full(D, M / D)
+        maps = []
+        for m in (0.0, h, 2 * h):
+            out = theory_next.rr_step(_params(config, m), basis, sb, tp)
+            maps.append(((out[1:] - out[0]).T, out[0]))
+        (F0, f0), (F1, f1), (F2, f2) = maps
+        polys.append((np.stack([F0, (4 * F1 - F2 - 3 * F0) / (2 * h),
+                                (F2 - 2 * F1 + F0) / (2 * h * h)]),
+                      np.stack([f0, (4 * f1 - f2 - 3 * f0) / (2 * h),
+                                (f2 - 2 * f1 + f0) / (2 * h * h)])))
+        rows.append(theory_next.rr_readouts(pr0, D, np.eye(S), sb).T)
+    wv = 1.0 / D if config.wstar_var is None else float(config.wstar_var)
+    s0 = theory_next.rr_initial_state(wv, pr0.counts, D)
+    if len(_RR_CACHE) > 16:
+        _RR_CACHE.clear()
+    _RR_CACHE[key] = (polys, np.stack(rows), s0)
+    return _RR_CACHE[key]
+
+
 def recursion(config: OnlineConfig, stepsize: float | None = None, *,
               force: str | None = None) -> Recursion:
     """The affine second-moment recursion of ``config`` (``stepsize`` overrides μ).
@@ -315,11 +379,21 @@ def recursion(config: OnlineConfig, stepsize: float | None = None, *,
     if force is not None:
         if force not in ("classes", "scalar") or (force == "scalar" and kind != "scalar"):
             raise ValueError(f"force must be 'classes' or (when covered) 'scalar', got {force!r}")
-        kind = force if kind != "coordinated" else kind
+        kind = force if kind not in ("coordinated", "rr") else kind
     mu = float(config.stepsize if stepsize is None else stepsize)
     D = config.dim
     wv = 1.0 / D if config.wstar_var is None else float(config.wstar_var)
-    if kind == "scalar":
+    steps: tuple[tuple[np.ndarray, np.ndarray], ...] = ()
+    phase_rows = None
+    if kind == "rr":
+        polys, phase_rows, s0 = _rr_polynomial(config)
+        steps = tuple((A[0] + mu * A[1] + mu * mu * A[2], a[0] + mu * a[1] + mu * mu * a[2])
+                      for A, a in polys)
+        F, f = np.eye(s0.size), np.zeros(s0.size)
+        for Fn, fn in steps:  # the period map
+            F, f = Fn @ F, Fn @ f + fn
+        rows = phase_rows[0]
+    elif kind == "scalar":
         F, f, rows = _scalar_recursion(config, mu)
         s0 = np.full(4, wv)
     else:
@@ -328,7 +402,8 @@ def recursion(config: OnlineConfig, stepsize: float | None = None, *,
         f = a[0] + mu * a[1] + mu * mu * a[2]
     return Recursion(F=F, f=f, s0=s0, rows=rows, dim=D, input_var=float(config.input_var),
                      noise_var=float(config.noise_var), test_noise=config.test_noise,
-                     local_mse=config.local_mse, method=kind)
+                     local_mse=config.local_mse, method=kind, steps=steps,
+                     phase_rows=phase_rows)
 
 
 @contextlib.contextmanager
@@ -350,12 +425,15 @@ def _radius(F: np.ndarray) -> float:
 
 
 def spectral_radius(config: OnlineConfig, stepsize: float | None = None) -> float:
-    """Spectral radius of ``F``: mean-square stable iff < 1."""
-    return _radius(recursion(config, stepsize).F)
+    """Spectral radius of ``F`` per iteration (round robin: of the period map, to the power
+    ``1/L``): mean-square stable iff < 1."""
+    rec = recursion(config, stepsize)
+    return _radius(rec.F) ** (1.0 / rec.period)
 
 
 def steady_moments(config: OnlineConfig, stepsize: float | None = None) -> np.ndarray | None:
-    """Fixed point ``s* = (I − F)⁻¹ f`` of the recursion (``None`` if not mean-square stable)."""
+    """Fixed point ``s* = (I − F)⁻¹ f`` of the recursion (``None`` if not mean-square stable);
+    round robin: the periodic steady state at the phase of iteration 0."""
     rec = recursion(config, stepsize)
     if _radius(rec.F) >= 1.0:
         return None
@@ -363,18 +441,33 @@ def steady_moments(config: OnlineConfig, stepsize: float | None = None) -> np.nd
         return np.asarray(np.linalg.solve(np.eye(rec.f.size) - rec.F, rec.f))
 
 
-def steady_state(config: OnlineConfig, stepsize: float | None = None) -> float:
-    """Predicted steady-state global MSE (linear scale; ``inf`` if not mean-square stable)."""
+def _steady_cycle(config: OnlineConfig,
+                  stepsize: float | None) -> tuple[Recursion, np.ndarray] | None:
+    """The steady moments at every phase of one period ``[L, S]``."""
     rec = recursion(config, stepsize)
     s = steady_moments(config, stepsize)
-    return math.inf if s is None else float(rec.mse(s))
+    if s is None:
+        return None
+    cyc = [s]
+    for n in range(rec.period - 1):
+        cyc.append(rec.advance(cyc[-1], n))
+    return rec, np.stack(cyc)
+
+
+def steady_state(config: OnlineConfig, stepsize: float | None = None) -> float:
+    """Predicted steady-state global MSE (linear scale; ``inf`` if not mean-square stable;
+    round robin: averaged over one period of the windows)."""
+    out = _steady_cycle(config, stepsize)
+    return math.inf if out is None else float(np.mean(out[0].mse(out[1])))
 
 
 def steady_state_local(config: OnlineConfig, stepsize: float | None = None) -> float:
     """Predicted steady-state local MSE as the engine records it (``config.local_mse``)."""
-    rec = recursion(config, stepsize)
-    s = steady_moments(config, stepsize)
-    return math.inf if s is None else float(rec.local(s))
+    out = _steady_cycle(config, stepsize)
+    if out is None:
+        return math.inf
+    rec, cyc = out
+    return float(np.mean([rec.local(cyc[n], n) for n in range(rec.period)]))
 
 
 def _moments(config: OnlineConfig, iterations: int | None,
@@ -385,7 +478,7 @@ def _moments(config: OnlineConfig, iterations: int | None,
     s = rec.s0.copy()
     out[0] = s
     for t in range(1, n + 1):
-        s = rec.F @ s + rec.f
+        s = rec.advance(s, t - 1)
         out[t] = s
     return rec, out
 
@@ -405,8 +498,11 @@ def local_learning_curve(config: OnlineConfig, iterations: int | None = None,
     (``"test"``); entry 0 uses ``s_0``."""
     rec, out = _moments(config, iterations, stepsize)
     if rec.local_mse == "apriori":
-        return np.asarray(rec.local(np.concatenate([out[:1], out[:-1]])))
-    return np.asarray(rec.local(out))
+        vals = [rec.local(out[0], 0)] + [rec.local(out[t - 1], t - 1)
+                                         for t in range(1, len(out))]
+    else:
+        vals = [rec.local(out[t], t) for t in range(len(out))]
+    return np.asarray(vals, dtype=float)
 
 
 def max_stable_stepsize(config: OnlineConfig, tol: float = 1e-6) -> float:

@@ -445,3 +445,97 @@ def readouts(pr: Params, coordinated: bool, s: np.ndarray) -> np.ndarray:
     apriori = ((q * bl1 + (1 - q) * bl0) * frac).sum(-1)
     post = (bl0 * frac).sum(-1)
     return np.stack([g, apriori, post], axis=-1)
+
+
+# ------------------------------------------------------- coordinated round robin (eq. RR)
+#: per-coordinate blocks of the round-robin state (no classes: the masks are deterministic)
+_RR = (("G", ()), ("C1", (2,)), ("L1", (2,)), ("H2", (2, 2)))
+RR_SIZE = 9  # numbers per coordinate
+
+
+def rr_bits(D: int, M: int, n: int) -> np.ndarray:
+    """Coordinated round-robin window of iteration ``n``: ``1{(i − nM) mod D < M}`` ``[D]``."""
+    return (((np.arange(D) - n * M) % D) < M).astype(float)
+
+
+def rr_exists(counts: tuple[int, int], D: int) -> np.ndarray:
+    """Existence mask ``[D * 9]`` of the round-robin state (types and pairs that exist)."""
+    c = np.array(counts)
+    one = (c > 0).astype(float)
+    pair = np.array([[float(c[a] > 0 and c[b] - (a == b) > 0) for b in range(2)]
+                     for a in range(2)])
+    row = np.concatenate([[float(c.sum() > 0)], one, one, pair.ravel()])
+    return np.tile(row, D)
+
+
+def rr_initial_state(wvar: float, counts: tuple[int, int], D: int) -> np.ndarray:
+    """All models zero: every moment of every coordinate is ``σ_w²``."""
+    return np.full(D * RR_SIZE, wvar) * rr_exists(counts, D)
+
+
+def rr_step(pr: Params, s: np.ndarray, sbits: np.ndarray, tprob: np.ndarray) -> np.ndarray:
+    """One iteration of coordinated round robin on states ``[B, D * 9]`` (eq. RR).
+
+    ``sbits [D]``: the common downlink window (0/1); ``tprob [D]``: the common uplink bit (0/1
+    for uplink next/same, ``p`` for a fresh independent mask). Each coordinate keeps its own
+    moments (its mask history is deterministic); the LMS trace term couples them (eq. RR2).
+    """
+    B = s.shape[0]
+    D = sbits.size
+    st = s.reshape(B, D, RR_SIZE)
+    G, C1, L1 = st[..., 0], st[..., 1:3], st[..., 3:5]
+    H2 = st[..., 5:9].reshape(B, D, 2, 2)
+    sb = sbits[None, :]
+    s1, s3, s4 = sb[..., None], sb[..., None], sb[..., None, None]
+    ae = np.stack([C1, s1 * G[..., None] + (1 - s1) * C1], axis=-1)  # [B, D, τ, x]
+    bl = np.stack([L1, s3 * G[..., None] + (1 - s3) * L1], axis=-1)
+    dd = np.zeros((B, D, 2, 2, 2, 2))
+    dd[:, :, :, 0, :, 0] = H2
+    dd[:, :, :, 1, :, 1] = s4 * G[..., None, None] + (1 - s4) * H2
+    dd[:, :, :, 1, :, 0] = s4 * C1[:, :, None, :] + (1 - s4) * H2  # k merged: ê_k = e
+    dd[:, :, :, 0, :, 1] = s4 * C1[:, :, :, None] + (1 - s4) * H2
+    # eq. RR2: E[y_k²] = γ E[ê_{k,i}²] + μ²σ⁴ Σ_{i'} E[ê_{k,i'}²] + η (no symmetry across i)
+    a = 1.0 - pr.phi  # μσ_x²
+    gam, kap = 1.0 - 2 * a + 2 * a * a, a * a
+    g0, k0, e0 = (gam, kap, pr.eta) if pr.nonpart else (1.0, 0.0, 0.0)
+    tr = bl.sum(1, keepdims=True)  # [B, 1, τ, x]
+    yy = np.stack([g0 * bl[..., 0] + k0 * tr[..., 0] + e0,
+                   gam * bl[..., 1] + kap * tr[..., 1] + pr.eta], axis=-1)
+    phi_x = np.array([pr.phi if pr.nonpart else 1.0, pr.phi])
+    ey = ae * phi_x
+    yy2 = dd * phi_x[:, None, None] * phi_x[None, None, :]
+    BD = B * D
+    m = _Moments(g=G.reshape(BD), ey=ey.reshape(BD, 2, 2), yy=yy.reshape(BD, 2, 2),
+                 yy2=yy2.reshape(BD, 2, 2, 2, 2))
+    tp = np.broadcast_to(tprob[None, :], (B, D)).reshape(BD)
+    law, p0 = pr.law, pr.law.p0
+    out = np.zeros((BD, RR_SIZE))
+    out[:, 0] = tp * (_global_sq(pr, m, [], t_common=True) + p0 * m.g) + (1 - tp) * m.g
+    for t1 in range(2):
+        x1 = sum(_cross(pr, m, [(t1, x, 1)], 0, t_common=True) for x in range(2))
+        x0 = sum(law.W(0, x, 1 - x) * m.ey[:, t1, x] for x in range(2))
+        out[:, 1 + t1] = tp * x1 + (1 - tp) * x0 + p0 * m.ey[:, t1, 0]
+        noise = pr.pa_sd2 if (pr.persistent and t1 == MAL) else 0.0
+        out[:, 3 + t1] = (law.W(0, 0, 1) + p0) * m.yy[:, t1, 0] \
+            + law.W(0, 1, 0) * (m.yy[:, t1, 1] + noise)
+        for t2 in range(2):
+            h = p0 * m.yy2[:, t1, 0, t2, 0]
+            for x in range(2):
+                for x2 in range(2):
+                    h = h + law.W(0, x + x2, 2 - x - x2) * m.yy2[:, t1, x, t2, x2]
+            out[:, 5 + 2 * t1 + t2] = h
+    return out.reshape(B, D * RR_SIZE) * rr_exists(pr.counts, D)[None, :]
+
+
+def rr_readouts(pr: Params, D: int, s: np.ndarray, sbits: np.ndarray) -> np.ndarray:
+    """``[B, 3]`` as :func:`readouts`, coordinates averaged, for window ``sbits``."""
+    B = s.shape[0]
+    st = s.reshape(B, D, RR_SIZE)
+    G, L1 = st[..., 0], st[..., 3:5]
+    K = float(sum(pr.counts))
+    q = float((pr.law.probs * np.arange(pr.law.K + 1)).sum()) / K
+    frac = np.array(pr.counts, dtype=float) / K
+    sb = sbits[None, :, None]
+    bl1 = sb * G[..., None] + (1 - sb) * L1
+    apriori = ((q * bl1 + (1 - q) * L1) * frac).sum(-1).mean(-1)
+    return np.stack([G.mean(-1), apriori, (L1 * frac).sum(-1).mean(-1)], axis=-1)
