@@ -210,7 +210,8 @@ def _baseline(s: _Sweep, pc: dict[str, Any], lc: dict[str, Any]) -> dict[Any, fl
         want["defense.name"] = "mean" if "mean" in defs else defs[0]
     out: dict[Any, float] = {}
     for i, p in enumerate(s.points):
-        if s.x_key is not None and all(fmt_value(p.get(k)) == fmt_value(v) for k, v in want.items()):
+        if s.x_key is not None and all(fmt_value(p.get(k)) == fmt_value(v)
+                                       for k, v in want.items()):
             v, _, _, div = s.steady(i)
             if not div:
                 out.setdefault(p.get(s.x_key), v)
@@ -330,8 +331,8 @@ def _heatmaps(plt: Any, s: _Sweep, out: Path) -> list[Path]:
         vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
         fig, axes = _grid(plt, len(defs), min(3, len(defs)), w=0.9 * len(xs) + 2.6,
                           h=0.42 * len(attacks) + 1.4)
-        cmap = plt.get_cmap("viridis_r" if s.metric in HIGHER_IS_BETTER else "viridis").copy()
-        cmap.set_bad("lightgrey")
+        cmap = plt.get_cmap("viridis_r" if s.metric in HIGHER_IS_BETTER else "viridis"
+                            ).with_extremes(bad="lightgrey")
         im = None
         for ax, (d, g, div) in zip(axes, grids, strict=True):
             im = ax.imshow(g, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")

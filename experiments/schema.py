@@ -363,7 +363,7 @@ def apply_values(raw: dict[str, Any], overrides: Iterable[tuple[str, Any]] | Map
         if not isinstance(target, dict):
             raise ScenarioError(f"[{sec}] must be a table, got {type(target).__name__}")
         path = leaf.split(".")
-        if path[0] in PARAM_TABLES:
+        if path[0] in PARAM_TABLES and len(path) > 1:
             if path[0] == "params":
                 path = ["params", leaf.split(".", 1)[1]]
             for part in path[:-1]:
