@@ -26,11 +26,10 @@ from defenses.base import (
     Mode,
     ParamError,
     defense_class,
-    get_defense,
     list_defenses,
     register_defense,
 )
-from defenses.compose import Composed, PreAggregator, compose
+from defenses.compose import Composed, PreAggregator, compose, get_defense
 from psfed_robust.registry import import_submodules
 
 __all__ = [

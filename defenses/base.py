@@ -228,17 +228,9 @@ def defense_class(name: str) -> type[Aggregator]:
     return _REGISTRY.cls(name)
 
 
-def get_defense(name: str, *, pre: Any = None, **params: Any) -> Aggregator:
+def get_defense(name: str, **params: Any) -> Aggregator:
     """Build the defense registered as ``name``; unknown names/params raise ``ParamError``.
 
-    ``pre`` (optional): pre-aggregators run in front of the rule, in order, e.g.
-    ``get_defense("krum", f=2, pre=["nnm", ("bucketing", {"s": 2})])`` (see
-    ``defenses.compose.compose``); an empty list or None gives the plain rule. With ``pre``, an
-    ``f`` the rule does not take (``median``) is the pre-aggregators' ``f``.
+    ``defenses.get_defense`` (``defenses.compose.get_defense``) also takes ``pre=[...]``.
     """
-    if not pre:
-        return _REGISTRY.get(name, **params)
-    from defenses.compose import compose  # compose builds on this module
-
-    f = params.pop("f") if "f" in params and "f" not in _REGISTRY.cls(name).param_names() else None
-    return compose(pre, _REGISTRY.get(name, **params), f=f)
+    return _REGISTRY.get(name, **params)

@@ -8,6 +8,9 @@ row with its nearest neighbours (Allouah et al., AISTATS 2023), bucketing averag
     agg = compose(["nnm", ("bucketing", {"s": 2})], get_defense("krum", f=2))
     agg = get_defense("krum", f=2, pre=["nnm", ("bucketing", {"s": 2})])   # the same
 
+(``defenses.get_defense`` is this module's :func:`get_defense`, which adds ``pre`` to the
+registry's ``defenses.base.get_defense``.)
+
 A spec is a registered name, ``(name, params)``, a mapping ``{"name": ..., **params}`` or a
 ``PreAggregator`` object. A pre-aggregator's ``f=None`` (the default) means the composition's
 ``f``: the rule's ``f`` (``pre=["nnm"]`` with ``krum(f=2)`` mixes ``n - 2`` rows), or, for a rule
@@ -34,11 +37,13 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from defenses.base import Aggregator, ParamError, RoundInputs, defense_class
+from defenses.base import Aggregator, ParamError, RoundInputs, defense_class, list_defenses
+from defenses.base import get_defense as get_rule
+from defenses.mean import Mean
 from psfed_robust.core.aggregation import fill_unshared
 from psfed_robust.params import check_int
 
-__all__ = ["Composed", "PreAggregator", "compose", "pre_aggregator", "rows_view"]
+__all__ = ["Composed", "PreAggregator", "compose", "get_defense", "pre_aggregator", "rows_view"]
 
 
 def rows_view(a: RoundInputs) -> tuple[Tensor, Tensor | None]:
@@ -93,8 +98,6 @@ class PreAggregator(Aggregator):
         self.check_rows(n, self.resolve_f(0))
 
     def aggregate(self, a: RoundInputs) -> Tensor:
-        from defenses.mean import Mean
-
         return Mean().aggregate(self.transform(a, self.resolve_f(0)))
 
 
@@ -127,16 +130,12 @@ def pre_aggregator(spec: Any) -> PreAggregator:
     if not issubclass(cls, PreAggregator):
         pres = ", ".join(_pre_names()) or "(none registered)"
         raise ParamError(f"defense {name!r} is not a pre-aggregator; pre-aggregators: {pres}")
-    from defenses.base import get_defense
-
-    obj = get_defense(str(name), **params)
+    obj = get_rule(str(name), **params)
     assert isinstance(obj, PreAggregator)
     return obj
 
 
 def _pre_names() -> list[str]:
-    from defenses.base import list_defenses
-
     return [n for n in list_defenses() if issubclass(defense_class(n), PreAggregator)]
 
 
@@ -197,9 +196,7 @@ def compose(
     spec or a sequence of them; an empty sequence returns the rule itself. ``f``: the
     pre-aggregators' default ``f`` (default: the rule's).
     """
-    from defenses.base import get_defense
-
-    r = get_defense(rule) if isinstance(rule, str) else rule
+    r = get_rule(rule) if isinstance(rule, str) else rule
     one = isinstance(pre, str | Mapping | PreAggregator) or (
         isinstance(pre, tuple) and len(pre) == 2 and isinstance(pre[1], Mapping)
     )
@@ -210,6 +207,20 @@ def compose(
     if isinstance(r, Composed):
         return Composed(pre=[*stages, *r.pre], rule=r.rule, f=r.f if f is None else f)
     return Composed(pre=stages, rule=r, f=f)
+
+
+def get_defense(name: str, *, pre: Any = None, **params: Any) -> Aggregator:
+    """Build the defense ``name`` (``defenses.get_defense``), with pre-aggregators ``pre``.
+
+    ``get_defense("krum", f=2, pre=["nnm", ("bucketing", {"s": 2})])`` is
+    ``compose(pre, krum(f=2))``; an empty or None ``pre`` gives the plain rule. With ``pre``, an
+    ``f`` the rule does not take (``median``) is the pre-aggregators' ``f``.
+    """
+    if not pre:
+        return get_rule(name, **params)
+    takes_f = "f" in defense_class(name).param_names()
+    f = params.pop("f") if "f" in params and not takes_f else None
+    return compose(pre, get_rule(name, **params), f=f)
 
 
 def masked_mix(w: Tensor, x: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor | None]:
