@@ -10,8 +10,9 @@ over test inputs (``test_mse="expected"``), steady state = mean of the last half
 Checks (the issue's acceptance figures): worst steady-state deviation (global) ≤ 0.3 dB with the
 simulation's 95% CI within ±0.1 dB; learning curves within 0.5 dB at every recorded iteration
 after the first 10%; μ* within one grid step of the simulated best stepsize on ``--mu-settings``
-stepsize sweeps (M < D, uplink next; common random numbers across the sweep). Round-robin
-selection (modelled as random: an approximation) is reported apart.
+stepsize sweeps (M < D, uplink next; common random numbers across the sweep). Coordinated
+round robin is exact and counted in the grid; uncoordinated round robin (modelled as random
+selection: an approximation) is reported apart.
 
 Usage: ``python benchmarks/theory_grid.py [--runs 2048] [--iterations 800] [--quick]``. Prints
 figures, ends with ONE JSON line.
@@ -97,11 +98,18 @@ def grid() -> list[tuple[str, OnlineConfig]]:
 
 
 def round_robin() -> list[tuple[str, OnlineConfig]]:
-    """Round-robin selection: modelled as random selection (approximation)."""
+    """Round-robin selection: coordinated is exact (eq. RR); uncoordinated is modelled as random
+    selection (an approximation, reported apart)."""
     b = BASE.replace(selection="round_robin")
-    return [("rr next M=4", b), ("rr next coordinated", b.replace(coordinated=True)),
-            ("rr next M=8", b.replace(share_count=8)), ("rr same M=4", b.replace(uplink="same")),
-            ("rr independent M=4", b.replace(uplink="independent"))]
+    c = b.replace(coordinated=True)
+    return [("rr coordinated next M=4", c), ("rr coordinated next M=3", c.replace(share_count=3)),
+            ("rr coordinated same M=4", c.replace(uplink="same")),
+            ("rr coordinated independent M=4", c.replace(uplink="independent")),
+            ("rr coordinated next persistent bernoulli", persistent(c.replace(
+                scheduling="bernoulli", p_c=0.25, nonparticipant_updates=False))),
+            ("rr next M=4 (approx.)", b), ("rr next M=8 (approx.)", b.replace(share_count=8)),
+            ("rr same M=4 (approx.)", b.replace(uplink="same")),
+            ("rr independent M=4 (approx.)", b.replace(uplink="independent"))]
 
 
 def db(x: Any) -> Any:
@@ -166,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                    ("coordinated M=4", MU_BASE.replace(coordinated=True))]
     rr = round_robin()
     if args.quick:
-        settings, mu_settings, rr = settings[:4], mu_settings[:1], rr[:1]
+        settings, mu_settings, rr = settings[:4], mu_settings[:1], rr[:1] + rr[-1:]
         args.runs, args.mu_runs = 128, 64
     rows = []
     print(f"{'setting':42s} {'sim dB':>8s} {'±CI95':>6s} {'theory':>8s} {'diff':>6s} "

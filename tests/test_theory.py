@@ -239,7 +239,7 @@ def test_optimal_stepsize_matches_simulated_best() -> None:
     """μ* of uplink next within one step of the best stepsize of a simulated sweep (common
     random numbers across the sweep)."""
     cfg = SMALL.replace(attack_params={"p_a": 0.5, "sigma": 0.5}, noise_var=0.5,
-                        iterations=1500, runs=64)
+                        iterations=800, runs=64)
     grid = [0.01 * 1.5 ** i for i in range(2, 7)]
     sims = [run_online(cfg.replace(stepsize=m)).steady_state(0.5).global_mse_db for m in grid]
     mu_star, _ = theory.optimal_stepsize(cfg)
