@@ -124,19 +124,8 @@ def server_weights(
 def _weights_or_uniform(
     updates: Tensor, weights: Tensor | None, participants: Tensor | None
 ) -> Tensor:
-    lead = updates.shape[:-1]
-    if weights is None:
-        if participants is None:
-            participants = torch.ones(lead, dtype=torch.bool, device=updates.device)
-        return server_weights(participants, "participants", dtype=updates.dtype)
-    if weights.shape != lead:
-        raise ValueError(f"weights shape {tuple(weights.shape)} must be {tuple(lead)}")
-    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
-        raise ValueError("weights must be finite and non-negative")
-    w = weights.to(updates.dtype)
-    if participants is not None:
-        w = w * participants.to(updates.dtype)
-    return w
+    return _indexed_weights(updates.shape[:-1], weights, participants, updates.dtype,
+                            updates.device)
 
 
 def psofed_server_step(
