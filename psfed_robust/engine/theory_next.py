@@ -17,6 +17,8 @@ Two mask structures:
   ``uplink="independent"`` is the special case where every class is ``F``.
 * coordinated (``coordinated=True``): one common pending mask; the class is one bit per
   coordinate (``i`` in the pending mask or not), shared by all clients.
+* coordinated round robin: deterministic common windows, so no class at all — each coordinate
+  keeps its own moments and the LMS trace term sums over coordinates (eq. RR, RR2).
 
 Participation enters through the exact law of the participant count ``N`` (fixed: ``N = P``;
 Bernoulli: binomial), participants being a uniform ``N``-subset and ``ω = ω(N)``; ``N = 0``
