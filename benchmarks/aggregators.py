@@ -10,6 +10,11 @@ coordinates (both sides on the same smaller input, stated in the table).
 Prints a table, then ONE JSON line with ``min_speedup_vs_flower`` and ``max_abs_diff_vs_flower``
 (max |ours - flower| / max |flower|, over the compared rules).
 
+The compiled column kernel (``defenses/_kernels.py``) must earn its place against the torch
+reference: the same run times each kernel entry point on both back ends (``backend="cpp"`` vs
+``"torch"``, same inputs) and prints the ratio per kernel (``kernel_speedups`` in the JSON line,
+with ``kernel_max_rel_diff``); a kernel below 3x is to be removed.
+
     python benchmarks/aggregators.py [--d 1000000] [--k 100] [--bulyan-d 100000] [--reps 5]
 """
 
@@ -37,7 +42,7 @@ from flwr.server.strategy.aggregate import (
 )
 
 from defenses import get_defense
-from defenses._kernels import cpp_kernel_available
+from defenses._kernels import cpp_kernel_available, sort_columns, window_mean
 
 
 def best_time(fn: Callable[[], Any], reps: int) -> tuple[float, Any]:
@@ -55,6 +60,38 @@ def make_inputs(k: int, d: int, f: int, seed: int) -> tuple[torch.Tensor, torch.
     x = 0.05 * torch.randn(k, d, generator=g) + 0.01
     x[:f] = -10.0 * x[:f]  # f sign-flipping (scaled) attackers
     return x.contiguous(), torch.zeros(d)
+
+
+def time_kernels(x: torch.Tensor, f: int, reps: int) -> tuple[dict[str, float], float]:
+    """Each compiled kernel entry point against the torch reference on ``x`` [K, D]: prints
+    the times and ratios; returns ({kernel: speedup}, max relative difference)."""
+    k = x.shape[0]
+    kk = torch.tensor(k)
+    cases: list[tuple[str, Callable[[str], torch.Tensor]]] = [
+        ("window_mean median", lambda b: window_mean(x, (kk - 1) // 2, kk // 2 + 1, backend=b)),
+        ("window_mean trimmed b=f", lambda b: window_mean(x, torch.tensor(f),
+                                                          kk - f, backend=b)),
+        ("sort_columns", lambda b: sort_columns(x, backend=b)),
+    ]
+    masks = torch.rand(x.shape, generator=torch.Generator().manual_seed(2)) < 0.5
+    cnt = masks.sum(0)
+    cases.append((
+        "window_mean median reporters",
+        lambda b: window_mean(x, (cnt - 1).clamp_min(0) // 2, cnt // 2 + 1, masks, backend=b),
+    ))
+    print(f"\ncompiled kernel vs torch reference (K={k}, d={x.shape[1]}):")
+    print(f"{'kernel':<32}{'cpp s':>9}{'torch s':>9}{'speedup':>9}{'rel diff':>11}")
+    speedups: dict[str, float] = {}
+    worst = 0.0
+    for name, fn in cases:
+        t_c, out_c = best_time(lambda fn=fn: fn("cpp"), reps)
+        t_t, out_t = best_time(lambda fn=fn: fn("torch"), max(1, min(reps, 2)))
+        scale = max(float(out_t.abs().max()), 1e-30)
+        rel = float((out_c - out_t).abs().max()) / scale
+        worst = max(worst, rel)
+        speedups[name] = round(t_t / t_c, 2)
+        print(f"{name:<32}{t_c:>9.3f}{t_t:>9.3f}{t_t / t_c:>9.1f}{rel:>11.2e}")
+    return speedups, worst
 
 
 def main() -> None:
@@ -168,6 +205,8 @@ def main() -> None:
         rows.append({"defense": name, "d": d, "ours_s": t})
         print(f"{name:<26}{d:>9}{t:>10.3f}{'-':>10}{'-':>9}{'-':>11}")
 
+    kernel_speedups, kernel_diff = time_kernels(x, f, args.reps) if kernel else ({}, 0.0)
+
     cmp_rows = [r for r in rows if "speedup" in r]
     summary = {
         "benchmark": "defenses",
@@ -181,6 +220,9 @@ def main() -> None:
         "max_abs_diff_vs_flower": float(f"{max(r['rel_diff'] for r in cmp_rows):.3e}"),
         "speedups": {r["defense"]: round(r["speedup"], 2) for r in cmp_rows},
         "seconds": {r["defense"]: round(r["ours_s"], 4) for r in rows},
+        "kernel_speedups": kernel_speedups,
+        "kernel_min_speedup": min(kernel_speedups.values()) if kernel_speedups else None,
+        "kernel_max_rel_diff": float(f"{kernel_diff:.3e}"),
     }
     print(json.dumps(summary))
 

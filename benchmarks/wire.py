@@ -6,6 +6,11 @@ package's format, and encode/decode time at d = 1e7.
 Floor (shared/research/peers.md §4): ``k·4 + log2 C(d, k)/8`` bytes for k = f·d fp32 values.
 Seed format: the comma-separated decimal index string plus k float32 values,
 ``len(",".join(map(str, idx)).encode()) + 4k`` — computed exactly (digit counts, vectorised).
+Each compiled C kernel (``psfed_robust/csrc/wire_kernels.c``) must earn its place against the
+numpy reference: the same run times every wire function that has both paths, with the kernels
+on and with ``PSFED_NO_CPP_KERNEL=1`` (same inputs, same outputs asserted), and prints the ratio
+per kernel (``kernel_speedups`` in the JSON line; process CPU time, median of the reps). A
+kernel below 3x is to be removed.
 Prints a table, then ONE JSON line.
 """
 
@@ -21,6 +26,7 @@ import time
 
 import numpy as np
 
+from psfed_robust import _wire_kernels, wire
 from psfed_robust.core.mask import Mask
 from psfed_robust.wire import decode_update, encode_mask, encode_update, encoding_costs
 
@@ -54,11 +60,60 @@ def timed(fn, reps: int) -> tuple[float, float, object]:  # type: ignore[no-unty
     return statistics.median(ts) * 1e3, statistics.median(cs) * 1e3, out
 
 
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, tuple):
+        return isinstance(b, tuple) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, np.ndarray):
+        return isinstance(b, np.ndarray) and np.array_equal(a, b)
+    return a == b
+
+
+def time_kernels(d: int, reps: int) -> dict[str, float]:
+    """Process CPU ms of each kernel-backed wire step, compiled vs numpy, at size ``d``, on the
+    masks where the codec uses that step; prints a table, returns {case: speedup}."""
+    if not _wire_kernels.available():
+        print("\nwire kernels: not built (no C compiler); numpy paths only")
+        return {}
+    rng = np.random.default_rng(7)
+    cases: list[tuple[str, object]] = []
+    for f in (0.01, 0.1, 0.9):  # gap-coded masks (auto's choice at these densities)
+        m = Mask(rng.random(d) < f)
+        plan = wire._plan_gap(m, None)
+        assert plan is not None
+        body = memoryview(wire._encode_gap(plan))
+        cases.append((f"rice_decode f={f}",
+                      lambda b=body, m=m: wire._decode_gap(b, m.size, m.count)))
+    vals = rng.standard_normal(int(0.9 * d)).astype(np.float32)  # values of an f=0.9 update
+    parts = (b"h" * 28, b"m" * 1000, memoryview(vals).cast("B"))
+    cases.append((f"join {sum(len(p) for p in parts) / 2**20:.0f} MiB",
+                  lambda: _wire_kernels.join(parts)))
+    print(f"\nwire kernels vs numpy at d={d:.0e} (process CPU ms, median of {reps}):")
+    print(f"{'kernel':<28}{'C ms':>9}{'numpy ms':>10}{'speedup':>9}")
+    out: dict[str, float] = {}
+    for name, fn in cases:
+        _, c_ms, c_out = timed(fn, reps)  # type: ignore[arg-type]
+        os.environ["PSFED_NO_CPP_KERNEL"] = "1"
+        try:
+            _, n_ms, n_out = timed(fn, reps)  # type: ignore[arg-type]
+        finally:
+            del os.environ["PSFED_NO_CPP_KERNEL"]
+        assert _same(c_out, n_out), f"{name}: compiled and numpy results differ"
+        out[name] = round(n_ms / max(c_ms, 1e-3), 2)
+        print(f"{name:<28}{c_ms:>9.2f}{n_ms:>10.2f}{n_ms / max(c_ms, 1e-3):>9.1f}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="d up to 1e6 only, fewer reps")
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--kernels-only", action="store_true",
+                    help="only the compiled-vs-numpy timing of each kernel (d = 1e7)")
     args = ap.parse_args()
+    if args.kernels_only:
+        sp = time_kernels(10**6 if args.quick else 10**7, args.reps)
+        print(json.dumps({"benchmark": "wire_kernels", "kernel_speedups": sp}))
+        return
     sizes = [10**5, 10**6] if args.quick else [10**5, 10**6, 10**7]
     fracs = [0.01, 0.1, 0.5, 0.9]
     rng = np.random.default_rng(20240601)
@@ -146,6 +201,7 @@ def main() -> None:
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"load average {os.getloadavg()[0]:.2f} at the end"
     )
+    kernel_speedups = time_kernels(sizes[-1], args.reps)
     result = {
         "benchmark": "wire",
         "d_max": sizes[-1],
@@ -159,6 +215,7 @@ def main() -> None:
         "decode_ms_by_f": {str(f): round(v, 2) for f, v in dec_ms.items()},
         "encode_cpu_ms_1e7": round(max(enc_cpu.values()), 2),
         "decode_cpu_ms_1e7": round(max(dec_cpu.values()), 2),
+        "kernel_speedups": kernel_speedups,
         "load_average": round(os.getloadavg()[0], 2),
         "targets": {
             "seeded_ratio": 1.01,

@@ -1,13 +1,19 @@
-"""Compiled C kernels of the wire codec's gap (Golomb–Rice) and runs encodings, with the same
-output bytes and the same accept/reject decisions as the numpy code in :mod:`psfed_robust.wire`,
-and :func:`join`, the payload concatenation on huge pages.
+"""Compiled C kernels of the wire codec (``psfed_robust/csrc/wire_kernels.c``), each with the
+same output bytes and the same accept/reject decisions as its numpy reference in
+:mod:`psfed_robust.wire`, kept only where ``benchmarks/wire.py`` (``--kernels-only``) shows at
+least 3x over that reference at d = 1e7:
 
-Why: at d = 1e7 the numpy gap path makes about a dozen int64 passes over the coded indices
-(≈ 40 ms for 1e6 members); one C pass each for the run scan, the cost, the packing and the
-decoding makes it a few ms. The C source is ``psfed_robust/csrc/wire_kernels.c``, built
-with the system C compiler on first use (:class:`~psfed_robust._cpp.CLibrary`, ≈ 0.3 s,
-cached); without a compiler, or with ``PSFED_NO_CPP_KERNEL=1``, every function here returns
-``None`` and the codec keeps its numpy path.
+- :func:`rice_decode`, the gap section decoder (one pass instead of a dozen int64 passes;
+  3.0-4.0x at f = 0.01-0.9);
+- :func:`join`, the payload concatenation on huge pages, from :data:`JOIN_MIN_BYTES` (a fresh
+  ``b"".join`` above glibc's mmap threshold faults in 4 KiB pages; 3.5x at 34 MiB).
+
+The gap scan, the Rice cost sum, the Rice packer, the run scan and the run statistics had
+kernels too; numpy was as fast (0.4-0.9x) or within 3x (the packer 1.5-3.1x, the run scan
+2.7-3.2x), so they were removed. Built with
+the system C compiler on first use (:class:`~psfed_robust._cpp.CLibrary`, ≈ 0.3 s, cached);
+without a compiler, or with ``PSFED_NO_CPP_KERNEL=1``, every function here returns ``None``
+(``join``: ``b"".join``) and the codec keeps its numpy path.
 """
 
 from __future__ import annotations
@@ -22,10 +28,7 @@ import numpy.typing as npt
 
 from psfed_robust._cpp import CLibrary, source
 
-__all__ = [
-    "JOIN_MIN_BYTES", "available", "gaps", "join", "rice_cost", "rice_decode", "rice_pack",
-    "run_stats", "runs",
-]
+__all__ = ["JOIN_MIN_BYTES", "available", "join", "rice_decode"]
 
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
@@ -34,11 +37,6 @@ _LIB = CLibrary(
     source("wire_kernels.c"),
     {
         "psw_join": (None, (_P, _I64, _P, _P, _I64)),
-        "psw_gaps": (_I64, (_P, _I64, ctypes.c_int, _P, _I64)),
-        "psw_runs": (_I64, (_P, _I64, _P, _P, _I64)),
-        "psw_run_stats": (None, (_P, _I64, _P)),
-        "psw_rice_sum": (_I64, (_P, _I64, ctypes.c_int)),
-        "psw_rice_pack": (_I64, (_P, _I64, ctypes.c_int, _P, _I64)),
         "psw_rice_decode": (
             _I64,
             (_P, _I64, _P, _I64, _I64, ctypes.c_int, _I64, ctypes.c_uint8, _P, _P),
@@ -61,8 +59,9 @@ def _ptr(a: npt.NDArray[Any]) -> int:
     return int(a.ctypes.data)
 
 
-#: Below this total, ``b"".join`` is as fast (small payloads come from the heap, not fresh mmaps).
-JOIN_MIN_BYTES = 1 << 22
+#: Below this total ``b"".join`` is as fast: glibc serves allocations under its dynamic mmap
+#: threshold (at most 32 MiB) from recycled heap memory, not fresh page-faulting mmaps.
+JOIN_MIN_BYTES = 1 << 25
 
 _new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
 _new_bytes.restype = ctypes.py_object
@@ -89,66 +88,14 @@ def join(parts: Sequence[Any]) -> bytes:
     return out
 
 
-def gaps(data: npt.NDArray[np.bool_], complement: bool, m: int) -> npt.NDArray[np.int64] | None:
-    """Gaps of the coded set (members ``True``, or ``False`` when ``complement``); ``m`` members."""
-    lib = _lib()
-    if lib is None:
-        return None
-    data = np.ascontiguousarray(data)
-    out = np.empty(m, dtype=np.int64)
-    n = lib.psw_gaps(_ptr(data), data.size, int(complement), _ptr(out), m)
-    if n != m:  # pragma: no cover - the caller's count is the mask's own
-        raise AssertionError(f"gap scan found {n} members, expected {m}")
-    return out
 
 
-def runs(
-    data: npt.NDArray[np.bool_], cap: int
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]] | None:
-    """(z, o): for each run of ``True``, the ``False`` before it (since the previous run) and its
-    length; ``cap`` bounds the number of runs (``min(count, size - count + 1)``)."""
-    lib = _lib()
-    if lib is None:
-        return None
-    data = np.ascontiguousarray(data)
-    z = np.empty(cap, dtype=np.int64)
-    o = np.empty(cap, dtype=np.int64)
-    n = lib.psw_runs(_ptr(data), data.size, _ptr(z), _ptr(o), cap)
-    if n < 0:  # pragma: no cover - the caller's bound is exact
-        raise AssertionError(f"more than {cap} runs")
-    return z[:n], o[:n]
 
 
-def run_stats(data: npt.NDArray[np.bool_]) -> tuple[int, int, int, int] | None:
-    """(runs of ``True``, runs of length 1, single ``False`` between two ``True``, one past the
-    last ``True``) in one pass."""
-    lib = _lib()
-    if lib is None:
-        return None
-    data = np.ascontiguousarray(data)
-    out = np.zeros(4, dtype=np.int64)
-    lib.psw_run_stats(_ptr(data), data.size, _ptr(out))
-    return int(out[0]), int(out[1]), int(out[2]), int(out[3])
 
 
-def rice_cost(g: npt.NDArray[np.int64], k: int) -> int | None:
-    """``sum(g >> k)`` (the unary bits without the stop bits), or ``None`` without the kernel."""
-    lib = _lib()
-    if lib is None:
-        return None
-    return int(lib.psw_rice_sum(_ptr(g), g.size, k))
 
 
-def rice_pack(g: npt.NDArray[np.int64], k: int, nbytes: int) -> bytes | None:
-    """The remainders then the unary quotients, exactly ``nbytes`` bytes (planned by the caller)."""
-    lib = _lib()
-    if lib is None:
-        return None
-    out = np.empty(nbytes, dtype=np.uint8)
-    n = lib.psw_rice_pack(_ptr(g), g.size, k, _ptr(out), nbytes)
-    if n != nbytes:  # pragma: no cover - internal consistency
-        raise AssertionError(f"Rice body of {n} bytes != planned {nbytes}")
-    return out.tobytes()
 
 
 _ERRORS = {

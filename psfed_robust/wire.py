@@ -27,10 +27,10 @@ Mask encodings:
   sequence Golomb–Rice coded with its own optimal ``k``: a few bytes for clustered masks such as
   whole layers (structured selectors), where a bitmap costs ``size/8``.
 
-Encode and decode use small compiled C kernels (:mod:`psfed_robust._wire_kernels`) when a C
-compiler is available, else vectorised numpy (no Python loop over indices); both give the same
-bytes and the same verdicts. A large payload is assembled by one copy into huge pages
-(``_wire_kernels.join``), not ``b"".join``, whose fresh mmap faults in 4 KiB pages.
+Everything is vectorised numpy (no Python loop over indices); two steps use small compiled C
+kernels (:mod:`psfed_robust._wire_kernels`: the gap decoder, and the concatenation of payloads
+above 32 MiB on huge pages) when a C compiler is available, with the same bytes and the same
+verdicts, because they earn at least 3x there (``benchmarks/wire.py --kernels-only``).
 
 ``encoding="auto"`` picks the cheapest exact encoding (ties: dense, seeded, bitmap, gap, runs);
 a candidate is skipped only when a cheap lower bound shows it cannot be cheaper.
@@ -359,9 +359,8 @@ def _rice_lower_bound_bytes(mask: Mask, complement: bool, m: int) -> int:
 
 
 def _rice_sum(values: npt.NDArray[np.int64], k: int) -> int:
-    """``sum(values >> k)`` (compiled kernel when built, else numpy; the same integer)."""
-    s = _wire_kernels.rice_cost(values, k)
-    return int(np.sum(values >> k)) if s is None else s
+    """``sum(values >> k)``, exact."""
+    return int(np.sum(values >> k))
 
 
 def _best_rice(values: npt.NDArray[np.int64]) -> tuple[int, int]:
@@ -407,10 +406,8 @@ def _rice_body_bytes(n: int, k: int, bits: int) -> int:
 
 def _rice_body(values: npt.NDArray[np.int64], k: int, nbytes: int) -> bytes:
     """Remainders (k bits each, MSB first) then quotients in unary; ``nbytes`` as planned."""
-    body = _wire_kernels.rice_pack(values, k, nbytes)
-    if body is None:
-        rem = _pack_fixed(values & ((1 << k) - 1), k) if k else b""
-        body = rem + _pack_unary(values >> k)
+    rem = _pack_fixed(values & ((1 << k) - 1), k) if k else b""
+    body = rem + _pack_unary(values >> k)
     if len(body) != nbytes:  # pragma: no cover - internal consistency
         raise AssertionError(f"Rice body of {len(body)} bytes != planned {nbytes}")
     return body
@@ -454,10 +451,8 @@ def _plan_gap(mask: Mask, budget: int | None) -> _GapPlan | None:
         # near density 1/2 a cheap bound usually rules the gap code out
         if m > budget and _rice_lower_bound_bytes(mask, complement, m) >= budget:
             return None
-    gaps = _wire_kernels.gaps(mask.data, complement, m)
-    if gaps is None:
-        _, idx = _coded_set(mask)
-        gaps = np.diff(idx, prepend=np.int64(-1)) - 1
+    _, idx = _coded_set(mask)
+    gaps = np.diff(idx, prepend=np.int64(-1)) - 1
     k, bits = _best_rice(gaps)
     return _GapPlan(complement, k, 2 + _rice_body_bytes(m, k, bits), gaps)
 
@@ -517,11 +512,7 @@ _RUNS = struct.Struct("<BBQQ")
 def _mask_runs(data: npt.NDArray[np.bool_], count: int) -> tuple[
     npt.NDArray[np.int64], npt.NDArray[np.int64]
 ]:
-    """(z, o) of a mask: one compiled scan when built, else numpy (the same arrays)."""
-    size = data.shape[0]
-    got = _wire_kernels.runs(data, min(count, size - count + 1))
-    if got is not None:
-        return got
+    """(z, o) of a mask, from the transitions of the 0/1 array."""
     d = np.diff(data.view(np.int8), prepend=np.int8(0), append=np.int8(0))
     starts = np.flatnonzero(d == 1)
     ends = np.flatnonzero(d == -1)
@@ -545,10 +536,7 @@ def _rice_bits_lower_bound(n: int, zeros: int, total: int) -> int:
 
 def _run_stats(mask: Mask) -> tuple[int, int, int, int]:
     """(runs of members, runs of length 1, single non-members between two runs, one past the
-    last member): one compiled pass, else popcounts over the packed mask."""
-    got = _wire_kernels.run_stats(mask.data)
-    if got is not None:
-        return got
+    last member): popcounts over the packed mask."""
     if mask.count == 0:
         return 0, 0, 0, 0
     w = _packed_words(mask)
