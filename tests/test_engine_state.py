@@ -72,3 +72,13 @@ def test_legacy_persistent_attack_param_maps_to_the_field() -> None:
         CFG.replace(attack_params={"persistent": "yes"})
     with pytest.raises(ValueError, match="attack_persistent must be consistent"):
         CFG.replace(attack_persistent=True, attack_params={"persistent": False})
+
+
+def test_randomised_defense_draws_from_the_blocks_generator() -> None:
+    # bucketing shuffles with the engine's per-block "defense" generator: the same numbers with
+    # any number of workers, and a different seed gives a different shuffle
+    cfg = CFG.replace(attack="sign_flip", attack_params={"scale": 4.0}, defense="bucketing",
+                      defense_params={"s": 2})
+    one = run_online(cfg, block_workers=1)
+    assert np.array_equal(one.global_mse, run_online(cfg, block_workers=2).global_mse)
+    assert np.isfinite(one.global_mse).all()

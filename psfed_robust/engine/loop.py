@@ -134,6 +134,7 @@ def _loop(config: OnlineConfig, block: int, B: int, dev: torch.device, attack: A
     local = LocalStep(config, stream, B, dev, compiled)
     g_sched = block_generator(config.seed, "schedule", block, dev)
     g_attack = block_generator(config.seed, "attack", block, dev)
+    g_defense = block_generator(config.seed, "defense", block, dev)  # e.g. bucketing's shuffle
     W = torch.zeros((B, K, D), device=dev, dtype=dtype)
     Wflat = W.view(-1)
     g = torch.zeros((B, D), device=dev, dtype=dtype)
@@ -198,7 +199,7 @@ def _loop(config: OnlineConfig, block: int, B: int, dev: torch.device, attack: A
             omega = server_weights(torch.ones_like(idx, dtype=torch.bool) if valid is None
                                    else valid, scheme, K, config.participation, dtype=dtype)
             g = server_step(defense, values, g, index=Tk, participants=valid, weights=omega,
-                            mode=cast(Any, config.aggregation_mode))
+                            mode=cast(Any, config.aggregation_mode), generator=g_defense)
         if (n + 1) % re == 0:
             t = (n + 1) // re - 1
             g_rec[:, t] = _test_mse(stream, config, g)

@@ -25,6 +25,7 @@ from psfed_robust.core.aggregation import server_weights
 from psfed_robust.core.flatten import all_finite
 from psfed_robust.core.mask import Mask
 from psfed_robust.core.round import densify, server_step
+from psfed_robust.core.seeding import torch_generator
 from psfed_robust.flower._arrays import as_tensor
 from psfed_robust.flower._masks import index_tensor, mask_indices
 from psfed_robust.flower._model import Layout
@@ -229,11 +230,15 @@ def aggregate(
     server_round: int,
     adversary: ServerAdversary | None = None,
     info: dict[str, Any] | None = None,
+    seed: int = 0,
 ) -> npt.NDArray[Any] | None:
     """The core's server step over the valid replies; ``None`` when the result is not finite.
 
-    Exceptions of the rule propagate (the caller counts them as a failed aggregation).
+    Exceptions of the rule propagate (the caller counts them as a failed aggregation). A
+    randomised rule (bucketing's shuffle) draws from ``torch_generator("flower.defense", seed,
+    server_round)``.
     """
+    gen = torch_generator("flower.defense", seed, server_round)
     g = as_tensor(g0)
     values = [as_tensor(u.values) for u in checked.valid]
     index = [index_tensor(m) for m in checked.masks]
@@ -245,10 +250,10 @@ def aggregate(
         upd = adversary.apply(server_round, upd, masks, g,
                               [u.client_id for u in checked.valid], aggregator)
         new = server_step(aggregator, upd, g, masks=masks, weights=w,
-                          mode=mode, info=info)  # type: ignore[arg-type]
+                          mode=mode, info=info, generator=gen)  # type: ignore[arg-type]
     else:
         new = server_step(aggregator, values, g, index=index, weights=w,
-                          mode=mode, info=info)  # type: ignore[arg-type]
+                          mode=mode, info=info, generator=gen)  # type: ignore[arg-type]
     out = new.detach().cpu().numpy()
     if out.dtype != lay.dtype:
         out = out.astype(lay.dtype)

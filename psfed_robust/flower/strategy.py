@@ -400,7 +400,7 @@ class PSFedAvg(Strategy):
         try:
             new = aggregate(self.aggregator, checked, g0, lay, w,
                             mode=self.aggregation.mode, server_round=server_round,
-                            adversary=self.adversary)
+                            adversary=self.adversary, seed=self.sample_seed)
         except Exception as e:
             log(WARNING, "psfed round %d: aggregator failed (%s); global unchanged",
                 server_round, e)
