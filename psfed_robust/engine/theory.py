@@ -82,7 +82,8 @@ def _persistent(config: OnlineConfig) -> bool:
 def method(config: OnlineConfig) -> str:
     """Which exact recursion covers ``config``: ``"scalar"`` (four scalars, uplink same /
     independent, or M = D), ``"classes"`` (per-client coordinate classes, uplink next or the
-    options the scalar one lacks) or ``"coordinated"`` (one common pending mask, uplink next).
+    options the scalar one lacks), ``"coordinated"`` (one common pending mask, uplink next) or
+    ``"rr"`` (coordinated round robin: deterministic windows, any uplink).
 
     Raises ``NotImplementedError`` naming the first option outside the theory.
     """
