@@ -330,10 +330,6 @@ class RayExecutor:
         address = self.address or os.environ.get("RAY_ADDRESS") or None
         kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                               "logging_level": "WARNING"}
-        # Ray 2.x still hides GPUs from tasks asking for none (what plan_device relies on) and
-        # warns that this will change; the warning is about that default, not about this call
-        warnings.filterwarnings("ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO.*",
-                                category=FutureWarning)
         if address is None:
             ray.init(address="local", num_cpus=self.num_cpus or os.cpu_count() or 1, **kw)
         else:
@@ -376,6 +372,10 @@ class RayExecutor:
         import ray
 
         stream = self.stream if self.stream is not None else sys.stderr
+        # Ray 2.x still hides GPUs from tasks asking for none (what plan_device relies on) and
+        # warns that this default will change; the warning is about Ray, not about this run
+        warnings.filterwarnings("ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO.*",
+                                category=FutureWarning)
         owned = self._connect()
         bar = Progress(len(points), stream, progress)
         try:
