@@ -81,6 +81,8 @@ class NNConfig:
     memory_budget_mb: float = 1024.0
     max_chunk: int = 0  # > 0: at most this many client rows per vmap call
     threads: int = 0  # > 0: torch intra-op threads during the run (restored after); 0: as set
+    fused: bool = True  # hand-derived batched kernels (nn.fused) when the model allows; False:
+    # the torch.func reference path (vmap(grad) with functional_call)
 
     def __post_init__(self) -> None:
         _choice("task", self.task, TASKS)
@@ -111,8 +113,9 @@ class NNConfig:
         _choice("mode", self.mode, ("fill", "reporters"))
         _choice("device", self.device, ("auto", "cpu", "cuda"))
         _real("memory_budget_mb", self.memory_budget_mb, 0.0, open_low=True)
-        if not isinstance(self.shuffle, bool) or not isinstance(self.persistent, bool):
-            raise TypeError("NNConfig.shuffle and NNConfig.persistent must be bools")
+        for name in ("shuffle", "persistent", "fused"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"NNConfig.{name} must be a bool, got {getattr(self, name)!r}")
         import attacks
         import defenses
 

@@ -1,24 +1,33 @@
-"""Image data of the batched NN engine: the Flower engine's offline loaders, as images.
+"""Image data of the batched NN engine, offline only, and the client splits.
 
-``digits`` (scikit-learn's bundled 8x8 digits), ``mnist`` / ``fashion_mnist`` (torchvision files
-under ``data_dir``) and ``cifar10`` (the python pickles under ``data_dir``) come from
-``experiments.datasets.load_image_data`` — the same standardised values the Flower engine trains
-on (nothing is downloaded) — reshaped to ``[N, C, H, W]``. ``synthetic`` is a small seeded image
-task for tests: one smooth prototype per class plus Gaussian noise.
+- ``digits``: scikit-learn's bundled 8x8 digits (1,797 images; a seeded 80/20 train/test cut);
+- ``mnist`` / ``fashion_mnist``: torchvision's readers over ``data_dir`` (``download=False``);
+- ``cifar10``: the ``cifar-10-batches-py`` pickles under ``data_dir``;
+- ``synthetic``: a small seeded 8x8 task for tests (one smooth prototype per class + noise).
 
-Client splits (IID, Dirichlet(alpha)) are ``experiments.datasets.split_clients``: the one split
-of the project, so both engines give a client the same examples for the same run seed.
+Pixels are scaled to [0, 1] and standardised per pixel with the training set's statistics —
+the values the Flower engine (``experiments.datasets.load_image_data``) trains on, as images
+``[N, C, H, W]`` (a test checks both loaders agree). Nothing is downloaded. Loaded tasks are
+cached per ``(kind, data_dir, seed)`` (sweeps run many points on the same data).
+
+Client splits are :func:`psfed_robust.tasks.split_indices` (IID or Dirichlet(alpha)) seeded as
+the driver's split (``numpy_rng("experiments.split", partition, seed)``), so both engines give a
+client the same examples for the same run seed.
 """
 
 from __future__ import annotations
 
+import functools
+import pickle
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from psfed_robust.core.seeding import torch_generator
+from psfed_robust.core.seeding import numpy_rng, torch_generator
+from psfed_robust.tasks import split_indices
 
 __all__ = ["IMAGE_SHAPES", "TASKS", "ImageTask", "client_table", "load_task", "split"]
 
@@ -70,30 +79,94 @@ def synthetic(
     return ImageTask(xtr, ytr, xte, yte, num_classes)
 
 
+def _standardise(xtr: np.ndarray, xte: np.ndarray) -> tuple[Tensor, Tensor]:
+    mean = xtr.mean(axis=0, keepdims=True)
+    std = xtr.std(axis=0, keepdims=True) + 1e-6
+    return (torch.from_numpy(((xtr - mean) / std).astype(np.float32)),
+            torch.from_numpy(((xte - mean) / std).astype(np.float32)))
+
+
+def _digits(seed: int, test_fraction: float = 0.2) -> tuple[np.ndarray, ...]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = d.data.astype(np.float32) / 16.0
+    y = d.target.astype(np.int64)
+    perm = numpy_rng("experiments.digits.split", seed).permutation(len(y))
+    n_test = round(test_fraction * len(y))
+    te, tr = perm[:n_test], perm[n_test:]
+    return x[tr], y[tr], x[te], y[te]
+
+
+def _torchvision(kind: str, data_dir: str) -> tuple[np.ndarray, ...]:
+    from torchvision import datasets
+
+    cls = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST}[kind]
+    try:
+        train = cls(data_dir, train=True, download=False)
+        test = cls(data_dir, train=False, download=False)
+    except RuntimeError as exc:
+        raise FileNotFoundError(
+            f"{kind}: no dataset under {data_dir!r} (torchvision layout expected; nothing is "
+            f"downloaded): {exc}") from exc
+    xtr = train.data.numpy().reshape(len(train.data), -1).astype(np.float32) / 255.0
+    xte = test.data.numpy().reshape(len(test.data), -1).astype(np.float32) / 255.0
+    return xtr, train.targets.numpy().astype(np.int64), xte, test.targets.numpy().astype(np.int64)
+
+
+def _cifar10(data_dir: str) -> tuple[np.ndarray, ...]:
+    root = Path(data_dir) / "cifar-10-batches-py"
+    if not root.is_dir():
+        raise FileNotFoundError(f"cifar10: {root} not found (the python-pickle batches; nothing "
+                                "is downloaded)")
+
+    def read(names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        xs, ys = [], []
+        for n in names:
+            with open(root / n, "rb") as fh:
+                batch = pickle.load(fh, encoding="bytes")
+            xs.append(np.asarray(batch[b"data"], dtype=np.float32) / 255.0)
+            ys.append(np.asarray(batch[b"labels"], dtype=np.int64))
+        return np.concatenate(xs), np.concatenate(ys)
+
+    train_names = sorted(p.name for p in root.glob("data_batch_*"))
+    if not train_names or not (root / "test_batch").exists():
+        raise FileNotFoundError(f"cifar10: {root} lacks data_batch_* or test_batch")
+    xtr, ytr = read(train_names)
+    xte, yte = read(["test_batch"])
+    return xtr, ytr, xte, yte
+
+
+@functools.lru_cache(maxsize=8)
+def _load(kind: str, data_dir: str, seed: int) -> ImageTask:
+    if kind == "digits":
+        xtr, ytr, xte, yte = _digits(seed)
+    elif kind in ("mnist", "fashion_mnist"):
+        xtr, ytr, xte, yte = _torchvision(kind, data_dir)
+    else:
+        xtr, ytr, xte, yte = _cifar10(data_dir)
+    a, b = _standardise(xtr, xte)
+    shape = IMAGE_SHAPES[kind]
+    return ImageTask(a.reshape(-1, *shape).contiguous(), torch.from_numpy(ytr),
+                     b.reshape(-1, *shape).contiguous(), torch.from_numpy(yte), 10)
+
+
 def load_task(kind: str, data_dir: str = "", seed: int = 0) -> ImageTask:
     """Load an image task (offline); ``seed`` is the scenario seed (digits' test split)."""
     if kind not in IMAGE_SHAPES:
         raise ValueError(f"unknown image task {kind!r}; allowed: {', '.join(TASKS)}")
     if kind == "synthetic":
         return synthetic(seed)
-    from experiments.datasets import load_image_data
-
-    data = load_image_data(kind, data_dir, seed=seed)
-    shape = IMAGE_SHAPES[kind]
-    return ImageTask(
-        data.x_train.reshape(-1, *shape).contiguous(), data.y_train.long(),
-        data.x_test.reshape(-1, *shape).contiguous(), data.y_test.long(), data.num_classes,
-    )
+    return _load(kind, str(data_dir), int(seed) if kind == "digits" else 0)
 
 
 def split(labels: Tensor, clients: int, partition: str, alpha: float, seed: int
           ) -> list[np.ndarray]:
-    """Per-client example indices (``experiments.datasets.split_clients``: IID or Dirichlet)."""
-    from experiments.datasets import split_clients
-
+    """Per-client example indices: IID or Dirichlet(alpha), seeded by ``(partition, seed)``."""
     if clients > len(labels):
         raise ValueError(f"{clients} clients but only {len(labels)} training examples")
-    return split_clients(labels, clients, partition, alpha, seed)
+    rng = numpy_rng("experiments.split", partition, seed)
+    return split_indices(labels.numpy(), clients, partition, alpha, rng)
 
 
 def client_table(parts: list[np.ndarray]) -> tuple[Tensor, Tensor]:

@@ -55,6 +55,7 @@ from psfed_robust.core.selectors import (
 )
 from psfed_robust.nn.config import NNConfig
 from psfed_robust.nn.data import ImageTask, client_table, load_task, split
+from psfed_robust.nn.fused import FusedModel, supports
 from psfed_robust.nn.models import build_model
 from psfed_robust.nn.train import FunctionalModel, batch_plan, train_rows
 from psfed_robust.wire import HEADER_SIZE, encoded_size
@@ -106,14 +107,17 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def evaluate(fm: FunctionalModel, g: Tensor, x: Tensor, y: Tensor, num_classes: int,
-             chunk: int = 2048) -> tuple[Tensor, Tensor, Tensor]:
+def evaluate(fm: FunctionalModel | FusedModel, g: Tensor, x: Tensor, y: Tensor,
+             num_classes: int, chunk: int = 2048) -> tuple[Tensor, Tensor, Tensor]:
     """``(loss, accuracy, flip success)`` ``[B]`` of global models ``g`` ``[B, P]`` on (x, y).
 
     Flip success: the fraction of examples predicted as the label-flip target ``C − 1 − y``
     (examples with ``C − 1 − y = y`` excluded), the attack success rate of label flipping.
     """
-    fwd = torch.func.vmap(fm.logits, in_dims=(0, None))
+    if isinstance(fm, FusedModel):
+        fwd = fm.logits_shared
+    else:
+        fwd = torch.func.vmap(fm.logits, in_dims=(0, None))
     B = g.shape[0]
     loss = torch.zeros(B, dtype=torch.float64, device=g.device)
     hits = torch.zeros(B, dtype=torch.float64, device=g.device)
@@ -243,6 +247,7 @@ def _run(config: NNConfig, task: ImageTask | None, progress: bool) -> NNResult:
     models = [build_model(cfg.model, shape, C, hidden=cfg.hidden,
                           seed=stable_seed("experiments.flower.model", rs)) for rs in seeds]
     fm = FunctionalModel(models[0].to(dev))
+    fz = FusedModel(models[0]) if cfg.fused and supports(models[0]) else None
     P = fm.num_parameters
     G = torch.stack([FlattenedModel(m).flatten() for m in models]).to(dev)
     W = G.unsqueeze(1).repeat(1, K, 1)
@@ -296,17 +301,27 @@ def _run(config: NNConfig, task: ImageTask | None, progress: bool) -> NNResult:
         rows = part.view(-1).nonzero().squeeze(1)
         rows_d = rows.to(dev)
 
-        # 2. downlink merge into the participants' local models
-        sub = Wf.index_select(0, rows_d)
-        if idx is None:
-            merge_(sub, None, G.index_select(0, row_run[rows].to(dev)))
+        # 2. downlink merge into the participants' local models (in place when every client
+        # takes part: no copies of the [runs x clients, P] state)
+        if full_part:
+            sub = Wf
+            if idx is None:
+                merge_(W, None, G.unsqueeze(1))
+            else:
+                merge_(W, idx, gather(G, idx))
         else:
-            idx_rows = idx.reshape(B * K, -1).index_select(0, rows_d)
-            merge_(sub, idx_rows, gather(G, idx).reshape(B * K, -1).index_select(0, rows_d))
+            sub = Wf.index_select(0, rows_d)
+            if idx is None:
+                merge_(sub, None, G.index_select(0, row_run[rows].to(dev)))
+            else:
+                idx_rows = idx.reshape(B * K, -1).index_select(0, rows_d)
+                merge_(sub, idx_rows, gather(G, idx).reshape(B * K, -1).index_select(0, rows_d))
 
         # 3. local training
-        buf = momentum_state.index_select(0, rows_d) if momentum_state is not None else \
-            torch.zeros_like(sub)
+        if momentum_state is None:
+            buf = torch.zeros_like(sub)
+        else:
+            buf = momentum_state if full_part else momentum_state.index_select(0, rows_d)
         plan = batch_plan(count[rows].tolist(), [seeds[int(b)] for b in row_run[rows]],
                           row_client[rows].tolist(), n, batch_size=cfg.batch_size,
                           local_epochs=cfg.local_epochs, local_steps=cfg.local_steps,
@@ -320,10 +335,11 @@ def _run(config: NNConfig, task: ImageTask | None, progress: bool) -> NNResult:
             y_rows = labels.index_select(0, rows_d) if labels is not None else y_train
         train_rows(fm, sub, buf, x_train, y_rows, table.index_select(0, rows_d), plan,
                    lr=cfg.lr_at(n), momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                   chunk=chunk)
-        Wf.index_copy_(0, rows_d, sub)
-        if momentum_state is not None:
-            momentum_state.index_copy_(0, rows_d, buf)
+                   chunk=chunk, fused=fz)
+        if not full_part:
+            Wf.index_copy_(0, rows_d, sub)
+            if momentum_state is not None:
+                momentum_state.index_copy_(0, rows_d, buf)
 
         # 4. uplink deltas and the attack seam
         if idx is None:
@@ -382,7 +398,7 @@ def _run(config: NNConfig, task: ImageTask | None, progress: bool) -> NNResult:
         down_acc += ((masks.nbytes * pf).sum(-1) + first.sum(-1)) / npart
         up_acc += (masks.nbytes * pf).sum(-1) / npart
         if n % cfg.record_every == 0 or n == cfg.rounds:
-            loss, acc, asr = evaluate(fm, G, x_test, y_test, C)
+            loss, acc, asr = evaluate(fz if fz is not None else fm, G, x_test, y_test, C)
             recorded.append(n)
             curves["accuracy"].append(acc.cpu())
             curves["loss"].append(loss.cpu())
@@ -402,5 +418,6 @@ def _run(config: NNConfig, task: ImageTask | None, progress: bool) -> NNResult:
         "train_examples": len(data.y_train), "test_examples": len(data.y_test),
         "chunk_rows": chunk, "train_bytes_per_row": row_bytes,
         "state_bytes_per_client": state_bytes, "seconds": round(seconds, 3),
+        "train_path": "fused" if fz is not None else "vmap",
     }
     return NNResult(np.asarray(recorded), metrics, info, seconds, G.detach().cpu())

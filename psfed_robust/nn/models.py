@@ -1,7 +1,7 @@
 """Image classifiers of the batched NN engine, chosen and sized by name (``task.model``).
 
-- ``mlp``: the Flower engine's 2-layer MLP (``experiments.flower_engine.make_mlp``, the one MLP
-  of the project: same layout and initialisation, so both engines start from the same model);
+- ``mlp``: the 2-layer MLP of :func:`psfed_robust.tasks.make_mlp` (the one MLP of the project,
+  also the Flower engine's: both engines start from the same model);
 - ``cnn``: LeNet-style (LeCun et al., Proc. IEEE 1998): two conv + max-pool stages and three
   linear layers; 5x5 kernels for inputs of 28x28 and larger (MNIST, Fashion-MNIST: the classic
   LeNet-5 sizes 6/16 maps, 120/84 units), 3x3 with padding for the 8x8 digits;
@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+
+from psfed_robust.tasks import make_mlp
 
 __all__ = ["MODELS", "build_model"]
 
@@ -73,8 +75,6 @@ def build_model(
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"input_shape must be (C, H, W) with positive sizes, got {shape}")
     if name == "mlp":
-        from experiments.flower_engine import make_mlp
-
         features = shape[0] * shape[1] * shape[2]
         mlp = make_mlp(features, hidden, num_classes, seed)
         return nn.Sequential(nn.Flatten(), *mlp.children())

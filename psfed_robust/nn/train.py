@@ -23,12 +23,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from psfed_robust.core.flatten import FlattenedModel
 from psfed_robust.core.seeding import _encode_part
+from psfed_robust.nn.fused import FusedModel, example_scale
 
 __all__ = ["BatchPlan", "FunctionalModel", "batch_plan", "train_rows"]
 
@@ -120,9 +122,9 @@ def batch_plan(
         steps = local_steps
     else:
         steps = local_epochs * max(-(-int(c) // bs) for c in counts)
-    pos = torch.zeros((n_rows, steps, bs), dtype=torch.long)
-    valid = torch.zeros((n_rows, steps, bs), dtype=torch.bool)
-    active = torch.zeros((n_rows, steps), dtype=torch.bool)
+    pos = np.zeros((n_rows, steps, bs), dtype=np.int64)
+    valid = np.zeros((n_rows, steps, bs), dtype=np.bool_)
+    active = np.zeros((n_rows, steps), dtype=np.bool_)
     tail = _encode_part(int(round_num)) + _SEP
     for i, (n, rs, k) in enumerate(zip(counts, run_seeds, client_ids, strict=True)):
         n = int(n)
@@ -131,20 +133,18 @@ def batch_plan(
             take = min(bs, n)
             for s in range(steps):
                 order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
-                pos[i, s, :take] = order[:take]
-                valid[i, s, :take] = True
+                pos[i, s, :take] = order[:take].numpy()
+            valid[i, :, :take] = True
             active[i] = True
             continue
         per_epoch = -(-n // bs)
-        flat = torch.zeros(per_epoch * bs, dtype=torch.long)
         for e in range(local_epochs):
-            flat[:n] = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
             s0 = e * per_epoch
-            pos[i, s0 : s0 + per_epoch] = flat.view(per_epoch, bs)
-            v = torch.arange(per_epoch * bs) < n
-            valid[i, s0 : s0 + per_epoch] = v.view(per_epoch, bs)
+            block = pos[i, s0 : s0 + per_epoch].reshape(-1)  # a view: row i's epoch e
+            block[:n] = (torch.randperm(n, generator=gen) if shuffle else torch.arange(n)).numpy()
+            valid[i, s0 : s0 + per_epoch].reshape(-1)[:n] = True
             active[i, s0 : s0 + per_epoch] = True
-    return BatchPlan(pos, valid, active)
+    return BatchPlan(torch.from_numpy(pos), torch.from_numpy(valid), torch.from_numpy(active))
 
 
 def train_rows(
@@ -160,38 +160,64 @@ def train_rows(
     momentum: float,
     weight_decay: float,
     chunk: int,
+    fused: FusedModel | None = None,
+    prefetch_bytes: int = 64 * 2**20,
 ) -> None:
     """Train rows ``w`` ``[N, P]`` in place (momentum ``buf`` ``[N, P]`` in place too).
 
     ``x``/``y``: the task's training images and labels (``y`` ``[N, n]`` when labels differ per
     row, e.g. poisoned); ``table`` ``[N, n_max]``: each row's example ids; ``chunk``: rows per
-    vmap call (memory bound).
+    call (memory bound). ``fused``: compute the gradients with the hand-derived kernels of
+    :class:`~psfed_robust.nn.fused.FusedModel` instead of ``vmap(grad)`` (same values within
+    float tolerance); a chunk's batches of the whole round are gathered at once when they take at
+    most ``prefetch_bytes``.
     """
-    gfn = fmodel.grad_fn()
+    gfn = fmodel.grad_fn() if fused is None else None
     dev = w.device
     n_rows = w.shape[0]
     per_row_labels = y.dim() == 2
+    example_bytes = x[:1].numel() * x.element_size()
     for c0 in range(0, n_rows, chunk):
         c1 = min(n_rows, c0 + chunk)
         wc, bc = w[c0:c1], buf[c0:c1]
         tab = table[c0:c1]
         pos = plan.positions[c0:c1].to(dev)
         val = plan.valid[c0:c1].to(dev)
-        act = plan.active[c0:c1].to(dev)
-        for s in range(pos.shape[1]):
-            cols = pos[:, s]
-            ids = tab.gather(1, cols)  # [C, B] example ids
-            xb = x[ids]
-            yb = y[c0:c1].gather(1, cols) if per_row_labels else y[ids]
-            weight = val[:, s].to(w.dtype)
-            g = gfn(wc, xb, yb, weight)
-            if weight_decay:
-                g = g.add(wc, alpha=weight_decay)
-            on = act[:, s]
-            if bool(on.all()):
-                bc.mul_(momentum).add_(g)
-                wc.sub_(bc, alpha=lr)
+        act = plan.active[c0:c1]
+        all_on = act.all(0).tolist()
+        act = act.to(dev)
+        rows, steps, bs = pos.shape
+        scale = example_scale(val, w.dtype) if fused is not None else val.to(w.dtype)
+        xs = ys = None
+        if rows * steps * bs * example_bytes <= prefetch_bytes:
+            ids = tab.gather(1, pos.view(rows, steps * bs))
+            xs = x[ids].view(rows, steps, bs, *x.shape[1:])
+            ys = (y[c0:c1].gather(1, pos.view(rows, steps * bs)) if per_row_labels
+                  else y[ids]).view(rows, steps, bs)
+        wv = fused.blocks(wc) if fused is not None else [wc]
+        bv = fused.blocks(bc) if fused is not None else [bc]
+        for s in range(steps):
+            if xs is not None and ys is not None:
+                xb, yb = xs[:, s], ys[:, s]
             else:
-                keep = on.unsqueeze(-1)
-                bc.copy_(torch.where(keep, bc * momentum + g, bc))
-                wc.copy_(torch.where(keep, wc - lr * bc, wc))
+                cols = pos[:, s]
+                ids = tab.gather(1, cols)  # [C, B] example ids
+                xb = x[ids]
+                yb = y[c0:c1].gather(1, cols) if per_row_labels else y[ids]
+            if fused is not None:
+                gs = fused.grad_blocks(wc, xb, yb, scale[:, s])
+            else:
+                assert gfn is not None
+                gs = [gfn(wc, xb, yb, scale[:, s])]
+            # torch.optim.SGD's update (dampening 0) on every parameter block at once
+            if weight_decay:
+                torch._foreach_add_(gs, wv, alpha=weight_decay)
+            if all_on[s]:
+                torch._foreach_mul_(bv, momentum)
+                torch._foreach_add_(bv, gs)
+                torch._foreach_add_(wv, bv, alpha=-lr)
+            else:  # rows whose epoch has ended keep their parameters and momentum
+                keep = act[:, s].unsqueeze(-1)
+                for g, b, wb in zip(gs, bv, wv, strict=True):
+                    b.copy_(torch.where(keep, b * momentum + g, b))
+                    wb.copy_(torch.where(keep, wb - lr * b, wb))

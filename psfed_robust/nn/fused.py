@@ -1,0 +1,258 @@
+"""Hand-derived batched forward/backward of the engine's models: the fast training path.
+
+The reference formulation of local training is ``vmap(grad(loss))`` over client rows with
+``functional_call`` (:class:`~psfed_robust.nn.train.FunctionalModel`). On small models each
+``torch.func`` call costs milliseconds of dispatch (transform layers, one ``nn.Module`` call per
+row batch), more than the arithmetic. :class:`FusedModel` computes the same per-row gradients of
+the same weighted cross-entropy with a handful of batched kernels per layer, for
+``nn.Sequential`` models built from ``Linear``, ``ReLU``, ``Flatten``, ``Conv2d`` and
+``MaxPool2d`` (every model of :mod:`psfed_robust.nn.models`):
+
+- ``Linear`` on rows: ``baddbmm`` forward; backward ``dW = dzᵀ a``, ``db = Σ dz``, ``da = dz W``
+  as ``bmm`` over rows;
+- ``Conv2d`` on rows: one grouped convolution with ``groups = rows`` (row ``r``'s channels are
+  the ``r``-th channel group of a ``[batch, rows·C, H, W]`` tensor, channels-last), backward
+  through ``aten.convolution_backward`` — the same computation vmap's conv batching rule does,
+  without its per-call overhead;
+- ``ReLU`` / ``MaxPool2d``: ``threshold_backward`` / ``max_pool2d_with_indices_backward``;
+- loss: ``softmax − onehot`` scaled by each example's weight over the row's weight sum (weights
+  0 mark padding), the gradient of :meth:`FunctionalModel.loss`.
+
+Equal to the ``vmap(grad)`` path within float tolerance (tests/test_nn_fused.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from psfed_robust.core.flatten import FlattenedModel, TensorInfo
+
+__all__ = ["FusedModel", "example_scale", "supports"]
+
+_CL = torch.channels_last
+
+
+def _pair(v: int | tuple[int, ...] | str) -> list[int]:
+    if isinstance(v, str):
+        raise ValueError(f"string padding {v!r} is not supported by the fused path")
+    return [int(v), int(v)] if isinstance(v, int) else [int(x) for x in v]
+
+
+@dataclass(frozen=True)
+class _Layer:
+    kind: str  # linear | relu | flatten | conv | pool
+    weight: TensorInfo | None = None
+    bias: TensorInfo | None = None
+    args: tuple[Any, ...] = ()
+
+
+def _parse(model: nn.Module) -> list[_Layer]:
+    if not isinstance(model, nn.Sequential):
+        raise ValueError(f"the fused path needs an nn.Sequential, got {type(model).__name__}")
+    if any(True for _ in model.buffers()):
+        raise ValueError("the fused path needs a model without buffers")
+    infos = {i.name: i for i in FlattenedModel(model).tensor_infos}
+    layers: list[_Layer] = []
+    flat = False
+    for idx, m in enumerate(model):
+        w, b = infos.get(f"{idx}.weight"), infos.get(f"{idx}.bias")
+        if isinstance(m, nn.Linear):
+            flat = True
+            layers.append(_Layer("linear", w, b))
+        elif isinstance(m, nn.ReLU):
+            layers.append(_Layer("relu"))
+        elif isinstance(m, nn.Flatten):
+            if m.start_dim != 1 or m.end_dim != -1:
+                raise ValueError("the fused path supports Flatten(1, -1) only")
+            if not flat:
+                layers.append(_Layer("flatten"))
+            flat = True
+        elif isinstance(m, nn.Conv2d) and not flat:
+            if m.groups != 1 or m.padding_mode != "zeros" or m.transposed:
+                raise ValueError("the fused path supports plain Conv2d (groups 1, zero padding)")
+            layers.append(_Layer("conv", w, b, (_pair(m.stride), _pair(m.padding),
+                                                _pair(m.dilation), int(m.out_channels))))
+        elif isinstance(m, nn.MaxPool2d) and not flat:
+            ks = _pair(m.kernel_size)  # type: ignore[arg-type]
+            st = _pair(m.stride) if m.stride is not None else ks  # type: ignore[arg-type]
+            layers.append(_Layer("pool", None, None, (ks, st, _pair(m.padding),  # type: ignore[arg-type]
+                                                      _pair(m.dilation), bool(m.ceil_mode))))  # type: ignore[arg-type]
+        else:
+            raise ValueError(f"the fused path does not support layer {idx}: {m!r}")
+    if not flat:
+        raise ValueError("the fused path needs a model that ends in Linear layers")
+    return layers
+
+
+def supports(model: nn.Module) -> bool:
+    """Whether :class:`FusedModel` can run ``model``."""
+    try:
+        _parse(model)
+    except ValueError:
+        return False
+    return True
+
+
+def _view(w: Tensor, info: TensorInfo) -> Tensor:
+    return w[:, info.start : info.end].view(w.shape[0], *info.shape)
+
+
+class FusedModel:
+    """Per-row logits and gradients of a supported ``nn.Sequential`` (see the module docstring).
+
+    Parameters are rows of ``w`` ``[N, P]`` in :class:`FlattenedModel` order; inputs are
+    ``[N, b, *input_shape]`` (each row its own batch).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = _parse(model)
+        self.flat = FlattenedModel(model)
+        self.num_parameters = self.flat.num_parameters
+        self._order = [i.name for i in self.flat.tensor_infos]
+
+    # ------------------------------------------------------------------ forward
+    def _forward(self, w: Tensor, x: Tensor, tape: list[Any] | None) -> Tensor:
+        N, b = x.shape[0], x.shape[1]
+        a: Tensor = x
+        grouped = False  # activations as [b, N*C, H, W] channels-last
+        for layer in self.layers:
+            k = layer.kind
+            if k == "conv":
+                if not grouped:
+                    a = a.transpose(0, 1).reshape(b, N * a.shape[2], *a.shape[3:])
+                    a = a.contiguous(memory_format=_CL)
+                    grouped = True
+                stride, pad, dil, cout = layer.args
+                assert layer.weight is not None
+                wt = _view(w, layer.weight)
+                wt = wt.reshape(N * cout, *wt.shape[2:]).contiguous(memory_format=_CL)
+                bias = _view(w, layer.bias).reshape(N * cout) if layer.bias is not None else None
+                out = F.conv2d(a, wt, bias, stride, pad, dil, N)
+                if tape is not None:
+                    tape.append((a, wt))
+                a = out
+            elif k == "pool":
+                ks, st, pad, dil, ceil = layer.args
+                out, ind = torch.ops.aten.max_pool2d_with_indices(a, ks, st, pad, dil, ceil)
+                if tape is not None:
+                    tape.append((a, ind))
+                a = out
+            elif k == "relu":
+                a = torch.relu(a)
+                if tape is not None:
+                    tape.append(a)
+            elif k == "flatten":
+                if grouped:
+                    shape = a.shape
+                    if tape is not None:
+                        tape.append(shape)
+                    a = a.reshape(b, N, -1).transpose(0, 1).contiguous()
+                    grouped = False
+                else:
+                    if tape is not None:
+                        tape.append(a.shape)
+                    a = a.reshape(N, b, -1)
+            else:  # linear
+                assert layer.weight is not None
+                wl = _view(w, layer.weight)
+                if tape is not None:
+                    tape.append((a, wl))
+                if layer.bias is not None:
+                    a = torch.baddbmm(_view(w, layer.bias).unsqueeze(1), a, wl.transpose(1, 2))
+                else:
+                    a = torch.bmm(a, wl.transpose(1, 2))
+        return a
+
+    def logits(self, w: Tensor, x: Tensor) -> Tensor:
+        """``[N, b, classes]`` logits of rows ``w`` ``[N, P]`` on their batches ``x``."""
+        with torch.no_grad():
+            return self._forward(w, x, None)
+
+    def logits_shared(self, w: Tensor, x: Tensor) -> Tensor:
+        """``[B, n, classes]``: each model of ``w`` ``[B, P]`` on the same inputs ``x``."""
+        return self.logits(w, x.unsqueeze(0).expand(w.shape[0], *x.shape))
+
+    # ------------------------------------------------------------------ backward
+    def blocks(self, w: Tensor) -> list[Tensor]:
+        """Views ``[N, numel]`` of each parameter tensor's columns of ``w`` ``[N, P]`` (in the
+        order of :meth:`grad_blocks`)."""
+        return [w[:, i.start : i.end] for i in self.flat.tensor_infos]
+
+    def grad(self, w: Tensor, x: Tensor, y: Tensor, scale: Tensor) -> Tensor:
+        """``[N, P]`` gradients of ``Σ_i scale_i · CE(f(w_r, x_ri), y_ri)`` per row ``r``.
+
+        ``scale`` ``[N, b]``: example weights over the row's weight sum (clamped at 1), so the
+        loss is :meth:`FunctionalModel.loss`'s weighted mean.
+        """
+        return torch.cat(self.grad_blocks(w, x, y, scale), 1)
+
+    def grad_blocks(self, w: Tensor, x: Tensor, y: Tensor, scale: Tensor) -> list[Tensor]:
+        """:meth:`grad` as one ``[N, numel]`` tensor per parameter tensor (no concatenation:
+        the optimiser updates the blocks of ``w`` in place)."""
+        with torch.no_grad():
+            tape: list[Any] = []
+            z = self._forward(w, x, tape)
+            # softmax by hand: aten's softmax over a last dimension of ~10 classes is ~10x
+            # slower than these three element-wise kernels on the CPU
+            dz = (z - z.amax(-1, keepdim=True)).exp_()
+            dz.mul_((scale / dz.sum(-1)).unsqueeze(-1))
+            dz.scatter_add_(2, y.unsqueeze(-1), -scale.unsqueeze(-1))
+            return self._backward(w, dz, tape)
+
+    def _backward(self, w: Tensor, d: Tensor, tape: list[Any]) -> list[Tensor]:
+        N = w.shape[0]
+        grads: dict[str, Tensor] = {}
+        first = next(i for i, layer in enumerate(self.layers) if layer.weight is not None)
+        for i in range(len(self.layers) - 1, first - 1, -1):  # nothing to do below the first
+            layer = self.layers[i]
+            k = layer.kind
+            saved = tape[i]
+            need_input = i > first
+            if k == "linear":
+                a, wl = saved
+                assert layer.weight is not None
+                grads[layer.weight.name] = torch.bmm(d.transpose(1, 2), a)
+                if layer.bias is not None:
+                    grads[layer.bias.name] = d.sum(1)
+                if need_input:
+                    d = torch.bmm(d, wl)
+            elif k == "relu":
+                d = torch.ops.aten.threshold_backward(d, saved, 0)
+            elif k == "flatten":
+                shape = saved
+                if len(shape) == 4:  # grouped [b, N*C, H, W] -> back to the grouped layout
+                    d = d.transpose(0, 1).reshape(shape).contiguous(memory_format=_CL)
+                else:
+                    d = d.reshape(shape)
+            elif k == "pool":
+                a, ind = saved
+                ks, st, pad, dil, ceil = layer.args
+                d = torch.ops.aten.max_pool2d_with_indices_backward(d, a, ks, st, pad, dil, ceil,
+                                                                    ind)
+            else:  # conv
+                a, wt = saved
+                stride, pad, dil, cout = layer.args
+                assert layer.weight is not None
+                if not d.is_contiguous(memory_format=_CL):
+                    d = d.contiguous(memory_format=_CL)
+                gi, gw, gb = torch.ops.aten.convolution_backward(
+                    d, a, wt, [N * cout] if layer.bias is not None else None, stride, pad, dil,
+                    False, [0, 0], N, [need_input, True, layer.bias is not None])
+                grads[layer.weight.name] = gw.reshape(N, -1)
+                if layer.bias is not None:
+                    assert layer.bias is not None
+                    grads[layer.bias.name] = gb.reshape(N, -1)
+                if need_input:
+                    d = gi
+        return [grads[n].reshape(N, -1) for n in self._order]
+
+
+def example_scale(valid: Tensor, dtype: torch.dtype) -> Tensor:
+    """``valid / max(1, Σ valid)`` over the last dimension (batch): the loss weights."""
+    v = valid.to(dtype)
+    return v / v.sum(-1, keepdim=True).clamp_min(1.0)
