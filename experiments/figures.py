@@ -167,7 +167,9 @@ def _learning_curves(plt: Any, s: _Sweep, out: Path) -> list[Path]:
     for page_no, lines in enumerate(pages):
         fig, axes = _grid(plt, len(panels), _ncols(s))
         handles: dict[str, Any] = {}
+        span: list[float] = []  # the non-diverged curves set the y range
         for ax, pc in zip(axes, panels, strict=True):
+            n_div = 0
             for li, lc in enumerate(lines):
                 want = dict(zip([*s.panel_keys, *line_keys], [*pc, *lc], strict=True))
                 idx = next((i for i, p in enumerate(s.points) if all(
@@ -176,22 +178,40 @@ def _learning_curves(plt: Any, s: _Sweep, out: Path) -> list[Path]:
                     continue
                 part = s.parts[idx]
                 label = ", ".join(_lbl(k, v) for k, v in zip(line_keys, lc, strict=True))
-                label = (label or "base") + (" (diverged)" if s.steady(idx)[3] else "")
+                label = label or "base"
+                div = s.steady(idx)[3]
+                n_div += div
                 if band is not None and s.points[idx].index in band:
                     rounds, vals = band[s.points[idx].index]
                     m, half = _band(vals)
-                    (h,) = ax.plot(rounds, m, color=f"C{li}", lw=1.3)
+                    (h,) = ax.plot(rounds, m, color=f"C{li}", lw=1.3, ls=":" if div else "-")
                     ax.fill_between(rounds, m - half, m + half, color=f"C{li}", alpha=0.2,
                                     lw=0)
                 else:
                     ys = part["curves"][s.metric]
                     ys = [_db(y) for y in ys] if s.is_mse else ys
-                    (h,) = ax.plot(part["rounds"], ys, color=f"C{li}", lw=1.2)
-                handles.setdefault(label, h)
-            ax.set_title(_panel_title(s.panel_keys, pc), fontsize=9)
+                    (h,) = ax.plot(part["rounds"], ys, color=f"C{li}", lw=1.2,
+                                   ls=":" if div else "-")
+                if not div:
+                    handles.setdefault(label, h)
+                    ydata = np.asarray(h.get_ydata(), dtype=float)
+                    ydata = ydata[np.isfinite(ydata)]
+                    if ydata.size:
+                        span += [float(ydata.min()), float(ydata.max())]
+            ax.set_title(_panel_title(s.panel_keys, pc)
+                         + (f"\n{n_div} diverged (dotted)" if n_div else ""), fontsize=9)
             ax.grid(alpha=0.3)
+        from matplotlib.lines import Line2D
+
+        for li, lc in enumerate(lines):  # lines that diverged in every panel: a solid proxy
+            label = ", ".join(_lbl(k, v) for k, v in zip(line_keys, lc, strict=True)) or "base"
+            handles.setdefault(label, Line2D([], [], color=f"C{li}", lw=1.3))
         for ax in axes:
             ax.set_xlabel("iteration" if s.is_mse else "round", fontsize=8)
+        if span:
+            lo, hi = min(span), max(span)
+            pad = 0.08 * (hi - lo) + 1e-9
+            axes[0].set_ylim(lo - pad, hi + pad)
         axes[0].set_ylabel(s.ylabel())
         what = "mean over runs" + ("" if band is None else ", 95% band")
         more = f" (page {page_no + 1}/{len(pages)})" if len(pages) > 1 else ""
@@ -339,9 +359,10 @@ def _heatmaps(plt: Any, s: _Sweep, out: Path) -> list[Path]:
             for (ai, xi), v in np.ndenumerate(g):
                 text = "diverged" if div[ai, xi] else ("–" if math.isnan(v) else fmt_metric(
                     s.metric, float(v)))
-                dark = math.isfinite(v) and (v - vmin) > 0.5 * (vmax - vmin)
+                # viridis is dark at its low end (viridis_r at its high end): white text there
+                low = math.isfinite(v) and (v - vmin) < 0.5 * (vmax - vmin)
                 ax.text(xi, ai, text, ha="center", va="center", fontsize=7,
-                        color="white" if dark != (s.metric in HIGHER_IS_BETTER) else "black")
+                        color="white" if low != (s.metric in HIGHER_IS_BETTER) else "black")
             ax.set_title(f"defense={d}", fontsize=9)
             ax.set_xticks(range(len(xs)))
             ax.set_xticklabels([_xl(x_key, x) for x in xs] if x_key else ["base"])
@@ -349,11 +370,13 @@ def _heatmaps(plt: Any, s: _Sweep, out: Path) -> list[Path]:
             ax.set_yticklabels(["no attack" if a == "none" else a for a in attacks], fontsize=8)
             ax.set_xlabel(x_key or "", fontsize=8)
         if im is not None:
-            fig.colorbar(im, ax=axes, shrink=0.8, label=s.ylabel("steady-state "))
+            better = "higher" if s.metric in HIGHER_IS_BETTER else "lower"
+            fig.colorbar(im, ax=axes, shrink=0.8,
+                         label=s.ylabel("steady-state ") + f", {better} is better")
         worst = f"; worst over {', '.join(short_key(k) for k in rest)}" if rest else ""
         tag = ", ".join(_lbl(k, v) for k, v in zip(fig_keys, fc, strict=True))
         fig.suptitle(f"{s.scenario.name}: attack x {short_key(x_key) if x_key else 'setting'}"
-                     f"{' (' + tag + ')' if tag else ''}{worst}", fontsize=10)
+                     f"{' (' + tag + ')' if tag else ''}{worst}", fontsize=10, y=1.03)
         name = "heatmap" + "".join(f"_{fmt_value(v)}" for v in fc)
         fig.savefig(out / f"{name}.png", dpi=DPI, bbox_inches="tight")
         plt.close(fig)
@@ -372,8 +395,8 @@ def _defense_comparison(plt: Any, s: _Sweep, out: Path) -> Path:
                                                           + 2), h=3.6)
     width = 0.8 / len(defs)
     handles: dict[str, Any] = {}
-    for ax, x in zip(axes, xs, strict=True):
-        finite = []
+    got: dict[tuple[int, int, int], tuple[float, float, float, bool] | None] = {}
+    for xi, x in enumerate(xs):
         for j, d in enumerate(defs):
             for ai, a in enumerate(attacks):
                 want = {"defense.name": d}
@@ -381,25 +404,31 @@ def _defense_comparison(plt: Any, s: _Sweep, out: Path) -> Path:
                     want["attack.name"] = a
                 if x_key:
                     want[x_key] = x
-                got = _worst_of(s, want)
-                pos = ai + j * width
-                if got is None or got[3]:
-                    ax.text(pos, 0.02, "diverged", rotation=90, ha="center", va="bottom",
-                            fontsize=6, transform=ax.get_xaxis_transform())
-                    continue
-                v, lo, hi = got[:3]
-                finite.append(v)
-                err = ([[v - lo], [hi - v]] if math.isfinite(lo) and math.isfinite(hi)
-                       else None)
-                bar = ax.bar(pos, v, width=width, color=f"C{j % 10}", yerr=err, capsize=2,
-                             hatch="//" if a == "none" else None, edgecolor="white", lw=0)
-                handles.setdefault(d, bar)
+                got[xi, j, ai] = _worst_of(s, want)
+    finite = [g[0] for g in got.values() if g is not None and not g[3]]
+    # dB bars rise from a common floor below the best value (0 dB is no natural origin)
+    floor = (min(finite) - 3.0) if (finite and s.is_mse) else 0.0
+    for xi, ax in enumerate(axes):
+        for (gx, j, ai), g in got.items():
+            if gx != xi:
+                continue
+            pos = ai + j * width
+            if g is None or g[3]:
+                ax.text(pos, 0.02, "diverged", rotation=90, ha="center", va="bottom",
+                        fontsize=6, transform=ax.get_xaxis_transform())
+                continue
+            v, lo, hi = g[:3]
+            err = [[v - lo], [hi - v]] if math.isfinite(lo) and math.isfinite(hi) else None
+            bar = ax.bar(pos, v - floor, bottom=floor, width=width, color=f"C{j % 10}",
+                         yerr=err, capsize=2, hatch="//" if attacks[ai] == "none" else None,
+                         edgecolor="white", lw=0)
+            handles.setdefault(defs[j], bar)
         if finite and s.is_mse:
-            ax.set_ylim(min(finite) - 3.0, max(finite) + 3.0)
+            ax.set_ylim(floor, max(finite) + 3.0)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(attacks))])
         ax.set_xticklabels(["no attack" if a == "none" else a for a in attacks], rotation=30,
                            ha="right", fontsize=8)
-        ax.set_title(_lbl(x_key, x) if x_key else s.scenario.name, fontsize=9)
+        ax.set_title(_lbl(x_key, xs[xi]) if x_key else s.scenario.name, fontsize=9)
         ax.grid(alpha=0.3, axis="y")
     axes[0].set_ylabel(s.ylabel("worst steady-state " if rest else "steady-state "))
     worst = f" (each bar: worst over {', '.join(short_key(k) for k in rest)})" if rest else ""
