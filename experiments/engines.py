@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from experiments.configs import online_config
+from experiments.keys import NN, engine_label
 from experiments.resources import device_of
 from experiments.results import PointResult
 
@@ -23,7 +24,7 @@ def theory_for_point(point: SweepPoint) -> dict[str, float] | None:
     Covered (psfed_robust.engine.theory.check_supported): linear task, random uncoordinated
     selection, uplink same/independent, Gaussian transmit-only or no attack, mean in fill mode.
     """
-    if point.get("engine") != "batched":
+    if engine_label(point.get("engine"), point.get("task.kind")) != "batched":
         return None
     from psfed_robust.engine import theory
 
@@ -67,6 +68,11 @@ def run_flower_point(point: SweepPoint, seed: int, *, progress: bool = False) ->
 
 def run_point(point: SweepPoint, seed: int, *, progress: bool = False) -> PointResult:
     """Run ``point`` on the engine its ``engine`` key names."""
-    if point.get("engine") == "batched":
+    engine = engine_label(point.get("engine"), point.get("task.kind"))
+    if engine == NN:  # engine = "batched" with an image task: the batched NN engine
+        from experiments.nn_point import run_nn_point
+
+        return run_nn_point(point, seed, progress=progress)
+    if engine == "batched":
         return run_batched_point(point, seed, progress=progress)
     return run_flower_point(point, seed, progress=progress)

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from experiments.keys import ScenarioError
+from experiments.keys import NN_TASKS, ScenarioError
 from experiments.results import PointResult
 
 if TYPE_CHECKING:
@@ -187,7 +187,8 @@ def plan_device(point: SweepPoint, gpus_per_point: float) -> str:
 def plan_blocks(point: SweepPoint, runs_per_task: int | None, device: str) -> list[list[int]]:
     """Groups of consecutive engine run blocks, each at most ``runs_per_task`` runs (at least one
     block); ``[]`` when the point runs whole (not batched, not split, or a single block)."""
-    if runs_per_task is None or point.get("engine") != "batched":
+    if runs_per_task is None or point.get("engine") != "batched" or \
+            point.get("task.kind") in NN_TASKS:  # the NN engine runs a point whole
         return []
     import torch
 

@@ -31,6 +31,8 @@ __all__ = [
     "BOTH",
     "ENGINES",
     "KEYS",
+    "NN",
+    "NN_TASKS",
     "RENAMED",
     "SECTIONS",
     "Key",
@@ -38,6 +40,7 @@ __all__ = [
     "ScenarioError",
     "canonical_value",
     "coerce",
+    "engine_label",
     "key",
     "keys_markdown",
     "keys_text",
@@ -45,10 +48,15 @@ __all__ = [
     "short_key",
 ]
 
-ENGINES = ("batched", "flower")
-BOTH = ENGINES
+ENGINES = ("batched", "flower")  # values of the ``engine`` key
+#: engine label of a point whose ``engine`` is "batched" and whose task is an image task: the
+#: batched NN engine (psfed_robust.nn, experiments.nn_point); keys declare it like an engine
+NN = "nn"
+BOTH = ("batched", NN, "flower")  # every engine (the default of Key.engines)
 BATCHED = ("batched",)
 FLOWER = ("flower",)
+NN_ONLY = (NN,)
+IMAGE = ("flower", NN)  # keys of image classification, honoured by both image engines
 
 
 class ScenarioError(ValueError):
@@ -147,9 +155,17 @@ class Key:
         return "; ".join(parts)
 
 
-TASKS = ("linear", "rff", "digits", "mnist", "fashion_mnist", "cifar10")
+TASKS = ("linear", "rff", "digits", "mnist", "fashion_mnist", "cifar10", "synthetic")
 ONLINE_TASKS = ("linear", "rff")
 IMAGE_TASKS = ("digits", "mnist", "fashion_mnist", "cifar10")
+NN_TASKS = (*IMAGE_TASKS, "synthetic")  # synthetic: a small seeded 8x8 task (tests)
+
+
+def engine_label(engine: str, task_kind: str) -> str:
+    """The engine that runs a point: ``"nn"`` for ``engine = "batched"`` with an image task."""
+    return NN if engine == "batched" and task_kind in NN_TASKS else engine
+
+
 SELECTORS = ("random", "round_robin", "topk", "client_specific")
 
 KEYS: tuple[Key, ...] = (
@@ -158,20 +174,21 @@ KEYS: tuple[Key, ...] = (
         "digits, `_.+-`; no path separators).", check=_safe_name,
         check_doc="a plain folder name"),
     Key("description", str, "", "Free text, copied to meta.json."),
-    Key("engine", str, "batched", "Which engine runs it: the batched online engine or Flower.",
-        choices=ENGINES),
+    Key("engine", str, "batched", "Which engine runs it: the batched engine (online tasks; image "
+        "tasks run on the batched NN engine, listed as `nn`) or Flower.", choices=ENGINES),
     Key("runs", int, 20, "Monte Carlo runs per sweep point.", range=POS, online="runs"),
     Key("seed", int, 0, "Scenario seed; every draw derives from it via SHA-256.", range=NONNEG),
     Key("rounds", int, 1000, "Iterations (online) or Flower rounds.", range=POS,
         online="iterations"),
     Key("device", str, "cpu", "Torch device of the batched engine (`auto`: CUDA when available; "
-        "`cuda` without CUDA is refused before any work).", BATCHED,
+        "`cuda` without CUDA is refused before any work).", ("batched", NN),
         choices=("cpu", "cuda", "auto")),
     Key("plugins", list, [], "Python files (relative to the scenario file) or module names "
         "imported first, e.g. to register your own attacks/defenses."),
     # ---------------------------------------------------------------- [task]
     Key("task.kind", str, "linear", "Learning task.", choices=TASKS,
-        engine_choices={"batched": ONLINE_TASKS, "flower": IMAGE_TASKS}, online="task"),
+        engine_choices={"batched": ONLINE_TASKS, NN: NN_TASKS, "flower": IMAGE_TASKS},
+        online="task"),
     Key("task.dim", int, 32, "Model dimension D (linear: input size; rff: number of features).",
         BATCHED, range=POS, online="dim"),
     Key("task.input_dim", int, 4, "Raw input dimension L of the RFF task.", BATCHED, range=POS,
@@ -185,15 +202,32 @@ KEYS: tuple[Key, ...] = (
     Key("task.num_test", int, 50, "Test points N_t for the global-model MSE.", BATCHED,
         range=POS, online="num_test"),
     Key("task.data_dir", str, "", "Folder with torchvision datasets (mnist, fashion_mnist, "
-        "cifar10); nothing is downloaded.", FLOWER),
-    Key("task.partition", str, "iid", "Client data split for image tasks.", FLOWER,
+        "cifar10); nothing is downloaded.", IMAGE),
+    Key("task.partition", str, "iid", "Client data split for image tasks.", IMAGE,
         choices=("iid", "dirichlet")),
     Key("task.dirichlet_alpha", float, 0.5, "Dirichlet concentration for non-IID splits.",
-        FLOWER, range=POS),
-    Key("task.hidden", int, 64, "Hidden units of the image MLP.", FLOWER, range=POS),
-    Key("task.lr", float, 0.05, "Client learning rate (image tasks).", FLOWER, range=POS),
-    Key("task.local_epochs", int, 1, "Local epochs per round (image tasks).", FLOWER, range=POS),
-    Key("task.batch_size", int, 32, "Local batch size (image tasks).", FLOWER, range=POS),
+        IMAGE, range=POS),
+    Key("task.hidden", int, 64, "Hidden units of the image MLP (`task.model = \"mlp\"`).", IMAGE,
+        range=POS),
+    Key("task.lr", float, 0.05, "Client learning rate (image tasks).", IMAGE, range=POS),
+    Key("task.local_epochs", int, 1, "Local epochs per round (image tasks).", IMAGE, range=POS),
+    Key("task.batch_size", int, 32, "Local batch size (image tasks).", IMAGE, range=POS),
+    Key("task.model", str, "mlp", "Image model: the MLP, a LeNet-style CNN (8x8 digits, 28x28 "
+        "MNIST) or a small CIFAR-10 CNN.", NN_ONLY, choices=("mlp", "cnn", "cifar_cnn")),
+    Key("task.momentum", float, 0.9, "Client SGD momentum (image tasks).", NN_ONLY, range=UNIT),
+    Key("task.momentum_scope", str, "round", "Momentum buffer fresh every round (the Flower "
+        "client's new optimiser) or kept across rounds (worker momentum, Karimireddy et al. "
+        "2021).", NN_ONLY, choices=("round", "persistent")),
+    Key("task.weight_decay", float, 0.0, "Client SGD weight decay (image tasks).", NN_ONLY,
+        range=NONNEG),
+    Key("task.local_steps", int, 0, "Minibatch steps per round instead of `task.local_epochs` "
+        "(0: epochs).", NN_ONLY, range=NONNEG),
+    Key("task.lr_schedule", str, "constant", "Client learning rate per round: constant, cosine "
+        "over the rounds, or step (x `task.lr_gamma` every `task.lr_step_rounds`).", NN_ONLY,
+        choices=("constant", "cosine", "step")),
+    Key("task.lr_gamma", float, 0.1, "Factor of the step schedule.", NN_ONLY, range=UNIT_OPEN),
+    Key("task.lr_step_rounds", int, 0, "Rounds per step of the step schedule (>= 1 with "
+        "`task.lr_schedule = \"step\"`).", NN_ONLY, range=NONNEG),
     # ---------------------------------------------------------------- [federation]
     Key("federation.clients", int, 50, "Number of clients K.", range=POS, online="num_clients"),
     Key("federation.scheduling", str, "fixed", "Fixed number of participants per round, or each "

@@ -24,12 +24,14 @@ from typing import Any
 
 from experiments.keys import (
     KEYS,
+    NN,
     RENAMED,
     SECTIONS,
     Key,
     ScenarioError,
     canonical_value,
     coerce,
+    engine_label,
     key,
     keys_markdown,
     setting_json,
@@ -234,7 +236,7 @@ def validate_point(point: SweepPoint) -> None:
     from experiments.registry_check import check_attack, check_defense
 
     cfg = point.config
-    engine = str(cfg[""]["engine"])
+    engine = engine_label(str(cfg[""]["engine"]), str(cfg["task"]["kind"]))
     where = f"sweep point {point.index} ({point.label})"
     for k in KEYS:
         value = cfg[k.section][k.leaf]
@@ -276,6 +278,10 @@ def validate_point(point: SweepPoint) -> None:
         from experiments.configs import online_config
 
         online_config(point)
+    elif engine == NN:
+        from experiments.nn_point import nn_config
+
+        nn_config(point)
 
 
 def _check_by_name(kind: str, tables: Mapping[str, Mapping[str, Any]], where: str) -> None:
@@ -313,7 +319,12 @@ def check_runnable(scenario: Scenario, points: Iterable[SweepPoint] | None = Non
                     f"task.data_dir, an existing folder with the torchvision dataset (nothing is "
                     f"downloaded); got {d!r} — e.g. --set task.data_dir=/path/to/data"
                 )
-        check_resources(p)
+        if engine_label(str(p.get("engine")), str(task["kind"])) == NN:
+            from experiments.nn_point import check_nn_resources
+
+            check_nn_resources(p)
+        else:
+            check_resources(p)
 
 
 def parse_value(text: str) -> Any:
