@@ -21,7 +21,8 @@ from experiments.registry_check import accepted_params, attack_params, defense_p
 if TYPE_CHECKING:
     from experiments.schema import SweepPoint
 
-__all__ = ["attack_params_of", "defense_params_of", "online_config", "share_count"]
+__all__ = ["attack_params_of", "check_flower_point", "defense_params_of", "online_config",
+           "share_count"]
 
 #: OnlineConfig field -> scenario key (for error messages)
 FIELD_KEYS: dict[str, str] = {k.online: k.name for k in KEYS if k.online is not None}
@@ -114,3 +115,21 @@ def online_config(point: SweepPoint, seed: int = 0, runs: int | None = None) -> 
         m = _FIELD_RE.search(str(exc))
         name = FIELD_KEYS.get(m.group(1), m.group(1)) if m else "scenario"
         raise ScenarioError(f"{name}: sweep point {point.index} ({point.label}): {exc}") from exc
+
+
+def check_flower_point(point: SweepPoint) -> None:
+    """What the Flower engine cannot honour beyond the key model's per-engine rules (a
+    ScenarioError naming the key); scenario validation calls it for every Flower point."""
+    device = str(point.get("device"))
+    if device != "cpu":
+        raise ScenarioError(f"device: the Flower engine runs on the CPU; {device!r} is not "
+                            "honoured (remove the key or set 'cpu')")
+    attack = str(point.get("attack.name"))
+    if attack != "none" and int(point.get("attack.malicious")) > 0:
+        from attacks import attack_class
+
+        if attack_class(attack).omniscient and bool(point.get("attack.persistent")):
+            raise ScenarioError(
+                f"attack.persistent: the omniscient attack {attack!r} runs in the Flower "
+                "engine's server-side adversary, which cannot change a client's local model; "
+                "set attack.persistent = false or use the batched engine")

@@ -25,40 +25,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from experiments.configs import attack_params_of, defense_params_of
+from experiments.configs import attack_params_of, check_flower_point, defense_params_of
 from experiments.datasets import ImageData, load_image_data, split_clients
-from experiments.keys import ScenarioError
 from experiments.results import PointResult
 from experiments.schema import SweepPoint
 from psfed_robust.core.seeding import stable_seed
 from psfed_robust.tasks import make_mlp
 
 __all__ = ["check_flower_point", "make_mlp", "run_flower_point"]
-
-SELECTORS = {"random": "random", "round_robin": "round_robin", "topk": "topk",
-             "client_specific": "client_specific"}
-
-
-def check_flower_point(point: SweepPoint) -> None:
-    """Refuse what this engine cannot honour (a ScenarioError naming the key)."""
-    device = str(point.get("device"))
-    if device != "cpu":
-        raise ScenarioError(f"device: the Flower engine runs on the CPU; {device!r} is not "
-                            "honoured (remove the key or set 'cpu')")
-    selector = str(point.get("sharing.selector"))
-    if selector not in SELECTORS:
-        raise ScenarioError(f"sharing.selector: {selector!r} is not available on the Flower "
-                            f"engine; allowed: {', '.join(SELECTORS)}")
-    attack = str(point.get("attack.name"))
-    if attack != "none" and int(point.get("attack.malicious")) > 0:
-        from attacks import attack_class
-
-        if attack_class(attack).omniscient and bool(point.get("attack.persistent")):
-            raise ScenarioError(
-                f"attack.persistent: the omniscient attack {attack!r} runs in the Flower "
-                "engine's server-side adversary, which cannot change a client's local model; "
-                "set attack.persistent = false or use the batched engine")
-
 
 def _evaluate(model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float]:
     model.eval()
@@ -140,7 +114,7 @@ def _one_run(point: SweepPoint, data: ImageData, seed: int) -> dict[str, list[fl
         sample_seed=stable_seed("experiments.flower.sample", seed) % (1 << 31),
         masks=MaskSettings(
             fraction=float(point.get("sharing.fraction")),
-            strategy=SELECTORS[str(point.get("sharing.selector"))],
+            strategy=str(point.get("sharing.selector")),
             seed=stable_seed("experiments.flower.masks", seed) % (1 << 31)),
         aggregation=AggregationSettings(
             rule=str(point.get("defense.name")), params=defense_params_of(point),

@@ -282,6 +282,10 @@ def validate_point(point: SweepPoint) -> None:
         from experiments.nn_point import nn_config
 
         nn_config(point)
+    else:
+        from experiments.configs import check_flower_point
+
+        check_flower_point(point)
 
 
 def _check_by_name(kind: str, tables: Mapping[str, Mapping[str, Any]], where: str) -> None:

@@ -47,3 +47,12 @@ def test_persistent_omniscient_attack_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ScenarioError, match=r"attack\.persistent"):
         check_flower_point(_point(tmp_path, attack.format("alie")))
     check_flower_point(_point(tmp_path, attack.format("sign_flip")))
+
+
+def test_scenario_validation_runs_the_flower_checks_before_any_work(tmp_path: Path) -> None:
+    """Every Flower point is checked when the scenario loads, not when its point runs."""
+    f = tmp_path / "s.toml"
+    f.write_text(BASE + '[attack]\nname = "ipm"\nmalicious = 1\npersistent = true\n'
+                 '[sweep]\n"attack.name" = ["sign_flip", "ipm"]\n')
+    with pytest.raises(ScenarioError, match=r"attack\.persistent.*'ipm'"):
+        load_scenario(f)
