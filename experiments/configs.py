@@ -61,15 +61,19 @@ def attack_params_of(point: SweepPoint) -> dict[str, Any]:
 
 
 def defense_params_of(point: SweepPoint) -> dict[str, Any]:
-    """Registry parameters of the point's rule; ``f`` is ``defense.f`` unless ``defense.params``
-    sets it. Rules whose ``f`` is optional (trimmed_mean trims ``beta n`` without it) get it only
-    when the scenario sets ``defense.f``."""
+    """Registry parameters of the point's rule (with ``pre``: the ``defense.pre`` list); ``f`` is
+    ``defense.f`` unless ``defense.params`` sets it. Rules whose ``f`` is optional (trimmed_mean
+    trims ``beta n`` without it) get it only when the scenario sets ``defense.f``."""
     name = str(point.get("defense.name"))
     params = defense_params(name, dict(point.get("defense.params")))
     if "f" in accepted_params("defense", name) and "f" not in params:
         explicit = point.config["defense"]["f"] is not None
         if explicit or _f_required(name):
             params["f"] = int(point.get("defense.f"))
+    pre = list(point.get("defense.pre"))
+    if pre:  # defenses.get_defense(name, pre=...) composes them; they need the declared f
+        params["pre"] = pre
+        params.setdefault("f", int(point.get("defense.f")))
     return params
 
 

@@ -102,6 +102,11 @@ def _param_tables(v: Any) -> bool:
                for n, t in v.items())
 
 
+def _pre_specs(v: Any) -> bool:
+    return all(isinstance(x, str) or (isinstance(x, dict) and isinstance(x.get("name"), str))
+               for x in v)
+
+
 def _safe_name(v: Any) -> bool:
     return bool(_NAME_RE.fullmatch(v)) and ".." not in v and len(v) <= 120
 
@@ -277,6 +282,10 @@ KEYS: tuple[Key, ...] = (
     Key("defense.f", int, None, "Declared number of Byzantine participants the rule assumes "
         "(unset: `attack.malicious`); passed as `f` to rules that take it (to trimmed_mean only "
         "when set) unless `defense.params.f` is given.", range=NONNEG, nullable=True),
+    Key("defense.pre", list, [], "Pre-aggregators applied in order before the rule (composable, "
+        "e.g. `[\"nnm\", {name = \"bucketing\", s = 2}]`; Allouah et al. 2023, Karimireddy et "
+        "al. 2022); they take `defense.f` as their `f`.", check=_pre_specs,
+        check_doc="a list of names or tables with a `name`"),
     Key("defense.params", dict, {}, "Aggregator parameters (see `psfed-robust list defenses`); "
         "when `defense.name` is swept, each rule takes the keys it accepts."),
     Key("defense.params_by_name", dict, {}, "Parameters of one rule, by name, used only when "

@@ -104,3 +104,28 @@ def test_schema_doc_in_sync() -> None:
 
     doc = (Path(__file__).parent.parent / "docs" / "scenarios.md").read_text()
     assert schema_markdown() in doc, "regenerate docs/scenarios.md: psfed-robust schema"
+
+
+def test_defense_pre_reaches_the_rule_with_the_declared_f() -> None:
+    from experiments.configs import defense_params_of, online_config
+
+    raw = dict(BASE, federation={"clients": 12, "participants": 9},
+               defense={"name": "median", "f": 2, "pre": ["nnm", {"name": "bucketing", "s": 2}]})
+    point = parse_scenario(raw).points()[0]
+    params = defense_params_of(point)
+    assert params["pre"] == ["nnm", {"name": "bucketing", "s": 2}] and params["f"] == 2
+    cfg = online_config(point)
+    assert dict(cfg.defense_params)["pre"] == params["pre"]
+
+
+def test_defense_pre_specs_and_chained_preconditions_fail_before_work() -> None:
+    with pytest.raises(ScenarioError, match="defense.pre"):
+        parse_scenario(dict(BASE, defense={"pre": [3]}))
+    with pytest.raises(ScenarioError, match="defense"):
+        parse_scenario(dict(BASE, defense={"pre": ["no_such_rule"]}))
+    # bucketing(s=2) leaves ceil(n/2) rows; krum(f=1) needs more than 2f + 2 = 4 of them
+    raw = dict(BASE, federation={"clients": 12, "participants": 8},
+               defense={"name": "krum", "f": 1, "pre": [{"name": "bucketing", "s": 2}]})
+    with pytest.raises(ScenarioError, match="krum"):
+        parse_scenario(raw)
+    parse_scenario(dict(raw, federation={"clients": 12, "participants": 10}))
