@@ -119,7 +119,7 @@ def test_defense_pre_reaches_the_rule_with_the_declared_f() -> None:
 
 
 def test_defense_pre_specs_and_chained_preconditions_fail_before_work() -> None:
-    with pytest.raises(ScenarioError, match="defense.pre"):
+    with pytest.raises(ScenarioError, match=r"defense\.pre"):
         parse_scenario(dict(BASE, defense={"pre": [3]}))
     with pytest.raises(ScenarioError, match="defense"):
         parse_scenario(dict(BASE, defense={"pre": ["no_such_rule"]}))
