@@ -1,19 +1,24 @@
-"""Batched NN engine (psfed_robust.nn) against per-client baselines, and a 100-client CNN point.
+"""Batched NN engine (psfed_robust.nn): speed against its baselines, a 100-client CNN point, memory.
 
-1. The ``digits_flower`` setting (digits MLP, 10 clients, 15 rounds, shared fraction 0.5, no
-   attack, mean): the batched engine against (a) the Flower engine through
-   ``experiments.flower_engine`` when it runs on this tree, and (b) the plain per-client torch
-   loop of :mod:`psfed_robust.nn.reference` (same split, initial model, masks and batch order:
-   the same final parameters within float tolerance, checked here). Times are per point (every
-   run of it), the batched engine's including its first-call warm-up.
+1. The ``digits_flower`` setting (digits MLP, 10 clients, 15 rounds, 2 runs, shared fraction
+   0.5, no attack, mean), side by side in one process: the batched engine's fused path (the
+   default), its ``torch.func`` reference path (``fused = False``: ``vmap(grad)`` with
+   ``functional_call``), the plain per-client torch loop of :mod:`psfed_robust.nn.reference`
+   (same split, initial model, masks and batch order: the same final parameters within float
+   tolerance, printed) and the Flower engine through ``experiments.flower_engine``. Each time is
+   the best of ``--reps`` calls of a whole point (every run of it), after one warm-up call.
 2. A 100-client digits CNN study point: 200 rounds x 4 runs, shared fraction 0.5, worker
-   momentum 0.9, batch 8, ALIE on 10 clients against the coordinate-wise median.
-3. Memory per client: the engine's state bytes and the training bytes per row of a vmap chunk.
+   momentum 0.9, batch 8, ALIE on 10 clients against the coordinate-wise median — one call.
+3. Memory per client, measured: the peak RSS growth of a one-round CNN run (fresh processes,
+   after a warm-up run; Linux's VmHWM reset through /proc/self/clear_refs) with 200 and 1,000
+   clients, training in chunks of 50 rows so its bounded buffers cancel; the slope is the bytes
+   per client (state and round working set); from it the largest clients x parameters that fit
+   in 24 GB.
 
 Usage: ``python benchmarks/nn_engine.py [--threads 1] [--skip-flower] [--cnn-rounds 200]``.
-Run it under ``flock /tmp/psfed-bench.lock`` on a shared machine. The last line is ONE JSON
-object: ``speedup_vs_flower`` (or ``speedup_vs_loop`` when the Flower engine did not run),
-``acc_batched``, ``acc_flower`` (or ``acc_loop``), ``clients``, ``rounds`` and the CNN figures.
+Run it under ``flock /tmp/psfed-bench.lock`` on a shared machine; the machine load is printed.
+The last line is ONE JSON object: ``speedup_vs_flower``, ``acc_batched``, ``acc_flower``,
+``clients``, ``rounds`` and the other figures.
 """
 
 from __future__ import annotations
@@ -21,9 +26,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
+import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -39,97 +47,133 @@ from psfed_robust.nn.reference import reference_loop  # noqa: E402
 GiB = 2**30
 
 
-def _flower(frac: float, seed: int, runs: int) -> tuple[float, float] | str:
-    """(seconds, final accuracy averaged over runs) of the Flower engine, or why it did not run."""
-    try:
-        from experiments.flower_engine import run_flower_point
-        from experiments.schema import load_scenario
-
-        sc = load_scenario("digits_flower", [
-            f"sweep.sharing.fraction=[{frac}]", 'sweep.attack.name=["none"]',
-            'sweep.defense.name=["mean"]', f"runs={runs}", f"seed={seed}"])
-        point = sc.points()[0]
+def _best(fn: Callable[[], Any], reps: int) -> tuple[float, float, Any]:
+    """(best, median) seconds of ``reps`` calls after one warm-up call, and the last result."""
+    out = fn()
+    times = []
+    for _ in range(reps):
         t = time.perf_counter()
-        res = run_flower_point(point, seed)
-        return time.perf_counter() - t, float(np.mean(res.metrics["accuracy"][:, -1]))
-    except Exception as exc:  # the Flower engine is optional here: report, do not fail
-        return f"{type(exc).__name__}: {exc}"
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return min(times), float(np.median(times)), out
+
+
+def _flower_point(frac: float, seed: int, runs: int) -> Callable[[], Any]:
+    from experiments.flower_engine import run_flower_point
+    from experiments.schema import load_scenario
+
+    sc = load_scenario("digits_flower", [
+        f"sweep.sharing.fraction=[{frac}]", 'sweep.attack.name=["none"]',
+        'sweep.defense.name=["mean"]', f"runs={runs}", f"seed={seed}"])
+    point = sc.points()[0]
+    return lambda: run_flower_point(point, seed)
+
+
+_RSS_SNIPPET = """
+import sys, torch
+torch.set_num_threads(1)
+from psfed_robust.nn import NNConfig, run_nn
+
+def status(field):
+    with open("/proc/self/status") as fh:
+        return next(int(l.split()[1]) * 1024 for l in fh if l.startswith(field))
+
+k = int(sys.argv[1])
+cfg = dict(task="digits", model="cnn", runs=1, rounds=1, fraction=0.5, batch_size=8,
+           momentum_scope="persistent", attack="alie", defense="median", threads=1, max_chunk=50)
+run_nn(NNConfig(clients=20, malicious=2, **cfg))  # imports, caches, kernels
+base = status("VmRSS:")
+with open("/proc/self/clear_refs", "w") as fh:
+    fh.write("5")  # reset the peak-RSS counter (VmHWM)
+run_nn(NNConfig(clients=k, malicious=k // 10, **cfg))
+print(status("VmHWM:") - base)
+"""
+
+
+def _peak_rss(clients: int) -> int:
+    out = subprocess.run([sys.executable, "-c", _RSS_SNIPPET, str(clients)], check=True,
+                         capture_output=True, text=True)
+    return int(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--skip-flower", action="store_true")
     ap.add_argument("--cnn-rounds", type=int, default=200)
     ap.add_argument("--cnn-runs", type=int, default=4)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), load {os.getloadavg()}")
+    load = os.getloadavg()
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} cores, "
+          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    out: dict[str, Any] = {}
 
     # ---------------------------------------------------------------- 1. digits_flower setting
     seed, runs, clients, rounds, frac = 3, 2, 10, 15, 0.5
     cfg = NNConfig(task="digits", model="mlp", hidden=64, clients=clients, runs=runs,
                    rounds=rounds, seed=seed, fraction=frac, lr=0.05, batch_size=32,
                    threads=args.threads)
-    t = time.perf_counter()
-    res = run_nn(cfg)
-    t_batched_cold = time.perf_counter() - t
-    t = time.perf_counter()
-    res = run_nn(cfg)
-    t_batched = time.perf_counter() - t
+    t_fast, m_fast, res = _best(lambda: run_nn(cfg), args.reps)
     acc_batched = float(np.mean(res.metrics["accuracy"][:, -1]))
-    t = time.perf_counter()
-    ref, ref_acc = reference_loop(cfg)
-    t_loop = time.perf_counter() - t
+    t_vmap, m_vmap, res_vmap = _best(lambda: run_nn(replace(cfg, fused=False)),
+                                     args.reps)
+    t_loop, m_loop, (ref, ref_acc) = _best(lambda: reference_loop(cfg), args.reps)
     acc_loop = float(np.mean(ref_acc[:, -1]))
-    max_diff = float((res.final_global - ref).abs().max())
-    print(f"digits MLP, {clients} clients, {rounds} rounds, {runs} runs, fraction {frac}:")
-    print(f"  batched {t_batched:.3f} s (first call {t_batched_cold:.3f} s), acc {acc_batched:.4f}")
-    print(f"  per-client loop {t_loop:.3f} s, acc {acc_loop:.4f}, max |param diff| {max_diff:.2e}")
-    flower = "skipped (--skip-flower)" if args.skip_flower else _flower(frac, seed, runs)
-    out: dict[str, object] = {}
-    if isinstance(flower, tuple):
-        t_flower, acc_flower = flower
-        print(f"  Flower engine {t_flower:.3f} s, acc {acc_flower:.4f}")
-        out["speedup_vs_flower"] = round(t_flower / t_batched, 2)
+    d_loop = float((res.final_global - ref).abs().max())
+    d_vmap = float((res.final_global - res_vmap.final_global).abs().max())
+    print(f"digits MLP, {clients} clients, {rounds} rounds, {runs} runs, fraction {frac} "
+          f"(best / median of {args.reps} calls):")
+    print(f"  batched, fused path      {t_fast:8.4f} / {m_fast:.4f} s, acc {acc_batched:.4f}")
+    print(f"  batched, torch.func path {t_vmap:8.4f} / {m_vmap:.4f} s "
+          f"({t_vmap / t_fast:.1f}x the fused time), max |param diff| {d_vmap:.1e}")
+    print(f"  per-client torch loop    {t_loop:8.4f} / {m_loop:.4f} s "
+          f"({t_loop / t_fast:.1f}x), acc {acc_loop:.4f}, max |param diff| {d_loop:.1e}")
+    if not args.skip_flower:
+        t_fl, m_fl, fl = _best(_flower_point(frac, seed, runs), args.reps)
+        acc_flower = float(np.mean(fl.metrics["accuracy"][:, -1]))
+        print(f"  Flower engine            {t_fl:8.4f} / {m_fl:.4f} s "
+              f"({t_fl / t_fast:.1f}x), acc {acc_flower:.4f}")
+        out["speedup_vs_flower"] = round(t_fl / t_fast, 1)
+        out["speedup_vs_flower_median"] = round(m_fl / m_fast, 1)
         out["acc_flower"] = round(acc_flower, 4)
-    else:
-        print(f"  Flower engine not run: {flower}")
-    out["speedup_vs_loop"] = round(t_loop / t_batched, 2)
-    out["acc_batched"] = round(acc_batched, 4)
-    out["acc_loop"] = round(acc_loop, 4)
-    out["clients"], out["rounds"] = clients, rounds
+        out["flower_seconds"] = round(t_fl, 3)
+    out.update({"batched_seconds": round(t_fast, 4), "speedup_vs_loop": round(t_loop / t_fast, 1),
+                "speedup_vs_torch_func": round(t_vmap / t_fast, 1),
+                "acc_batched": round(acc_batched, 4), "acc_loop": round(acc_loop, 4),
+                "clients": clients, "rounds": rounds})
 
     # ---------------------------------------------------------------- 2. 100-client CNN point
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     cnn = NNConfig(task="digits", model="cnn", clients=100, runs=args.cnn_runs,
                    rounds=args.cnn_rounds, seed=0, fraction=0.5, lr=0.1, batch_size=8,
-                   momentum_scope="persistent", attack="alie",
-                   malicious=10, defense="median", record_every=10, threads=args.threads)
+                   momentum_scope="persistent", attack="alie", malicious=10, defense="median",
+                   record_every=10, threads=args.threads)
+    run_nn(replace(cnn, rounds=1, clients=10, malicious=1))  # warm-up
     t = time.perf_counter()
     big = run_nn(cnn)
     t_cnn = time.perf_counter() - t
-    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     P = int(big.info["num_parameters"])
+    acc_cnn = float(np.mean(big.metrics["accuracy"][:, -1]))
     print(f"digits CNN (P = {P}), 100 clients, {cnn.rounds} rounds x {cnn.runs} runs, ALIE x10 "
-          f"vs median: {t_cnn:.2f} s, final acc {np.mean(big.metrics['accuracy'][:, -1]):.4f}")
+          f"vs median, worker momentum: {t_cnn:.2f} s ({1e3 * t_cnn / cnn.rounds:.0f} ms per "
+          f"round), final acc {acc_cnn:.4f}")
+    out.update({"cnn_seconds": round(t_cnn, 2), "cnn_clients": 100, "cnn_rounds": cnn.rounds,
+                "cnn_runs": cnn.runs, "cnn_acc": round(acc_cnn, 4), "cnn_params": P})
 
     # ---------------------------------------------------------------- 3. memory per client
-    state = int(big.info["state_bytes_per_client"])
-    row = int(big.info["train_bytes_per_row"])
-    # per client and round: W row + merged copy + momentum + honest/sent/values (index form)
-    per_client = 4 * P * 4 + 3 * 4 * P
-    print(f"  state {state} B per client (local model{' + momentum' if state > 4 * P else ''}); "
-          f"round working set ~{per_client} B per client ({per_client / P:.0f} B per parameter); "
-          f"training {row} B per row of a vmap chunk (bounded by memory_budget_mb); "
-          f"peak RSS growth {max(0, rss1 - rss0) / 2**20:.0f} MiB")
+    lo, hi = 200, 1000
+    r_lo, r_hi = _peak_rss(lo), _peak_rss(hi)
+    per_client = max(1, (r_hi - r_lo) // (hi - lo))
     fit = int(24 * GiB // (per_client / P))
-    print(f"  24 GB holds clients x P up to ~{fit:.3g} (e.g. {fit // 10**5} clients of a 100k "
-          "model), training chunked")
-    out.update({"cnn_seconds": round(t_cnn, 2), "cnn_clients": 100, "cnn_rounds": cnn.rounds,
-                "cnn_runs": cnn.runs, "cnn_acc": round(float(np.mean(
-                    big.metrics["accuracy"][:, -1])), 4), "cnn_params": P,
-                "bytes_per_client": per_client, "clients_x_params_24gb": fit})
+    print(f"  peak RSS growth {r_lo / 2**20:.0f} MiB ({lo} clients) -> {r_hi / 2**20:.0f} MiB "
+          f"({hi}): "
+          f"{per_client} B per client = {per_client / P:.1f} B per parameter (state "
+          f"{big.info['state_bytes_per_client']} B: local model + worker momentum)")
+    print(f"  24 GB holds clients x parameters up to ~{fit:.3g}: {fit // P:,} clients of this "
+          f"CNN, {fit // 10**5:,} of a 100k-parameter model, {fit // 10**6:,} of a 1M one")
+    out.update({"bytes_per_client": per_client, "bytes_per_parameter": round(per_client / P, 1),
+                "clients_x_params_24gb": fit, "load": round(load[0], 2)})
     print(json.dumps(out))
 
 

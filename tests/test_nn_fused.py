@@ -107,3 +107,12 @@ def test_loader_and_split_equal_the_driver_loader() -> None:
         a = split(ours.y_train, 7, partition, 0.3, 11)
         b = split_clients(theirs.y_train, 7, partition, 0.3, 11)
         assert all(np.array_equal(p, q) for p, q in zip(a, b, strict=True))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_matches_cpu() -> None:  # the optional GPU check
+    cfg = replace(BASE, model="cnn", fraction=0.5, attack="alie", malicious=1, defense="median")
+    cpu = run_nn(replace(cfg, device="cpu"), task=TASK)
+    gpu = run_nn(replace(cfg, device="cuda"), task=TASK)
+    assert gpu.info["device"].startswith("cuda")
+    torch.testing.assert_close(gpu.final_global, cpu.final_global, rtol=1e-3, atol=1e-4)
