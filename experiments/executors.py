@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import logging
 import math
 import os
 import sys
@@ -330,7 +331,7 @@ class RayExecutor:
             return False
         address = self.address or os.environ.get("RAY_ADDRESS") or None
         kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
-                              "logging_level": "WARNING"}
+                              "logging_level": logging.WARNING}
         if address is None:
             ray.init(address="local", num_cpus=self.num_cpus or os.cpu_count() or 1, **kw)
         else:

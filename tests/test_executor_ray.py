@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -107,8 +109,10 @@ def _no_cluster_address(monkeypatch: pytest.MonkeyPatch) -> None:
 def ray_local() -> Iterator[None]:
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 logging_level="WARNING")
+        with warnings.catch_warnings():  # Ray's FutureWarning about a future GPU default
+            warnings.simplefilter("ignore", FutureWarning)
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                     logging_level=logging.WARNING)
     yield
     ray.shutdown()
 
