@@ -321,6 +321,11 @@ class RayExecutor:
             raise ScenarioError(f"--max-retries: must be >= 0, got {self.max_retries}")
         if self.num_cpus is not None and self.num_cpus < 1:
             raise ScenarioError(f"--ray-cpus: must be >= 1, got {self.num_cpus}")
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise ScenarioError("--executor ray: Ray is not installed in this environment "
+                                "(pip install 'flwr[simulation]' or 'ray[default]')")
 
     # ------------------------------------------------------------------ cluster
     def _connect(self) -> bool:
