@@ -13,11 +13,9 @@ Two entry points, built lazily on the first ``get()`` and cached on disk:
 Both take real files: :func:`source` ``("defense_kernels.cpp")`` is the path of a file of
 ``psfed_robust/csrc/``. ``get()`` returns the loaded library/module, or ``None`` (disabled, no
 compiler, build failure: ``.error`` says why) and the caller keeps its torch/numpy reference
-path; ``built`` says whether it is already loaded in this process (never builds).
-:class:`InlineExtension` ``(name, cpp_sources: str, *, extra_cflags, extra_ldflags)`` is the
-former string-source API, kept for the engine's kernels until they move to
-``csrc/engine_kernels.cpp`` (then: ``TorchExtension("psfed_engine_kernels",
-source("engine_kernels.cpp"), cflags=[...])``); it goes through the same builder and cache.
+path; ``built`` says whether it is already loaded in this process and ``cache_path()`` where its
+build is cached (neither builds).
+There is no string-source form: C/C++ lives in ``csrc/`` files, never in Python strings.
 
 Why not ``torch.utils.cpp_extension``: its build folder (``~/.cache/torch_extensions``) is keyed
 by the module name and a hash that includes the ``ninja`` found on ``PATH``, so two environments
@@ -27,9 +25,11 @@ run), and importing it prints "No CUDA runtime is found" on a CPU-only machine. 
 holds ``<name>-<key>.so`` where ``key`` hashes everything the binary depends on: the source
 bytes, the compiler's resolved path and ``--version``, the flags, and for torch extensions the
 torch version, the Python ABI and ``sys.prefix`` (the environment); with ``-march=native`` also
-the CPU's feature flags. Two environments never share or overwrite a build, a second run
-builds nothing, and a file lock makes concurrent processes build once (the others wait, then
-load). ``PSFED_NO_CPP_KERNEL=1`` disables every compiled kernel (tests of the reference paths).
+the CPU's feature flags. Two environments never rebuild or overwrite each other's builds (a
+torch extension is per environment; a plain C library, which links neither Python nor torch,
+is shared by identical toolchains), a second run builds nothing, and a file lock makes
+concurrent processes build once (the others wait, then load). ``PSFED_NO_CPP_KERNEL=1``
+disables every compiled kernel (tests of the reference paths).
 """
 
 from __future__ import annotations
@@ -49,13 +49,13 @@ import sysconfig
 import tempfile
 import threading
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "CSRC",
     "CLibrary",
-    "InlineExtension",
     "TorchExtension",
     "cache_dir",
     "kernels_disabled",
@@ -193,6 +193,14 @@ def _build(name: str, key: str, srcs: Sequence[tuple[str, bytes]], command: Sequ
     return path
 
 
+@dataclass(frozen=True)
+class _Plan:
+    key: str  # the cache key: hash of everything the binary depends on
+    srcs: list[tuple[str, bytes]]
+    command: list[str]  # compiler and flags, before the sources
+    link: list[str]  # after ``-o out``
+
+
 class _Lazy:
     """Build-once-per-process state shared by the entry points (thread-safe)."""
 
@@ -223,6 +231,14 @@ class _Lazy:
                     self.error = f"{type(exc).__name__}: {exc}"
         return self._obj
 
+    def cache_path(self) -> Path:
+        """Where this kernel's build is (or would be) cached; computes the key, never builds
+        (raises if there is no compiler or the source is missing)."""
+        return cache_dir() / f"{self.name}-{self._plan().key}{_SUFFIX}"
+
+    def _plan(self) -> _Plan:  # pragma: no cover - abstract
+        raise NotImplementedError
+
     def _load(self) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -252,16 +268,19 @@ class CLibrary(_Lazy):
         self._signatures = dict(signatures)
         self._cflags = list(cflags)
 
-    def _load(self) -> Any:
+    def _plan(self) -> _Plan:
         cmd = _c_compiler()
         data = self.source.read_bytes()
         key = _key([
             "clib-v1", data, _compiler_identity(tuple(cmd)), *self._cflags,
             platform.machine(), sys.platform, *_native(self._cflags),
         ])
-        path = _build(self.name, key, [(self.source.name, data)],
-                      [*cmd, *self._cflags, "-shared", "-fPIC"], [])
-        lib = ctypes.CDLL(str(path))
+        return _Plan(key, [(self.source.name, data)], [*cmd, *self._cflags, "-shared", "-fPIC"],
+                     [])
+
+    def _load(self) -> Any:
+        plan = self._plan()
+        lib = ctypes.CDLL(str(_build(self.name, plan.key, plan.srcs, plan.command, plan.link)))
         for fname, (restype, argtypes) in self._signatures.items():
             fn = getattr(lib, fname)
             fn.restype = restype
@@ -310,7 +329,7 @@ class TorchExtension(_Lazy):
     def _sources(self) -> list[tuple[str, bytes]]:
         return [(p.name, p.read_bytes()) for p in self.sources]
 
-    def _load(self) -> Any:
+    def _plan(self) -> _Plan:
         cmd = _cxx_compiler()
         srcs = self._sources()
         tkey, tflags, tld = _torch_build_flags(self.name)
@@ -319,34 +338,14 @@ class TorchExtension(_Lazy):
             _compiler_identity(tuple(cmd)), *self._cflags, "\0", *self._ldflags, *tkey,
             *_native(self._cflags),
         ])
-        path = _build(self.name, key, srcs, [*cmd, *tflags, *self._cflags],
-                      [*self._ldflags, *tld])
+        return _Plan(key, srcs, [*cmd, *tflags, *self._cflags], [*self._ldflags, *tld])
+
+    def _load(self) -> Any:
+        plan = self._plan()
+        path = _build(self.name, plan.key, plan.srcs, plan.command, plan.link)
         spec = importlib.util.spec_from_file_location(self.name, path)
         if spec is None or spec.loader is None:  # pragma: no cover - suffix is an extension's
             raise ImportError(f"cannot import {path}")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module
-
-
-class InlineExtension(TorchExtension):
-    """Transitional: a :class:`TorchExtension` from a source *string* (the engine's kernels until
-    they move to ``csrc/engine_kernels.cpp``). Same builder, cache and keys as the file form;
-    the source must hold its own ``PYBIND11_MODULE(TORCH_EXTENSION_NAME, m)``."""
-
-    def __init__(self, name: str, cpp_sources: str, *, functions: Sequence[str] | None = None,
-                 extra_cflags: Sequence[str] = (), extra_ldflags: Sequence[str] = ()) -> None:
-        if functions is not None:
-            raise ValueError(
-                "InlineExtension: generated bindings are gone; put a "
-                "PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) in the source (better: a csrc/ file "
-                "and TorchExtension)"
-            )
-        _Lazy.__init__(self, name)
-        self.sources = []
-        self._text = cpp_sources
-        self._cflags = list(extra_cflags)
-        self._ldflags = list(extra_ldflags)
-
-    def _sources(self) -> list[tuple[str, bytes]]:
-        return [(f"{self.name}.cpp", self._text.encode())]

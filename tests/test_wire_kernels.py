@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from test_wire import masks, resign
 
 from psfed_robust import _wire_kernels
-from psfed_robust._cpp import CLibrary
+from psfed_robust._cpp import CLibrary, TorchExtension, source
 from psfed_robust.core.mask import Mask
 from psfed_robust.wire import (
     HEADER_SIZE,
@@ -319,3 +319,56 @@ def test_large_payload_is_the_same_through_both_paths() -> None:
     assert p == p_np
     m2, v2 = decode_update(p)
     assert m2 == mask and np.array_equal(v2, v)
+
+
+def test_cache_keys_follow_the_toolchain_and_environment_not_ninja(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch's extension cache was keyed by a hash that included the ninja on PATH and was shared
+    by every environment: a venv's and the system's ninja, or two venvs, rebuilt each other's
+    builds (80-100 s per run). Here: same toolchain -> same key whatever ninja is found; another
+    environment (``sys.prefix``) -> another torch-extension key; the C library, which links
+    neither Python nor torch, keeps its key."""
+    monkeypatch.setenv("PSFED_CACHE_DIR", str(tmp_path / "cache"))
+    ext = TorchExtension("psfed_defense_kernels", source("defense_kernels.cpp"), cflags=["-O3"])
+    clib = CLibrary("psfed_wire", source("wire_kernels.c"), {})
+    try:
+        p_ext, p_lib = ext.cache_path(), clib.cache_path()
+    except RuntimeError as exc:  # no compiler
+        pytest.skip(str(exc))
+    assert p_ext.parent == tmp_path / "cache" and p_ext.name.startswith("psfed_defense_kernels-")
+    assert TorchExtension(
+        "psfed_defense_kernels", source("defense_kernels.cpp"), cflags=["-O3"]
+    ).cache_path() == p_ext
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "ninja").write_text("#!/bin/sh\necho 0.0.1\n")
+    (fake / "ninja").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    assert ext.cache_path() == p_ext and clib.cache_path() == p_lib
+    assert TorchExtension("psfed_defense_kernels", source("defense_kernels.cpp"),
+                          cflags=["-O2"]).cache_path() != p_ext
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "another-venv"))
+    assert ext.cache_path() != p_ext
+    assert clib.cache_path() == p_lib
+
+
+def test_compiled_kernels_load_without_torch_cpp_extension_or_its_cuda_warning() -> None:
+    """A fresh process that loads every kernel never imports ``torch.utils.cpp_extension`` (whose
+    import prints "No CUDA runtime is found" on a CPU-only machine) and prints no warning."""
+    if os.environ.get("PSFED_NO_CPP_KERNEL") not in (None, "", "0"):
+        pytest.skip("compiled kernels disabled")
+    probe = (
+        "import sys\n"
+        "from defenses._kernels import cpp_kernel_available\n"
+        "from psfed_robust import _wire_kernels\n"
+        "print(cpp_kernel_available(), _wire_kernels.available(),\n"
+        "      'torch.utils.cpp_extension' in sys.modules)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=600, check=True)
+    ext_ok, wire_ok, imported = res.stdout.split()
+    assert imported == "False"
+    assert "CUDA" not in res.stderr and "Warning" not in res.stderr, res.stderr
+    if ext_ok == "False" or wire_ok == "False":
+        pytest.skip("no compiler: nothing built")
