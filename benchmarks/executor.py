@@ -5,9 +5,10 @@ D = 16, K = 10 clients, 8 Monte Carlo runs per point, ``--rounds`` iterations (C
 of about a second each). It runs once with the local executor (one point after another in this
 process) and once as Ray tasks of one CPU each on a local Ray instance with ``--cpus`` CPUs; the
 ratio of the two wall times is the speed-up (near ``--cpus`` for CPU-bound points on an idle
-machine). Ray's per-point overhead is measured on the same sweep with 10 iterations per point
-(engine work about nil): Ray tasks taking the whole instance (one at a time) against the local
-executor, per point. Both executors' tidy.csv and summary.csv are checked byte-identical.
+machine; the local executor's torch already keeps more than one core partly busy, so the
+ratio against a one-thread local run is printed too). Ray's per-point overhead is measured on
+the same sweep with 10 iterations per point (engine work about nil): Ray tasks taking the whole
+instance (one at a time) against the local executor, per point, best of three. Both executors' tidy.csv and summary.csv are checked byte-identical.
 
 Usage: ``python benchmarks/executor.py [--rounds 2500] [--cpus 2]``. Prints figures, ends with
 ONE JSON line. Run it alone (``flock /tmp/psfed-bench.lock``): other load skews the ratio.
@@ -56,6 +57,21 @@ def _timed(scenario: Scenario, out: Path, executor: str | RayExecutor) -> float:
     return time.perf_counter() - t0
 
 
+def _local_cpu(scenario: Scenario, out: Path, threads: int | None) -> tuple[float, float]:
+    """(wall s, process CPU s) of the local executor, torch on ``threads`` threads (None: as is)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    c0 = time.process_time()
+    try:
+        wall = _timed(scenario, out, "local")
+    finally:
+        torch.set_num_threads(before)
+    return wall, time.process_time() - c0
+
+
 def _same(a: Path, b: Path) -> bool:
     return all((a / f).read_bytes() == (b / f).read_bytes() for f in ("tidy.csv", "summary.csv"))
 
@@ -72,8 +88,10 @@ def main() -> None:
     n = len(work.points())
     with tempfile.TemporaryDirectory(prefix="psfed-executor-bench-") as tmp:
         root = Path(tmp)
-        t_local = _timed(work, root / "local", "local")
-        t_local_trivial = _timed(trivial, root / "local_trivial", "local")
+        t_local, cpu_local = _local_cpu(work, root / "local", None)
+        t_local1, _ = _local_cpu(work, root / "local1", 1)
+        t_local_trivial = min(_timed(trivial, root / f"local_trivial{i}", "local")
+                              for i in range(3))
         warnings.filterwarnings("ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO.*",
                                 category=FutureWarning)  # about a future Ray default
         t0 = time.perf_counter()
@@ -86,27 +104,32 @@ def main() -> None:
             t_ray = _timed(work, root / "ray", RayExecutor(cpus_per_point=1))
             whole = RayExecutor(cpus_per_point=args.cpus)  # one task at a time
             _timed(trivial, root / "ray_seq_warm", whole)
-            t_seq = _timed(trivial, root / "ray_seq", whole)
+            t_seq = min(_timed(trivial, root / f"ray_seq{i}", whole) for i in range(3))
         finally:
             ray.shutdown()
-        identical = _same(root / "local", root / "ray") and all(
-            _same(root / "local_trivial", root / d) for d in ("ray_cold", "ray_seq"))
+        identical = _same(root / "local", root / "ray") and _same(root / "local", root / "local1") \
+            and all(_same(root / "local_trivial0", root / d) for d in ("ray_cold", "ray_seq0"))
     load1 = os.getloadavg()[0]
     overhead_ms = 1000 * (t_seq - t_local_trivial) / n
-    ratio = t_local / t_ray
+    ratio, ratio1 = t_local / t_ray, t_local1 / t_ray
     print(f"{n} sweep points x 8 runs x {args.rounds} iterations (D = 16, K = 10)")
-    print(f"local executor                 {t_local:7.2f} s  ({t_local / n:.2f} s per point)")
+    print(f"local executor                 {t_local:7.2f} s  ({t_local / n:.2f} s per point, "
+          f"{cpu_local / t_local:.2f} cores busy: torch threads + mask prefetch)")
+    print(f"local executor, 1 torch thread {t_local1:7.2f} s")
     print(f"Ray, {args.cpus} CPUs, 1 CPU per task    {t_ray:7.2f} s  -> {ratio:.2f}x the local "
-          f"executor (+ {t_start:.2f} s to start Ray)")
+          f"executor, {ratio1:.2f}x the one-thread local executor (+ {t_start:.2f} s to start "
+          f"Ray)")
     print(f"cold start: first trivial sweep on fresh workers {t_cold:.2f} s")
-    print(f"Ray per-point overhead: {overhead_ms:.1f} ms (trivial points one at a time: "
-          f"{t_seq:.2f} s vs local {t_local_trivial:.2f} s for {n})")
+    print(f"Ray per-point overhead: {overhead_ms:.1f} ms (trivial points one at a time, best of "
+          f"3: {t_seq:.2f} s vs local {t_local_trivial:.2f} s for {n})")
     print(f"tidy.csv and summary.csv byte-identical: {identical}")
     print(f"load average (1 min) before / after: {load0:.2f} / {load1:.2f}, {os.cpu_count()} "
           f"cores, Ray {ray.__version__}")
     print(json.dumps({
         "benchmark": "executor", "points": n, "rounds": args.rounds, "ray_cpus": args.cpus,
-        "local_s": round(t_local, 3), "ray_s": round(t_ray, 3), "speedup": round(ratio, 3),
+        "local_s": round(t_local, 3), "local_cores_busy": round(cpu_local / t_local, 2),
+        "local_1thread_s": round(t_local1, 3), "ray_s": round(t_ray, 3),
+        "speedup": round(ratio, 3), "speedup_vs_1thread": round(ratio1, 3),
         "ray_start_s": round(t_start, 3), "ray_cold_trivial_sweep_s": round(t_cold, 3),
         "overhead_ms_per_point": round(overhead_ms, 1), "identical": identical,
         "load_before": round(load0, 2), "load_after": round(load1, 2),
