@@ -8,7 +8,8 @@ ratio of the two wall times is the speed-up (near ``--cpus`` for CPU-bound point
 machine; the local executor's torch already keeps more than one core partly busy, so the
 ratio against a one-thread local run is printed too). Ray's per-point overhead is measured on
 the same sweep with 10 iterations per point (engine work about nil): Ray tasks taking the whole
-instance (one at a time) against the local executor, per point, best of three. Both executors' tidy.csv and summary.csv are checked byte-identical.
+instance (one at a time) against the local executor, per point, best of three. Both
+executors' tidy.csv and summary.csv are checked byte-identical.
 
 Usage: ``python benchmarks/executor.py [--rounds 2500] [--cpus 2]``. Prints figures, ends with
 ONE JSON line. Run it alone (``flock /tmp/psfed-bench.lock``): other load skews the ratio.
