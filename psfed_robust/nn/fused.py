@@ -98,8 +98,7 @@ def supports(model: nn.Module) -> bool:
     return True
 
 
-def _view(w: Tensor, info: TensorInfo) -> Tensor:
-    return w[:, info.start : info.end].view(w.shape[0], *info.shape)
+Params = Tensor | list[Tensor]  # flat rows [N, P], or one [N, numel] block per parameter tensor
 
 
 class FusedModel:
@@ -114,9 +113,17 @@ class FusedModel:
         self.flat = FlattenedModel(model)
         self.num_parameters = self.flat.num_parameters
         self._order = [i.name for i in self.flat.tensor_infos]
+        self._index = {name: i for i, name in enumerate(self._order)}
+
+    def _param(self, w: Params, info: TensorInfo) -> Tensor:
+        """Parameter ``info`` of every row, ``[N, *shape]`` (a view)."""
+        if isinstance(w, list):
+            blk = w[self._index[info.name]]
+            return blk.view(blk.shape[0], *info.shape)
+        return w[:, info.start : info.end].view(w.shape[0], *info.shape)
 
     # ------------------------------------------------------------------ forward
-    def _forward(self, w: Tensor, x: Tensor, tape: list[Any] | None) -> Tensor:
+    def _forward(self, w: Params, x: Tensor, tape: list[Any] | None) -> Tensor:
         N, b = x.shape[0], x.shape[1]
         a: Tensor = x
         grouped = False  # activations as [b, N*C, H, W] channels-last
@@ -129,9 +136,10 @@ class FusedModel:
                     grouped = True
                 stride, pad, dil, cout = layer.args
                 assert layer.weight is not None
-                wt = _view(w, layer.weight)
+                wt = self._param(w, layer.weight)
                 wt = wt.reshape(N * cout, *wt.shape[2:]).contiguous(memory_format=_CL)
-                bias = _view(w, layer.bias).reshape(N * cout) if layer.bias is not None else None
+                bias = (self._param(w, layer.bias).reshape(N * cout)
+                        if layer.bias is not None else None)
                 out = F.conv2d(a, wt, bias, stride, pad, dil, N)
                 if tape is not None:
                     tape.append((a, wt))
@@ -159,11 +167,12 @@ class FusedModel:
                     a = a.reshape(N, b, -1)
             else:  # linear
                 assert layer.weight is not None
-                wl = _view(w, layer.weight)
+                wl = self._param(w, layer.weight)
                 if tape is not None:
                     tape.append((a, wl))
                 if layer.bias is not None:
-                    a = torch.baddbmm(_view(w, layer.bias).unsqueeze(1), a, wl.transpose(1, 2))
+                    a = torch.baddbmm(self._param(w, layer.bias).unsqueeze(1), a,
+                                      wl.transpose(1, 2))
                 else:
                     a = torch.bmm(a, wl.transpose(1, 2))
         return a
@@ -191,9 +200,9 @@ class FusedModel:
         """
         return torch.cat(self.grad_blocks(w, x, y, scale), 1)
 
-    def grad_blocks(self, w: Tensor, x: Tensor, y: Tensor, scale: Tensor) -> list[Tensor]:
+    def grad_blocks(self, w: Params, x: Tensor, y: Tensor, scale: Tensor) -> list[Tensor]:
         """:meth:`grad` as one ``[N, numel]`` tensor per parameter tensor (no concatenation:
-        the optimiser updates the blocks of ``w`` in place)."""
+        the optimiser updates parameter blocks in place); ``w`` may be such blocks too."""
         with torch.no_grad():
             tape: list[Any] = []
             z = self._forward(w, x, tape)
@@ -204,8 +213,8 @@ class FusedModel:
             dz.scatter_add_(2, y.unsqueeze(-1), -scale.unsqueeze(-1))
             return self._backward(w, dz, tape)
 
-    def _backward(self, w: Tensor, d: Tensor, tape: list[Any]) -> list[Tensor]:
-        N = w.shape[0]
+    def _backward(self, w: Params, d: Tensor, tape: list[Any]) -> list[Tensor]:
+        N = d.shape[0]
         grads: dict[str, Tensor] = {}
         first = next(i for i, layer in enumerate(self.layers) if layer.weight is not None)
         for i in range(len(self.layers) - 1, first - 1, -1):  # nothing to do below the first

@@ -189,23 +189,25 @@ def train_rows(
         rows, steps, bs = pos.shape
         scale = example_scale(val, w.dtype) if fused is not None else val.to(w.dtype)
         xs = ys = None
-        if rows * steps * bs * example_bytes <= prefetch_bytes:
-            ids = tab.gather(1, pos.view(rows, steps * bs))
-            xs = x[ids].view(rows, steps, bs, *x.shape[1:])
-            ys = (y[c0:c1].gather(1, pos.view(rows, steps * bs)) if per_row_labels
-                  else y[ids]).view(rows, steps, bs)
+        if rows * steps * bs * example_bytes <= prefetch_bytes:  # [steps, rows, batch, ...]
+            flat_pos = pos.view(rows, steps * bs)
+            ids = tab.gather(1, flat_pos).view(rows, steps, bs).transpose(0, 1)
+            xs = x[ids]  # advanced indexing: a contiguous [steps, rows, batch, ...] result
+            ys = (y[c0:c1].gather(1, flat_pos).view(rows, steps, bs).transpose(0, 1)
+                  .contiguous() if per_row_labels else y[ids])
+        # parameter and momentum blocks: [rows, numel] views of each parameter tensor's columns
         wv = fused.blocks(wc) if fused is not None else [wc]
         bv = fused.blocks(bc) if fused is not None else [bc]
         for s in range(steps):
             if xs is not None and ys is not None:
-                xb, yb = xs[:, s], ys[:, s]
+                xb, yb = xs[s], ys[s]
             else:
                 cols = pos[:, s]
                 ids = tab.gather(1, cols)  # [C, B] example ids
                 xb = x[ids]
                 yb = y[c0:c1].gather(1, cols) if per_row_labels else y[ids]
             if fused is not None:
-                gs = fused.grad_blocks(wc, xb, yb, scale[:, s])
+                gs = fused.grad_blocks(wv, xb, yb, scale[:, s])
             else:
                 assert gfn is not None
                 gs = [gfn(wc, xb, yb, scale[:, s])]
