@@ -6,10 +6,11 @@ of about a second each). It runs once with the local executor (one point after a
 process) and once as Ray tasks of one CPU each on a local Ray instance with ``--cpus`` CPUs; the
 ratio of the two wall times is the speed-up (near ``--cpus`` for CPU-bound points on an idle
 machine; the local executor's torch already keeps more than one core partly busy, so the
-ratio against a one-thread local run is printed too). Ray's per-point overhead is measured on
-the same sweep with 10 iterations per point (engine work about nil): Ray tasks taking the whole
-instance (one at a time) against the local executor, per point, best of three. Both
-executors' tidy.csv and summary.csv are checked byte-identical.
+ratio against a one-thread local run is printed too). Ray's per-point overhead: the round trip
+of one task on a warm worker (a sweep point as argument, a part's bytes back), and the same
+sweep with 10 iterations per point (engine work about nil) as Ray tasks taking the whole
+instance (one at a time) against the local executor, best of three. Both executors'
+tidy.csv and summary.csv are checked byte-identical.
 
 Usage: ``python benchmarks/executor.py [--rounds 2500] [--cpus 2]``. Prints figures, ends with
 ONE JSON line. Run it alone (``flock /tmp/psfed-bench.lock``): other load skews the ratio.
@@ -73,6 +74,24 @@ def _local_cpu(scenario: Scenario, out: Path, threads: int | None) -> tuple[floa
     return wall, time.process_time() - c0
 
 
+def _roundtrip_ms(scenario: Scenario, nbytes: int, calls: int = 50) -> float:
+    """Ray's own cost of one task: submit, schedule on a warm worker, return ``nbytes`` of rows
+    (the mean part size) to the driver; a real sweep point travels as the argument."""
+    import ray
+
+    def echo(point: object, n: int) -> str:
+        del point
+        return "x" * n
+
+    task = ray.remote(echo).options(num_cpus=1)
+    point = scenario.points()[0]
+    ray.get(task.remote(point, nbytes))  # warm
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        ray.get(task.remote(point, nbytes))
+    return 1000 * (time.perf_counter() - t0) / calls
+
+
 def _same(a: Path, b: Path) -> bool:
     return all((a / f).read_bytes() == (b / f).read_bytes() for f in ("tidy.csv", "summary.csv"))
 
@@ -106,6 +125,8 @@ def main() -> None:
             whole = RayExecutor(cpus_per_point=args.cpus)  # one task at a time
             _timed(trivial, root / "ray_seq_warm", whole)
             t_seq = min(_timed(trivial, root / f"ray_seq{i}", whole) for i in range(3))
+            part_bytes = sum(f.stat().st_size for f in (root / "ray" / "parts").glob("*.csv")) // n
+            t_trip = _roundtrip_ms(work, part_bytes)
         finally:
             ray.shutdown()
         identical = _same(root / "local", root / "ray") and _same(root / "local", root / "local1") \
@@ -121,8 +142,9 @@ def main() -> None:
           f"executor, {ratio1:.2f}x the one-thread local executor (+ {t_start:.2f} s to start "
           f"Ray)")
     print(f"cold start: first trivial sweep on fresh workers {t_cold:.2f} s")
-    print(f"Ray per-point overhead: {overhead_ms:.1f} ms (trivial points one at a time, best of "
-          f"3: {t_seq:.2f} s vs local {t_local_trivial:.2f} s for {n})")
+    print(f"Ray per-point overhead: {t_trip:.1f} ms per task round trip (a point's {part_bytes} "
+          f"bytes of rows back); sweep of trivial points one at a time, best of 3: {t_seq:.2f} s "
+          f"vs local {t_local_trivial:.2f} s for {n} ({overhead_ms:+.1f} ms per point)")
     print(f"tidy.csv and summary.csv byte-identical: {identical}")
     print(f"load average (1 min) before / after: {load0:.2f} / {load1:.2f}, {os.cpu_count()} "
           f"cores, Ray {ray.__version__}")
@@ -132,7 +154,8 @@ def main() -> None:
         "local_1thread_s": round(t_local1, 3), "ray_s": round(t_ray, 3),
         "speedup": round(ratio, 3), "speedup_vs_1thread": round(ratio1, 3),
         "ray_start_s": round(t_start, 3), "ray_cold_trivial_sweep_s": round(t_cold, 3),
-        "overhead_ms_per_point": round(overhead_ms, 1), "identical": identical,
+        "task_roundtrip_ms": round(t_trip, 2), "trivial_sweep_overhead_ms_per_point":
+        round(overhead_ms, 1), "identical": identical,
         "load_before": round(load0, 2), "load_after": round(load1, 2),
     }))
 
