@@ -161,7 +161,8 @@ def _cmd_theory(args: argparse.Namespace) -> int:
         if t is None:
             print(f"| {p.index} | {vals} | not covered by the theory | – |")
         else:
-            print(f"| {p.index} | {vals} | {t['steady_db']:.2f} | {t['mu_opt']:.4g} |")
+            approx = "" if t.get("exact", True) else " (approximation: docs/theory.md)"
+            print(f"| {p.index} | {vals} | {t['steady_db']:.2f}{approx} | {t['mu_opt']:.4g} |")
     return 0
 
 

@@ -21,8 +21,11 @@ __all__ = ["run_batched_point", "run_flower_point", "run_point", "theory_for_poi
 def theory_for_point(point: SweepPoint) -> dict[str, float] | None:
     """Theory prediction for a batched point, when the analysis covers its configuration.
 
-    Covered (psfed_robust.engine.theory.check_supported): linear task, random uncoordinated
-    selection, uplink same/independent, Gaussian transmit-only or no attack, mean in fill mode.
+    Covered (psfed_robust.engine.theory.check_supported, docs/theory.md): linear task, random
+    selection (coordinated or not) or round-robin, every uplink (P1's ``next`` included),
+    fixed/Bernoulli scheduling with any server weight, Gaussian or no attack (transmit-only or
+    persistent), mean in fill mode. ``exact`` is False where the theory is an approximation
+    (uncoordinated round-robin, modelled as random selection).
     """
     if engine_label(point.get("engine"), point.get("task.kind")) != "batched":
         return None
@@ -38,6 +41,7 @@ def theory_for_point(point: SweepPoint) -> dict[str, float] | None:
     return {
         "steady_db": 10 * math.log10(steady) if math.isfinite(steady) else math.inf,
         "mu_opt": float(mu_opt),
+        "exact": bool(theory.is_exact(cfg)),
     }
 
 
