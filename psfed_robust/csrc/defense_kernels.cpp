@@ -6,7 +6,7 @@
 //
 // NaN/Inf policy (the torch reference's, torch.sort): -inf < finite < +inf < NaN, every NaN
 // (either sign) above +inf. std::min/std::max are not a total order with NaN (both return their
-// first argument), so the comparator below orders NaN last explicitly.
+// first argument), so a tile holding a NaN is sorted with a comparator that orders NaN last.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <omp.h>
@@ -14,7 +14,9 @@
 #include <cstring>
 #include <vector>
 
-template <typename T, int64_t B>
+// NanAware: the compare-exchange orders NaN last (a blend per element); without NaN in the
+// tile, plain min/max (about 1.5x faster) give the same result.
+template <typename T, int64_t B, bool NanAware>
 static inline void sort_block(T* __restrict buf, int64_t stride, const int32_t* pairs,
                               int64_t P) {
   for (int64_t p = 0; p < P; ++p) {
@@ -23,11 +25,28 @@ static inline void sort_block(T* __restrict buf, int64_t stride, const int32_t* 
 #pragma omp simd
     for (int64_t j = 0; j < B; ++j) {
       const T a = pa[j], b = pb[j];
-      const bool swap = (b < a) | (a != a);  // a NaN goes up; b NaN (or a <= b) stays
-      pa[j] = swap ? b : a;
-      pb[j] = swap ? a : b;
+      if constexpr (NanAware) {
+        const bool swap = (b < a) | (a != a);  // a NaN goes up; b NaN (or a <= b) stays
+        pa[j] = swap ? b : a;
+        pb[j] = swap ? a : b;
+      } else {
+        pa[j] = std::min(a, b);
+        pb[j] = std::max(a, b);
+      }
     }
   }
+}
+
+// Whether the K rows x w live columns of a tile hold a NaN.
+template <typename T>
+static inline bool tile_has_nan(const T* tile, int64_t stride, int64_t K, int64_t w) {
+  int any = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    const T* row = tile + k * stride;
+#pragma omp simd reduction(| : any)
+    for (int64_t j = 0; j < w; ++j) any |= (row[j] != row[j]);
+  }
+  return any != 0;
 }
 
 // mode 0: write the sorted columns to out[R, K, D]
@@ -55,10 +74,14 @@ static void run(const T* in, T* out, int64_t R, int64_t K, int64_t D, const int3
       const int64_t r = t / nt, t0 = (t % nt) * TB, tw = std::min(TB, D - t0);
       const T* src = in + r * K * D + t0;
       for (int64_t k = 0; k < K; ++k) std::memcpy(tile + k * TS, src + k * D, tw * sizeof(T));
+      const bool nan = tile_has_nan(tile, TS, K, tw);
       for (int64_t b0 = 0; b0 < tw; b0 += B) {
         const int64_t w = std::min(B, tw - b0);
         T* buf = tile + b0;  // columns past tw hold stale values: sorted, never written out
-        sort_block<T, B>(buf, TS, pairs, P);
+        if (nan)
+          sort_block<T, B, true>(buf, TS, pairs, P);
+        else
+          sort_block<T, B, false>(buf, TS, pairs, P);
         const int64_t c0 = t0 + b0;
         if (mode == 0) {
           T* dst = out + r * K * D + c0;
