@@ -190,6 +190,13 @@ def _round_masks(sels: list[MaskSelector], n: int, P: int, K: int, G: Tensor,
     return _Masks(idx.to(dev).expand(B, K, -1), per_client, nbytes)
 
 
+def _lap(phases: dict[str, float], name: str, since: float) -> float:
+    """Add the time since ``since`` to ``phases[name]``; returns now (per-phase timing)."""
+    now = time.perf_counter()
+    phases[name] += now - since
+    return now
+
+
 def _chunk_rows(cfg: NNConfig, fm: FunctionalModel, shape: tuple[int, int, int],
                 rows: int) -> tuple[int, int]:
     """``(rows per vmap call, bytes per row)`` under ``memory_budget_mb``."""
@@ -281,12 +288,15 @@ def _run(config: NNConfig, task: ImageTask | None, progress: bool) -> NNResult:
         curves["asr"] = []
     down_acc = torch.zeros(B, dtype=torch.float64)
     up_acc = torch.zeros(B, dtype=torch.float64)
+    phases: dict[str, float] = {"masks_merge": 0.0, "train": 0.0, "attack": 0.0, "server": 0.0,
+                                "evaluate": 0.0}
     iterator: Any = range(1, cfg.rounds + 1)
     if progress:
         from tqdm import tqdm
 
         iterator = tqdm(iterator, desc="nn rounds", leave=False)
     for n in iterator:
+        tick = time.perf_counter()
         # 1. participants and masks
         if full_part:
             part = torch.ones((B, K), dtype=torch.bool)
@@ -317,6 +327,8 @@ def _run(config: NNConfig, task: ImageTask | None, progress: bool) -> NNResult:
                 idx_rows = idx.reshape(B * K, -1).index_select(0, rows_d)
                 merge_(sub, idx_rows, gather(G, idx).reshape(B * K, -1).index_select(0, rows_d))
 
+        tick = _lap(phases, "masks_merge", tick)
+
         # 3. local training
         if momentum_state is None:
             buf = torch.zeros_like(sub)
@@ -340,6 +352,8 @@ def _run(config: NNConfig, task: ImageTask | None, progress: bool) -> NNResult:
             Wf.index_copy_(0, rows_d, sub)
             if momentum_state is not None:
                 momentum_state.index_copy_(0, rows_d, buf)
+
+        tick = _lap(phases, "train", tick)
 
         # 4. uplink deltas and the attack seam
         if idx is None:
@@ -375,6 +389,8 @@ def _run(config: NNConfig, task: ImageTask | None, progress: bool) -> NNResult:
                 else:
                     W.copy_(torch.where(keep & amasks, new, W))
 
+        tick = _lap(phases, "attack", tick)
+
         # 5. server step
         if idx is None:
             values, index = G.unsqueeze(-2) + sent, None
@@ -389,6 +405,8 @@ def _run(config: NNConfig, task: ImageTask | None, progress: bool) -> NNResult:
                             mode=cfg.mode, **extra)  # type: ignore[arg-type]
         finite = torch.isfinite(new_g).all(-1, keepdim=True)
         G = torch.where(finite, new_g, G)
+
+        tick = _lap(phases, "server", tick)
 
         # bytes per participating client (first contact adds the dense initial model)
         pf = part.to(torch.float64)
@@ -409,7 +427,7 @@ def _run(config: NNConfig, task: ImageTask | None, progress: bool) -> NNResult:
             curves["bytes_up"].append(up_acc / span)
             down_acc = torch.zeros(B, dtype=torch.float64)
             up_acc = torch.zeros(B, dtype=torch.float64)
-
+            _lap(phases, "evaluate", tick)
     seconds = time.perf_counter() - t0
     metrics = {k: torch.stack(v, 1).numpy().astype(np.float64) for k, v in curves.items()}
     state_bytes = 4 * P * (2 if momentum_state is not None else 1)
@@ -419,5 +437,6 @@ def _run(config: NNConfig, task: ImageTask | None, progress: bool) -> NNResult:
         "chunk_rows": chunk, "train_bytes_per_row": row_bytes,
         "state_bytes_per_client": state_bytes, "seconds": round(seconds, 3),
         "train_path": "fused" if fz is not None else "vmap",
+        "phase_seconds": {k: round(v, 3) for k, v in phases.items()},
     }
     return NNResult(np.asarray(recorded), metrics, info, seconds, G.detach().cpu())
