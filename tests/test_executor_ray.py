@@ -227,7 +227,7 @@ def test_failed_point_reported_others_complete_lost_worker_retried(
 @pytest.mark.slow
 def test_driver_killed_mid_sweep_resumes_to_the_same_bytes(tmp_path: Path,
                                                            ray_local: None) -> None:
-    text = SWEEP.replace("rounds = 300", "rounds = 1500").replace(
+    text = SWEEP.replace("rounds = 300", "rounds = 800").replace(
         '"runs" = [4, 40]', '"defense.name" = ["mean", "median", "trimmed_mean"]')
     scen = _write(tmp_path, text)
     total = len(load_scenario(scen).points())
