@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from psfed_robust import _wire_kernels, wire
+from psfed_robust import _wire_coding, _wire_kernels
 from psfed_robust.core.mask import Mask
 from psfed_robust.wire import decode_update, encode_mask, encode_update, encoding_costs
 
@@ -78,11 +78,11 @@ def time_kernels(d: int, reps: int) -> dict[str, float]:
     cases: list[tuple[str, object]] = []
     for f in (0.01, 0.1, 0.9):  # gap-coded masks (auto's choice at these densities)
         m = Mask(rng.random(d) < f)
-        plan = wire._plan_gap(m, None)
+        plan = _wire_coding._plan_gap(m, None)
         assert plan is not None
-        body = memoryview(wire._encode_gap(plan))
+        body = memoryview(_wire_coding._encode_gap(plan))
         cases.append((f"rice_decode f={f}",
-                      lambda b=body, m=m: wire._decode_gap(b, m.size, m.count)))
+                      lambda b=body, m=m: _wire_coding._decode_gap(b, m.size, m.count)))
     vals = rng.standard_normal(int(0.9 * d)).astype(np.float32)  # values of an f=0.9 update
     parts = (b"h" * 28, b"m" * 1000, memoryview(vals).cast("B"))
     cases.append((f"join {sum(len(p) for p in parts) / 2**20:.0f} MiB",

@@ -11,6 +11,13 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from psfed_robust._wire_coding import (
+    _best_rice,
+    _plan_gap,
+    _plan_runs,
+    _rice_lower_bound_bytes,
+    _runs_lower_bound_bytes,
+)
 from psfed_robust.core.mask import Mask, SeedSpec
 from psfed_robust.core.selectors import ClientSpecificMaskSelector, RoundRobinMaskSelector
 from psfed_robust.wire import (
@@ -18,11 +25,6 @@ from psfed_robust.wire import (
     HEADER_SIZE,
     EncodedUpdate,
     WireFormatError,
-    _best_rice,
-    _plan_gap,
-    _plan_runs,
-    _rice_lower_bound_bytes,
-    _runs_lower_bound_bytes,
     decode_mask,
     decode_update,
     encode_mask,

@@ -21,15 +21,17 @@ from test_wire import masks, resign
 
 from psfed_robust import _wire_kernels
 from psfed_robust._cpp import CLibrary, TorchExtension, source
-from psfed_robust.core.mask import Mask
-from psfed_robust.wire import (
-    HEADER_SIZE,
-    WireFormatError,
+from psfed_robust._wire_coding import (
     _mask_runs,
     _pack_fixed,
     _pack_unary,
     _rice_values,
     _run_stats,
+)
+from psfed_robust.core.mask import Mask
+from psfed_robust.wire import (
+    HEADER_SIZE,
+    WireFormatError,
     decode_update,
     encode_update,
 )
