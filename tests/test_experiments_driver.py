@@ -152,7 +152,7 @@ def test_list_commands(capsys: pytest.CaptureFixture[str]) -> None:
     for what in ("attacks", "defenses", "selectors", "keys", "scenarios"):
         assert main(["list", what]) == 0
     out = capsys.readouterr().out
-    assert "sharing.fraction" in out and "[batched]" in out and "[flower]" in out
+    assert "sharing.fraction" in out and "[batched]" in out and "[flower+nn]" in out
     assert "gaussian" in out and "median" in out and "headline" in out
     assert "RandomMaskSelector" in out
 
