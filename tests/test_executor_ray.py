@@ -269,3 +269,39 @@ def test_points_failed_message_names_points() -> None:
     assert isinstance(exc, ScenarioError)
     assert "1 of 8 sweep point(s) failed: sweep point 3 (fraction=0.5): RuntimeError: boom" in (
         str(exc))
+
+
+def test_progress_one_line_per_change_or_redrawn_on_a_terminal() -> None:
+    import io
+
+    from experiments.executors import Progress
+
+    log = io.StringIO()
+    bar = Progress(4, log)
+    for state in ((0, 2, 0), (0, 2, 0), (1, 2, 0), (2, 1, 1), (2, 1, 1), (3, 0, 1)):
+        bar.show(*state)
+    bar.close()
+    assert log.getvalue().splitlines() == [
+        "sweep points: 0 done, 2 running, 0 failed, 2 waiting (of 4)",
+        "sweep points: 1 done, 2 running, 0 failed, 1 waiting (of 4)",
+        "sweep points: 2 done, 1 running, 1 failed, 0 waiting (of 4)",
+        "sweep points: 3 done, 0 running, 1 failed, 0 waiting (of 4)",
+    ]
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    term = Tty()
+    bar = Progress(2, term)
+    bar.show(0, 1, 0)
+    bar.show(1, 1, 0)
+    bar.close()
+    assert term.getvalue() == ("\rsweep points: 0 done, 1 running, 0 failed, 1 waiting (of 2)"
+                               "\x1b[K\rsweep points: 1 done, 1 running, 0 failed, 0 waiting "
+                               "(of 2)\x1b[K\n")
+    quiet = io.StringIO()
+    bar = Progress(2, quiet, enabled=False)
+    bar.show(1, 0, 0)
+    bar.close()
+    assert quiet.getvalue() == ""
