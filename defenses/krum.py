@@ -78,9 +78,16 @@ class MultiKrum(Aggregator):
 
     def dense(self, a: RoundInputs) -> Tensor:
         x = a.x
-        sel = self.select(sq_distances(x, a.global_model, a.part), a.part, a.info)
+        d = sq_distances(x, a.global_model, a.part)
+        sel = self.select(d, a.part, a.info)
         w = _select_weights(sel, a.weights, x.dtype)
-        xs = torch.where(sel.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
+        # weight 0 times an inf/NaN row would be NaN: zero the unselected rows that may hold
+        # one. A row with a finite distance is finite, so this rewrite of x is rarely needed.
+        maybe_bad = ~sel & ~torch.isfinite(d).any(-1)
+        xs = x
+        if bool(maybe_bad.any()):
+            xs = torch.where(maybe_bad.unsqueeze(-1),
+                             torch.zeros((), dtype=x.dtype, device=x.device), x)
         out = torch.einsum("...k,...kd->...d", w, xs)
         return torch.where(sel.any(-1, keepdim=True), out, a.global_model)
 
