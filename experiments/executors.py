@@ -284,6 +284,23 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Refuse a ``host:port`` that does not accept connections (Ray itself retries for minutes);
+    ``auto`` and ``ray://`` addresses are left to Ray."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if address == "auto" or "://" in address or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ScenarioError(
+            f"--ray-address {address!r}: nothing accepts connections there ({exc.strerror or exc}"
+            f"); start the head with `ray start --head --port={port}` or fix the address "
+            f"(docs/executors.md)") from exc
+
+
 @dataclass
 class RayExecutor:
     """Sweep points (or run-block groups of large points) as Ray tasks; parts return here.
@@ -343,6 +360,7 @@ class RayExecutor:
             if self.num_cpus is not None:
                 raise ScenarioError("--ray-cpus sizes a local Ray instance; a cluster's CPUs are "
                                     f"set by `ray start` on its nodes (address {address!r})")
+            _check_reachable(address)
             try:
                 ray.init(address=address, **kw)
             except (ConnectionError, RuntimeError, ValueError) as exc:

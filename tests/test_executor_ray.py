@@ -163,6 +163,22 @@ def test_executor_flags_checked() -> None:
         RayExecutor(cpus_per_point=0)
 
 
+def test_unreachable_ray_address_refused_quickly() -> None:
+    import socket
+
+    from experiments.executors import _check_reachable
+
+    with socket.socket() as sock:  # a port nothing listens on once closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    t0 = time.monotonic()
+    with pytest.raises(ScenarioError, match=rf"--ray-address '127.0.0.1:{port}': nothing accepts"):
+        _check_reachable(f"127.0.0.1:{port}")
+    assert time.monotonic() - t0 < 5
+    _check_reachable("auto")  # left to Ray
+    _check_reachable("ray://head:10001")
+
+
 # ------------------------------------------------------------------------------ with Ray
 
 
