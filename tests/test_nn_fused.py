@@ -116,3 +116,29 @@ def test_cuda_matches_cpu() -> None:  # the optional GPU check
     gpu = run_nn(replace(cfg, device="cuda"), task=TASK)
     assert gpu.info["device"].startswith("cuda")
     torch.testing.assert_close(gpu.final_global, cpu.final_global, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize(("name", "mode", "partial"), [
+    ("median", "fill", False), ("median", "reporters", True), ("trimmed_mean", "fill", True),
+    ("trimmed_mean", "reporters", False)])
+def test_shared_columns_step_equals_server_step(name: str, mode: str, partial: bool) -> None:
+    # a coordinate-wise rule on the shared columns only == the round core's densified step
+    import defenses
+    from psfed_robust.core.round import server_step
+    from psfed_robust.nn.engine import shared_columns_step
+
+    gen = torch.Generator().manual_seed(5)
+    B, K, D, M = 3, 7, 40, 13
+    G = torch.randn((B, D), generator=gen)
+    cols = torch.stack([torch.randperm(D, generator=gen)[:M] for _ in range(B)])
+    idx = cols.unsqueeze(1).expand(B, K, M)
+    values = G.gather(-1, cols).unsqueeze(1) + torch.randn((B, K, M), generator=gen)
+    part = torch.rand((B, K), generator=gen) > 0.3 if partial else None
+    if part is not None:
+        part[:, :3] = True
+    rule = defenses.get_defense(name, **({"f": 1} if name == "trimmed_mean" else {}))
+    kw: dict[str, Any] = {"participants": part, "mode": mode,
+                          "weights": torch.full((B, K), 1.0 / K)}
+    ref = server_step(rule, values, G, index=idx, **kw)
+    got = shared_columns_step(rule, values, G, index=idx, **kw)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)  # summation order only

@@ -60,7 +60,8 @@ from psfed_robust.nn.models import build_model
 from psfed_robust.nn.train import FunctionalModel, batch_plan, train_rows
 from psfed_robust.wire import HEADER_SIZE, encoded_size
 
-__all__ = ["NNResult", "evaluate", "make_selector", "poison_rows", "run_nn", "run_seed"]
+__all__ = ["NNResult", "evaluate", "make_selector", "poison_rows", "run_nn", "run_seed",
+           "shared_columns_step"]
 
 _ITEMSIZE = 4  # float32 values on the wire
 
@@ -190,6 +191,21 @@ def _round_masks(sels: list[MaskSelector], n: int, P: int, K: int, G: Tensor,
     return _Masks(idx.to(dev).expand(B, K, -1), per_client, nbytes)
 
 
+def shared_columns_step(defense: Any, values: Tensor, global_model: Tensor, *, index: Tensor,
+                        **kw: Any) -> Tensor:
+    """:func:`~psfed_robust.core.round.server_step` of a coordinate-wise rule when every client
+    of a run shares the same coordinates (``index`` ``[B, K, M]``, equal over ``K``): the rule
+    runs on the ``M`` shared columns only (dense values, global model gathered on them) and the
+    result is scattered into the global model. Exact for coordinate-wise rules: an unshared
+    column holds the global value in every row (fill) or has no reporter, so the rule keeps the
+    global value there; ``server_step`` would densify to ``[B, K, D]`` and sort ``D − M``
+    constant columns too."""
+    cols = index[..., 0, :]  # [B, M]
+    g_shared = global_model.gather(-1, cols.long())
+    new = server_step(defense, values, g_shared, **kw)
+    return global_model.scatter(-1, cols.long(), new)
+
+
 def _lap(phases: dict[str, float], name: str, since: float) -> float:
     """Add the time since ``since`` to ``phases[name]``; returns now (per-phase timing)."""
     now = time.perf_counter()
@@ -269,6 +285,10 @@ def _run(config: NNConfig, task: ImageTask | None, progress: bool) -> NNResult:
     data_attack = attack is not None and getattr(attack, "kind", "model") == "data"
     defense = defenses.get_defense(cfg.defense, **cfg.defense_params)
     pass_info = _accepts_info(defense)
+    from defenses.base import CoordinatewiseAggregator
+
+    coordwise = isinstance(defense, CoordinatewiseAggregator) and \
+        getattr(defense, "indexed", None) is None
     mal = torch.zeros((B, K), dtype=torch.bool, device=dev)
     mal[:, : cfg.malicious] = attack is not None
     attack_state: dict[str, Any] = {}
@@ -400,9 +420,12 @@ def _run(config: NNConfig, task: ImageTask | None, progress: bool) -> NNResult:
             values, index = gather(G, idx) + sent.gather(-1, idx), idx
         weights = server_weights(part_d, "participants", dtype=G.dtype)
         extra: dict[str, Any] = {"info": {}} if pass_info else {}
-        new_g = server_step(defense, values, G, index=index,
-                            participants=None if full_part else part_d, weights=weights,
-                            mode=cfg.mode, **extra)  # type: ignore[arg-type]
+        kw: dict[str, Any] = {"participants": None if full_part else part_d,
+                              "weights": weights, "mode": cfg.mode, **extra}
+        if index is not None and amasks is None and coordwise:  # coordinated masks
+            new_g = shared_columns_step(defense, values, G, index=index, **kw)
+        else:
+            new_g = server_step(defense, values, G, index=index, **kw)
         finite = torch.isfinite(new_g).all(-1, keepdim=True)
         G = torch.where(finite, new_g, G)
 
