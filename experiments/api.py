@@ -109,6 +109,7 @@ def run(
     plugins: Iterable[str] = (),
     progress: bool = False,
     force: bool = False,
+    executor: Any = "local",
 ) -> Result:
     """Run every sweep point of ``scenario`` and return a :class:`Result`.
 
@@ -117,7 +118,9 @@ def run(
     ``plugins``: Python files (relative to the current directory) or module names imported first
     (e.g. registering attacks). ``out``: write everything the CLI writes there (and resume
     from it); without it nothing is written. ``progress``: one line per finished point on
-    stderr, and the tables on stdout; otherwise nothing is printed.
+    stderr, and the tables on stdout; otherwise nothing is printed. ``executor``: ``"local"``,
+    ``"ray"`` (``RAY_ADDRESS`` or a local Ray instance) or an executor object
+    (:mod:`experiments.executors`); the results are identical.
     """
     from experiments.driver import assemble, run_points, run_scenario, summary_columns
     from experiments.report import worst_case_rows
@@ -126,7 +129,8 @@ def run(
     points = sc.points()
     if out is not None:
         sink = sys.stdout if progress else io.StringIO()
-        res = run_scenario(sc, out, progress=progress, force=force, stream=sink)
+        res = run_scenario(sc, out, progress=progress, force=force, stream=sink,
+                           executor=executor)
         import json
 
         meta = json.loads(res.meta_json.read_text())
@@ -141,10 +145,16 @@ def run(
                    if worst], *res.plots]
         table, out_path = res.table, Path(out)
     else:
+        from experiments.driver import build_part, compute_point, point_seed
+        from experiments.executors import SweepJob, get_executor
+
+        runner = get_executor(executor)  # an unknown executor is refused before any work
         check_runnable(sc, points)
         t0 = time.perf_counter()
-        done = {p.key: (rows_text, rec) for p, rows_text, rec in
-                run_points(sc, points, progress=progress)}
+        parts = (run_points(sc, points, progress=progress) if runner is None else
+                 runner.run(SweepJob(sc, compute_point, build_part, point_seed), points,
+                            progress=progress))
+        done = {p.key: (rows_text, rec) for p, rows_text, rec in parts}
         merged = assemble(sc, points, [done[p.key][1] for p in points],
                           [done[p.key][0] for p in points], elapsed=time.perf_counter() - t0)
         meta, tidy, rows = merged.meta, _tidy_columns(merged.tidy_csv), merged.summary_rows

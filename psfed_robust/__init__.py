@@ -9,60 +9,33 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from psfed_robust.core import (
-    ClientSpecificMaskSelector,
-    CompositeMaskSelector,
-    FixedMaskSelector,
-    FlattenedModel,
-    GradientBasedSelector,
-    Mask,
-    MaskSelector,
-    RandomMaskSelector,
-    RoundRobinMaskSelector,
-    SeedSpec,
-    StructuredMaskSelector,
-    TopKMagnitudeSelector,
-    stable_seed,
-)
+from psfed_robust import core as _core
+from psfed_robust.core import *  # noqa: F403 - the core's public names, listed once in its __all__
 
 try:
     __version__ = version("psfed-robust")
 except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
     __version__ = "0.0.0"
 
-__all__ = [
-    "ClientSpecificMaskSelector",
-    "CompositeMaskSelector",
-    "FixedMaskSelector",
-    "FlattenedModel",
-    "GradientBasedSelector",
-    "Mask",
-    "MaskSelector",
-    "PSFedAvg",
-    "PSFedClient",
-    "RandomMaskSelector",
-    "RoundRobinMaskSelector",
-    "SeedSpec",
-    "StructuredMaskSelector",
-    "TopKMagnitudeSelector",
-    "__version__",
-    "run",
-    "stable_seed",
-]
+__all__ = ["PSFedAvg", "PSFedClient", "__version__", "run"]  # noqa: F405 - PSFed* load lazily
+__all__ += _core.__all__
+
 
 def run(scenario: Any, *, overrides: Any = None, out: Any = None, plugins: Any = (),
-        progress: bool = False) -> Any:
+        progress: bool = False, executor: Any = "local") -> Any:
     """Run a scenario (a shipped name, a TOML path or a dict) and return its results.
 
     ``overrides``: dotted keys like ``--set``; ``out``: a folder to write what the CLI writes
     (nothing is written without it); ``plugins``: files/modules registering extensions;
-    ``progress``: print progress and tables (silent otherwise). Returns
+    ``progress``: print progress and tables (silent otherwise); ``executor``: ``"local"`` or
+    ``"ray"`` (docs/executors.md), same results. Returns
     :class:`experiments.api.Result` (``.summary``, ``.tidy``, ``.meta``, ``.worst_case``).
     Imported on call, so ``import psfed_robust`` stays free of the experiment layer.
     """
     from experiments.api import run as _run
 
-    return _run(scenario, overrides=overrides, out=out, plugins=plugins, progress=progress)
+    return _run(scenario, overrides=overrides, out=out, plugins=plugins, progress=progress,
+                executor=executor)
 
 
 _LAZY = {"PSFedAvg": "psfed_robust.flower", "PSFedClient": "psfed_robust.flower"}

@@ -321,3 +321,16 @@ def test_progress_one_line_per_change_or_redrawn_on_a_terminal() -> None:
     bar.show(1, 0, 0)
     bar.close()
     assert quiet.getvalue() == ""
+
+
+@pytest.mark.slow
+def test_python_api_with_the_ray_executor_writes_nothing_and_matches_local(
+        tmp_path: Path, ray_local: None) -> None:
+    import psfed_robust
+
+    scen = _write(tmp_path, SWEEP)
+    local = psfed_robust.run(str(scen))
+    remote = psfed_robust.run(str(scen), executor="ray")
+    assert remote.summary == local.summary
+    assert all(np.array_equal(remote.tidy[c], local.tidy[c]) for c in local.tidy)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.toml"]
