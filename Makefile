@@ -35,6 +35,9 @@ bench: install
 	$(PY) benchmarks/aggregators.py
 	$(PY) benchmarks/engine.py
 	$(PY) benchmarks/flower_round.py
+	$(PY) benchmarks/nn_engine.py
+	$(PY) benchmarks/executor.py
+	$(PY) benchmarks/theory_grid.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
