@@ -19,16 +19,17 @@ from torch import nn
 from psfed_robust.core.flatten import FlattenedModel
 from psfed_robust.core.mask import Mask, count_for_fraction
 from psfed_robust.core.selectors import (
+    MASK_STRATEGIES,
     ClientSpecificMaskSelector,
     CompositeMaskSelector,
     FixedMaskSelector,
     GradientBasedSelector,
     MaskSelector,
-    RandomMaskSelector,
     RoundRobinMaskSelector,
     StructuredMaskSelector,
     TopKMagnitudeSelector,
     client_index,
+    make_selector,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,25 +41,20 @@ def model() -> FlattenedModel:
 
 
 def make(name: str, f: float) -> tuple[MaskSelector, dict[str, object]]:
+    """The selector named ``name`` (one of ``MASK_STRATEGIES``) and the context it needs."""
     fm = model()
-    n = fm.num_parameters
-    grads = np.random.default_rng(1).standard_normal(n)
-    table: dict[str, tuple[MaskSelector, dict[str, object]]] = {
-        "random": (RandomMaskSelector(f, seed=1), {}),
-        "topk": (TopKMagnitudeSelector(f), {"flat_model": fm}),
-        "gradient": (GradientBasedSelector(f), {"gradients": grads}),
-        "structured": (StructuredMaskSelector(f), {"flat_model": fm}),
-        "client": (ClientSpecificMaskSelector(f, seed=2), {"client_id": 3}),
-        "roundrobin": (RoundRobinMaskSelector(f), {}),
-        "roundrobin_pc": (RoundRobinMaskSelector(f, coordinated=False), {"client_id": 1}),
+    grads = np.random.default_rng(1).standard_normal(fm.num_parameters)
+    context: dict[str, dict[str, object]] = {
+        "topk": {"flat_model": fm},
+        "gradient": {"gradients": grads},
+        "structured": {"flat_model": fm},
+        "client_specific": {"client_id": 3},
+        "round_robin_per_client": {"client_id": 1},
     }
-    return table[name]
+    return make_selector(name, f, seed=1), context.get(name, {})
 
 
-NAMES = ["random", "topk", "gradient", "structured", "client", "roundrobin", "roundrobin_pc"]
-
-
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", MASK_STRATEGIES)
 def test_fraction_zero_and_one(name: str) -> None:
     for f, expected in ((0.0, 0), (1.0, 23)):
         sel, ctx = make(name, f)
@@ -67,7 +63,7 @@ def test_fraction_zero_and_one(name: str) -> None:
             assert isinstance(m, Mask) and m.size == 23 and m.count == expected
 
 
-@pytest.mark.parametrize("name", ["random", "topk", "gradient", "client", "roundrobin"])
+@pytest.mark.parametrize("name", ["random", "topk", "gradient", "client_specific", "round_robin"])
 @pytest.mark.parametrize("f", [0.1, 0.3, 0.5, 0.77])
 def test_exact_counts(name: str, f: float) -> None:
     sel, ctx = make(name, f)
@@ -182,11 +178,13 @@ def test_fixed_and_composite() -> None:
 def test_fraction_validation_and_client_index() -> None:
     for bad in (-0.1, 1.1, float("nan")):
         with pytest.raises(ValueError):
-            RandomMaskSelector(bad)
+            make_selector("random", bad)
     with pytest.raises(TypeError):
-        RandomMaskSelector("0.5")  # type: ignore[arg-type]
+        make_selector("random", "0.5")  # type: ignore[arg-type]
     with pytest.raises(TypeError):
-        RandomMaskSelector(True)
+        make_selector("random", True)
+    with pytest.raises(ValueError, match="unknown mask_strategy 'nope'"):
+        make_selector("nope", 0.5)
     assert client_index(5) == 5
     assert client_index("x") == client_index("x")
     with pytest.raises(ValueError):
@@ -198,9 +196,9 @@ def test_fraction_validation_and_client_index() -> None:
 @given(st.integers(1, 500), st.floats(0, 1), st.integers(1, 50), st.integers(0, 1000))
 def test_seeded_selectors_regenerate_from_spec(n: int, f: float, rnd: int, cid: int) -> None:
     for sel in (
-        RandomMaskSelector(f, seed=3),
+        make_selector("random", f, seed=3),
         ClientSpecificMaskSelector(f, seed=3, overlap_fraction=0.3),
-        RoundRobinMaskSelector(f, coordinated=False),
+        make_selector("round_robin_per_client", f),
     ):
         m = sel.select(n, rnd, client_id=cid)
         assert m.count == count_for_fraction(n, f)

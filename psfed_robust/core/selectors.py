@@ -27,6 +27,7 @@ from psfed_robust.core.mask import Mask, SeedSpec, count_for_fraction
 from psfed_robust.core.seeding import stable_seed
 
 __all__ = [
+    "MASK_STRATEGIES",
     "ClientSpecificMaskSelector",
     "CompositeMaskSelector",
     "FixedMaskSelector",
@@ -37,6 +38,7 @@ __all__ = [
     "StructuredMaskSelector",
     "TopKMagnitudeSelector",
     "client_index",
+    "make_selector",
 ]
 
 
@@ -340,3 +342,32 @@ class CompositeMaskSelector(MaskSelector):
         return out
 
 
+MASK_STRATEGIES: tuple[str, ...] = (
+    "random",
+    "topk",
+    "gradient",
+    "structured",
+    "client_specific",
+    "round_robin",
+    "round_robin_per_client",
+)
+
+
+def make_selector(name: str, fraction: float, seed: int | None = None) -> MaskSelector:
+    """A selector from the seed package's ``mask_strategy`` string (see :data:`MASK_STRATEGIES`)."""
+    key = name.strip().lower().replace("-", "_")
+    if key == "random":
+        return RandomMaskSelector(fraction, seed)
+    if key in ("topk", "top_k", "topk_magnitude"):
+        return TopKMagnitudeSelector(fraction)
+    if key in ("gradient", "gradient_based"):
+        return GradientBasedSelector(fraction)
+    if key == "structured":
+        return StructuredMaskSelector(fraction)
+    if key == "client_specific":
+        return ClientSpecificMaskSelector(fraction, seed)
+    if key == "round_robin":
+        return RoundRobinMaskSelector(fraction)
+    if key == "round_robin_per_client":
+        return RoundRobinMaskSelector(fraction, coordinated=False)
+    raise ValueError(f"unknown mask_strategy {name!r}; allowed: {', '.join(MASK_STRATEGIES)}")

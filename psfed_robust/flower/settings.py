@@ -21,13 +21,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from psfed_robust.core.selectors import (
-    ClientSpecificMaskSelector,
-    GradientBasedSelector,
+    MASK_STRATEGIES,
     MaskSelector,
     RandomMaskSelector,
-    RoundRobinMaskSelector,
-    StructuredMaskSelector,
-    TopKMagnitudeSelector,
+    make_selector,
 )
 from psfed_robust.flower.adversary import ServerAdversary
 from psfed_robust.flower.validation import ClientId
@@ -43,15 +40,6 @@ __all__ = [
     "make_selector",
 ]
 
-MASK_STRATEGIES: tuple[str, ...] = (
-    "random",
-    "topk",
-    "gradient",
-    "structured",
-    "client_specific",
-    "round_robin",
-    "round_robin_per_client",
-)
 Weighting = Literal["participants", "expected", "all", "num-examples"]
 Evaluation = Literal["merged", "local", "global", "none"]
 
@@ -59,26 +47,6 @@ Evaluation = Literal["merged", "local", "global", "none"]
 DEFAULT_MAX_NUM_EXAMPLES = 1 << 31
 #: default bound on |user metric| (larger values are dropped from the aggregate, never summed)
 DEFAULT_MAX_METRIC = 1e30
-
-
-def make_selector(name: str, fraction: float, seed: int | None = None) -> MaskSelector:
-    """A selector from the seed package's ``mask_strategy`` string (see :data:`MASK_STRATEGIES`)."""
-    key = name.strip().lower().replace("-", "_")
-    if key == "random":
-        return RandomMaskSelector(fraction, seed)
-    if key in ("topk", "top_k", "topk_magnitude"):
-        return TopKMagnitudeSelector(fraction)
-    if key in ("gradient", "gradient_based"):
-        return GradientBasedSelector(fraction)
-    if key == "structured":
-        return StructuredMaskSelector(fraction)
-    if key == "client_specific":
-        return ClientSpecificMaskSelector(fraction, seed)
-    if key == "round_robin":
-        return RoundRobinMaskSelector(fraction)
-    if key == "round_robin_per_client":
-        return RoundRobinMaskSelector(fraction, coordinated=False)
-    raise ValueError(f"unknown mask_strategy {name!r}; allowed: {', '.join(MASK_STRATEGIES)}")
 
 
 def _fraction(owner: str, name: str, v: Any) -> None:
