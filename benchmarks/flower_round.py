@@ -165,26 +165,18 @@ def run_one(strategy: Strategy, initial: ArrayRecord, clients: int, rounds: int)
     }
 
 
+def _sampling(clients: int) -> dict[str, Any]:
+    """The same FedAvg sampling for both strategies: every node trains, none evaluates."""
+    return {"fraction_train": 1.0, "fraction_evaluate": 0.0, "min_train_nodes": clients,
+            "min_evaluate_nodes": 0, "min_available_nodes": clients}
+
+
 def make_fedavg(clients: int) -> tuple[Strategy, ArrayRecord]:
-    s = FedAvg(
-        fraction_train=1.0,
-        fraction_evaluate=0.0,
-        min_train_nodes=clients,
-        min_evaluate_nodes=0,
-        min_available_nodes=clients,
-    )
-    return s, ArrayRecord(big_model().state_dict())
+    return FedAvg(**_sampling(clients)), ArrayRecord(big_model().state_dict())
 
 
 def make_psfed(clients: int, f: float) -> tuple[Strategy, ArrayRecord]:
-    s = PSFedAvg(
-        fraction_train=1.0,
-        fraction_evaluate=0.0,
-        min_train_nodes=clients,
-        min_evaluate_nodes=0,
-        min_available_nodes=clients,
-        masks=MaskSettings(fraction=f, strategy="random", seed=0),
-    )
+    s = PSFedAvg(**_sampling(clients), masks=MaskSettings(fraction=f, strategy="random", seed=0))
     return s, arrays_from_model(big_model())
 
 

@@ -46,6 +46,18 @@ def workdir() -> Iterator[Path]:
         yield Path(tmp)
 
 
+def _superlink_cmd(port: int, security: list[str]) -> list[str]:
+    return [
+        flwr_bin("flower-superlink"),
+        *security,
+        "--disable-runtime-dependency-installation",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+
+
 def _supernode_cmd(superlink: str, partition: int, extra: list[str]) -> list[str]:
     return [
         flwr_bin("flower-supernode"),
@@ -104,19 +116,7 @@ def test_insecure_superlink_and_two_supernodes(workdir: Path) -> None:
     write_flower_config(home, {"deploy": {"address": f"127.0.0.1:{port}", "insecure": True}})
     ps = ProcessSet(workdir)
     try:
-        ps.start(
-            "superlink",
-            [
-                flwr_bin("flower-superlink"),
-                "--insecure",
-                "--disable-runtime-dependency-installation",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-            env,
-        )
+        ps.start("superlink", _superlink_cmd(port, ["--insecure"]), env)
         wait_until(
             lambda: http_ok(f"http://127.0.0.1:{port}/health"),
             START_TIMEOUT,
@@ -144,25 +144,8 @@ def test_tls_and_supernode_authentication(workdir: Path) -> None:
     tls = ["--root-certificates", str(ca)]
     ps = ProcessSet(workdir)
     try:
-        ps.start(
-            "superlink",
-            [
-                flwr_bin("flower-superlink"),
-                "--ssl-ca-certfile",
-                str(ca),
-                "--ssl-certfile",
-                str(cert),
-                "--ssl-keyfile",
-                str(key),
-                "--enable-supernode-auth",
-                "--disable-runtime-dependency-installation",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-            env,
-        )
+        ssl = ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]
+        ps.start("superlink", _superlink_cmd(port, [*ssl, "--enable-supernode-auth"]), env)
         wait_until(
             lambda: http_ok(f"https://127.0.0.1:{port}/health", cafile=ca),
             START_TIMEOUT,

@@ -11,7 +11,7 @@ you ask for) and writes back with a cast per tensor.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -216,6 +216,15 @@ class FlattenedModel:
         if mask.size != self._num:
             raise ValueError(f"mask size {mask.size} != num_parameters {self._num}")
 
+    def _spans(self, idx: npt.NDArray[np.int64]) -> Iterator[tuple[Tensor, int, int, Tensor]]:
+        """``(tensor, lo, hi, local)`` per tensor holding some of the sorted flat indices ``idx``:
+        ``idx[lo:hi]`` fall in ``tensor``, at its own flat positions ``local``."""
+        bounds = np.searchsorted(idx, self._offsets)
+        spans = zip(self._infos, self._tensors, bounds[:-1], bounds[1:], strict=True)
+        for info, p, lo, hi in spans:
+            if hi > lo:
+                yield p, int(lo), int(hi), torch.from_numpy(idx[lo:hi] - info.start).to(p.device)
+
     def extract(self, mask: Mask, dtype: torch.dtype | None = None) -> Tensor:
         """Values at the mask's coordinates, in ascending index order (only those are read)."""
         self._check_mask(mask)
@@ -224,13 +233,9 @@ class FlattenedModel:
         out = torch.empty(idx.size, dtype=dt, device=self.device)
         if idx.size == 0:
             return out
-        bounds = np.searchsorted(idx, self._offsets)
         with torch.no_grad():
-            spans = zip(self._infos, self._tensors, bounds[:-1], bounds[1:], strict=True)
-            for info, p, lo, hi in spans:
-                if hi > lo:
-                    local = torch.from_numpy(idx[lo:hi] - info.start).to(p.device)
-                    out[lo:hi] = p.detach().reshape(-1)[local].to(device=out.device, dtype=dt)
+            for p, lo, hi, local in self._spans(idx):
+                out[lo:hi] = p.detach().reshape(-1)[local].to(device=out.device, dtype=dt)
         return out
 
     def apply(self, partial: Any, mask: Mask) -> None:
@@ -247,20 +252,16 @@ class FlattenedModel:
         idx = mask.indices
         if idx.size == 0:
             return
-        bounds = np.searchsorted(idx, self._offsets)
         with torch.no_grad():
-            spans = zip(self._infos, self._tensors, bounds[:-1], bounds[1:], strict=True)
-            for info, p, lo, hi in spans:
-                if hi > lo:
-                    local = torch.from_numpy(idx[lo:hi] - info.start).to(p.device)
-                    flat_view = p.view(-1) if p.is_contiguous() else None
-                    vals = t[lo:hi].to(device=p.device, dtype=p.dtype)
-                    if flat_view is not None:
-                        flat_view[local] = vals
-                    else:  # pragma: no cover - non-contiguous parameters are rare
-                        tmp = p.detach().reshape(-1).clone()
-                        tmp[local] = vals
-                        p.copy_(tmp.view_as(p))
+            for p, lo, hi, local in self._spans(idx):
+                flat_view = p.view(-1) if p.is_contiguous() else None
+                vals = t[lo:hi].to(device=p.device, dtype=p.dtype)
+                if flat_view is not None:
+                    flat_view[local] = vals
+                else:  # pragma: no cover - non-contiguous parameters are rare
+                    tmp = p.detach().reshape(-1).clone()
+                    tmp[local] = vals
+                    p.copy_(tmp.view_as(p))
 
     def __repr__(self) -> str:
         return f"FlattenedModel(num_parameters={self._num}, num_tensors={len(self._tensors)})"

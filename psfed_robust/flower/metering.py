@@ -45,6 +45,7 @@ from psfed_robust.core.mask import Mask
 
 __all__ = [
     "ByteMeter",
+    "InProcessGrid",
     "MeteredGrid",
     "deflated_bytes",
     "mask_floor_bytes",
@@ -244,7 +245,21 @@ def update_floor_bytes(mask: Mask, itemsize: int, *, dense: bool = False) -> int
     return mask.count * itemsize + mask_floor_bytes(mask)
 
 
-class MeteredGrid(Grid):
+class InProcessGrid(Grid):
+    """What every in-process ``Grid`` here shares: building a message needs no runtime."""
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+
+class MeteredGrid(InProcessGrid):
     """Counts the bytes of every message another runtime's ``Grid`` moves (not a runtime).
 
     Delegates to ``inner`` (the Grid of ``flwr run`` in simulation or deployment, or a
@@ -264,16 +279,6 @@ class MeteredGrid(Grid):
     @property
     def run(self) -> Run:
         return self.inner.run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
         return self.inner.get_node_ids()

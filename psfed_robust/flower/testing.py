@@ -37,7 +37,7 @@ from flwr.common.constant import (
     SUPERLINK_NODE_ID,
     ErrorCode,
 )
-from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp import ServerApp
 from flwr.supercore.inflatable.inflatable_object import (
     get_all_nested_objects,
     no_object_id_recompute,
@@ -45,6 +45,8 @@ from flwr.supercore.inflatable.inflatable_object import (
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
+
+from psfed_robust.flower.metering import InProcessGrid
 
 __all__ = [
     "LocalGrid",
@@ -105,7 +107,7 @@ def roundtrip(msg: Message) -> Message:
     return transport(msg)[0]
 
 
-class LocalGrid(Grid):
+class LocalGrid(InProcessGrid):
     """A ``Grid`` over ``num_nodes`` in-process nodes that run ``client_app``.
 
     ``node_configs[i]`` replaces node i's ``node_config`` (default ``{"partition-id": i,
@@ -174,16 +176,6 @@ class LocalGrid(Grid):
     @property
     def run(self) -> Run:
         return self._run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
         return [n for n in self.node_ids if n not in self.offline]
