@@ -6,6 +6,7 @@
 from psfed_robust.nn.config import SELECTORS, NNConfig
 from psfed_robust.nn.data import TASKS, ImageTask, load_task
 from psfed_robust.nn.engine import NNResult, evaluate, run_nn, run_seed
+from psfed_robust.nn.fused import FusedModel
 from psfed_robust.nn.models import MODELS, build_model
 from psfed_robust.nn.train import FunctionalModel
 
@@ -14,6 +15,7 @@ __all__ = [
     "SELECTORS",
     "TASKS",
     "FunctionalModel",
+    "FusedModel",
     "ImageTask",
     "NNConfig",
     "NNResult",

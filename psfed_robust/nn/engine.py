@@ -9,8 +9,9 @@ State: the global models ``G [B, P]`` and every client's full local model ``W [B
    engine seeds them): index lists ``[B, K, M]``; participants ``[B, K]`` are sampled;
 2. downlink: :func:`~psfed_robust.core.round.merge_` writes the global values on the mask into
    each participant's local model (the rest of the local model is kept);
-3. local training: minibatch SGD with momentum / weight decay, ``vmap(grad)`` over clients
-   (:mod:`psfed_robust.nn.train`), in row chunks sized to a memory budget; a data attack
+3. local training: minibatch SGD with momentum / weight decay over client rows
+   (:mod:`psfed_robust.nn.train`: the fused kernels of :mod:`psfed_robust.nn.fused`, or the
+   ``vmap(grad)`` reference path), in row chunks sized to a memory budget; a data attack
    (``kind == "data"``, e.g. label flip) trains the malicious clients on poisoned labels;
 4. uplink: :func:`~psfed_robust.core.round.local_deltas` against the global model on the
    uplink mask (= the downlink mask, as in the Flower path), then the attack seam
