@@ -82,31 +82,28 @@ def test_reply_on_another_mask_than_the_seeded_one_is_rejected() -> None:
     np.testing.assert_array_equal(s.global_flat[other.data], g0[other.data])
 
 
-def test_implausible_num_examples_cannot_take_over_the_weighted_average() -> None:
-    """One client claiming 2**62 examples set the global model under num-examples weighting."""
+def _weighted_round(**aggregation: Any) -> tuple[PSFedAvg, Any]:
+    """One num-examples-weighted round: full replies 1, 5, 1000 claiming 10, 30, 2**62 examples."""
     s = _strategy(3, masks=MaskSettings(fraction=1.0),
-                  aggregation=AggregationSettings(weighting="num-examples"))
+                  aggregation=AggregationSettings(weighting="num-examples", **aggregation))
     msgs, _ = _configure(s, 3)
     full = Mask.all_true(D)
-    counts = [10, 30, 1 << 62]
-    replies = [build_train_reply(m, full, np.full(D, float(v), np.float32), client_id=i,
-                                 num_examples=n)
-               for i, (m, v, n) in enumerate(zip(msgs, (1.0, 5.0, 1000.0), counts,
+    replies = [build_train_reply(m, full, np.full(D, v, np.float32), client_id=i, num_examples=n)
+               for i, (m, v, n) in enumerate(zip(msgs, (1.0, 5.0, 1000.0), (10, 30, 1 << 62),
                                                   strict=True))]
     _, metrics = s.aggregate_train(1, replies)
-    assert metrics is not None and metrics["rejected.bad-num-examples"] == 1
+    assert metrics is not None
+    return s, metrics
+
+
+def test_implausible_num_examples_cannot_take_over_the_weighted_average() -> None:
+    """One client claiming 2**62 examples set the global model under num-examples weighting."""
+    s, metrics = _weighted_round()
+    assert metrics["rejected.bad-num-examples"] == 1
     np.testing.assert_allclose(s.global_flat, 0.25 * 1.0 + 0.75 * 5.0, rtol=1e-6)
     # the bound is configurable: a deployment that expects huge counts raises it
-    s2 = _strategy(3, masks=MaskSettings(fraction=1.0),
-                   aggregation=AggregationSettings(weighting="num-examples",
-                                                   max_num_examples=1 << 62))
-    msgs2, _ = _configure(s2, 3)
-    replies2 = [build_train_reply(m, full, np.full(D, float(v), np.float32), client_id=i,
-                                  num_examples=n)
-                for i, (m, v, n) in enumerate(zip(msgs2, (1.0, 5.0, 1000.0), counts,
-                                                   strict=True))]
-    _, m2 = s2.aggregate_train(1, replies2)
-    assert m2 is not None and m2["accepted-replies"] == 3
+    _, m2 = _weighted_round(max_num_examples=1 << 62)
+    assert m2["accepted-replies"] == 3
 
 
 def test_aggregated_metrics_stay_finite() -> None:

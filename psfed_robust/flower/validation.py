@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from psfed_robust.core.flatten import all_finite
 from psfed_robust.core.mask import Mask
@@ -122,6 +122,20 @@ def check_client_id(value: Any) -> ClientId:
             raise ReplyRejected("bad-client-id", f"str id of length {len(value)}")
         return value
     raise ReplyRejected("bad-client-id", f"type {type(value).__name__}")
+
+
+def _content(msg: Message, allowed: set[str]) -> RecordDict:
+    """A reply's content once it carries no error and no record outside ``allowed``."""
+    if msg.has_error():
+        err = msg.error
+        raise ReplyRejected("message-error", f"code {err.code}: {str(err.reason)[:200]}")
+    if not msg.has_content():
+        raise ReplyRejected("bad-keys", "no content")
+    content = msg.content
+    extra = set(content.keys()) - allowed
+    if extra:
+        raise ReplyRejected("bad-keys", f"unexpected records {sorted(extra)}")
+    return content
 
 
 def _record(content: Any, key: str, kind: type) -> Any:
@@ -242,15 +256,7 @@ def _parse_train(
     max_num_examples: int | None = None,
     max_metric: float | None = None,
 ) -> ValidUpdate:
-    if msg.has_error():
-        err = msg.error
-        raise ReplyRejected("message-error", f"code {err.code}: {str(err.reason)[:200]}")
-    if not msg.has_content():
-        raise ReplyRejected("bad-keys", "no content")
-    content = msg.content
-    extra = set(content.keys()) - {KEY_UPDATE, KEY_METRICS, KEY_META}
-    if extra:
-        raise ReplyRejected("bad-keys", f"unexpected records {sorted(extra)}")
+    content = _content(msg, {KEY_UPDATE, KEY_METRICS, KEY_META})
     upd = _record(content, KEY_UPDATE, ArrayRecord)
     metrics = _record(content, KEY_METRICS, MetricRecord)
     meta = _record(content, KEY_META, ConfigRecord)
@@ -335,15 +341,7 @@ def parse_evaluate_reply(
     beyond them is rejected) and the user metrics (dropped), as for train replies.
     """
     try:
-        if msg.has_error():
-            err = msg.error
-            raise ReplyRejected("message-error", f"code {err.code}: {str(err.reason)[:200]}")
-        if not msg.has_content():
-            raise ReplyRejected("bad-keys", "no content")
-        content = msg.content
-        extra = set(content.keys()) - {KEY_METRICS, KEY_META}
-        if extra:
-            raise ReplyRejected("bad-keys", f"unexpected records {sorted(extra)}")
+        content = _content(msg, {KEY_METRICS, KEY_META})
         metrics = _record(content, KEY_METRICS, MetricRecord)
         meta = _record(content, KEY_META, ConfigRecord)
         cid = _client_id(meta, expected_id, expected_clients)
