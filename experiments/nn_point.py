@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from experiments.configs import attack_params_of, defense_params_of
-from experiments.keys import ScenarioError
+from experiments.keys import ScenarioError, key
 from experiments.results import PointResult
 
 if TYPE_CHECKING:
@@ -55,6 +55,9 @@ def nn_config(point: SweepPoint, seed: int = 0, runs: int | None = None) -> NNCo
     from psfed_robust.nn import NNConfig
 
     kw: dict[str, Any] = {f: point.get(k) for f, k in _DIRECT.items()}
+    if kw["model"] != "mlp" and point.config["task"]["hidden"] != key("task.hidden").default:
+        raise ScenarioError(f"task.hidden: sweep point {point.index} ({point.label}): sizes the "
+                            f"MLP only; task.model {kw['model']!r} has fixed widths (remove it)")
     attack = str(point.get("attack.name"))
     malicious = int(point.get("attack.malicious"))
     armed = attack != "none" and malicious > 0

@@ -94,6 +94,7 @@ def test_attack_none_point_is_unarmed() -> None:
     ({"task.model": "resnet"}, "task.model"),
     ({"task.lr_schedule": "step"}, "task.lr_schedule"),  # NNConfig: needs lr_step_rounds
     ({"task.momentum": 1.5}, "task.momentum"),
+    ({"task.hidden": 32}, "task.hidden"),  # sizes the MLP only; the point's model is the CNN
 ])
 def test_validation_names_the_key(changes: dict[str, Any], key: str) -> None:
     with pytest.raises(ScenarioError, match=key.replace(".", r"\.")):
