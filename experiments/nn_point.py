@@ -55,9 +55,18 @@ def nn_config(point: SweepPoint, seed: int = 0, runs: int | None = None) -> NNCo
     from psfed_robust.nn import NNConfig
 
     kw: dict[str, Any] = {f: point.get(k) for f, k in _DIRECT.items()}
-    if kw["model"] != "mlp" and point.config["task"]["hidden"] != key("task.hidden").default:
-        raise ScenarioError(f"task.hidden: sweep point {point.index} ({point.label}): sizes the "
-                            f"MLP only; task.model {kw['model']!r} has fixed widths (remove it)")
+    where = f"sweep point {point.index} ({point.label})"
+    task = point.config["task"]
+    unused = [  # (key, condition under which it would be silently ignored, why)
+        ("task.hidden", kw["model"] != "mlp", f"it sizes the MLP only, task.model is "
+         f"{kw['model']!r}"),
+        ("task.local_epochs", kw["local_steps"] > 0, "task.local_steps > 0 replaces epochs"),
+        ("task.lr_gamma", kw["lr_schedule"] != "step", "only the step schedule uses it"),
+        ("task.lr_step_rounds", kw["lr_schedule"] != "step", "only the step schedule uses it"),
+    ]
+    for name, ignored, why in unused:
+        if ignored and task[name.split(".", 1)[1]] != key(name).default:
+            raise ScenarioError(f"{name}: {where}: would be ignored ({why}); remove it")
     attack = str(point.get("attack.name"))
     malicious = int(point.get("attack.malicious"))
     armed = attack != "none" and malicious > 0

@@ -95,6 +95,8 @@ def test_attack_none_point_is_unarmed() -> None:
     ({"task.lr_schedule": "step"}, "task.lr_schedule"),  # NNConfig: needs lr_step_rounds
     ({"task.momentum": 1.5}, "task.momentum"),
     ({"task.hidden": 32}, "task.hidden"),  # sizes the MLP only; the point's model is the CNN
+    ({"task.local_steps": 2, "task.local_epochs": 3}, "task.local_epochs"),
+    ({"task.lr_step_rounds": 5}, "task.lr_step_rounds"),  # constant schedule
 ])
 def test_validation_names_the_key(changes: dict[str, Any], key: str) -> None:
     with pytest.raises(ScenarioError, match=key.replace(".", r"\.")):
