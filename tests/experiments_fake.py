@@ -1,4 +1,6 @@
-"""A fake engine for driver tests: deterministic curves from the seed, no torch work.
+"""What the experiment-layer tests share: a tiny scenario, a fake engine, a plugin attack file.
+
+The fake engine gives deterministic curves from the seed, no torch work.
 
 Each run's curve is ``base * (1 + 0.1 u)`` with ``u`` uniform from the point's seed and ``base``
 a function of the point's setting, so a row carrying another setting's data is detected; a point
@@ -31,3 +33,39 @@ def fake_run_point(point: Any, seed: int, *, progress: bool = False) -> PointRes
         g[:] = 1e9
     return PointResult(rounds=recorded, metrics={"global_mse": g, "local_mse": loc},
                        info={"fake": True, "base": base})
+
+
+def tiny_scenario(name: str, *, runs: int, rounds: int, seed: int, malicious: int,
+                  **sections: Any) -> dict[str, Any]:
+    """A linear-task scenario (dim 8, 8 clients, 4 per round, Gaussian attack of sigma 0.5, a
+    record every 10 rounds, no plots) small enough for real runs; ``sections`` add or replace
+    top-level keys."""
+    return {
+        "name": name, "runs": runs, "rounds": rounds, "seed": seed,
+        "task": {"kind": "linear", "dim": 8},
+        "federation": {"clients": 8, "participants": 4},
+        "attack": {"name": "gaussian", "malicious": malicious, "params": {"sigma": 0.5}},
+        "output": {"record_every": 10, "plots": False},
+        **sections,
+    }
+
+
+#: a plugin file registering attack ``{name}`` (``PLUGIN.format(name=...)``): ``factor`` times
+#: the honest delta, as in README's extension example
+PLUGIN = '''
+import torch
+from attacks import Attack, AttackContext, register_attack
+
+
+@register_attack("{name}")
+class Boost(Attack):
+    """Send ``factor`` times the honest delta (a test plugin)."""
+
+    def __init__(self, *, factor: float = 3.0) -> None:
+        if factor <= 0:
+            raise ValueError(f"attack '{name}': 'factor' must be > 0, got {{factor}}")
+        self.factor = factor
+
+    def craft(self, deltas: torch.Tensor, ctx: AttackContext) -> torch.Tensor:
+        return self.factor * deltas
+'''

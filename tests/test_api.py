@@ -14,9 +14,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from experiments_fake import fake_run_point
+from experiments_fake import tiny_scenario
 
-import experiments.engines
 import psfed_robust
 from experiments.cli import main
 from experiments.driver import summary_columns
@@ -24,19 +23,8 @@ from experiments.keys import ScenarioError
 
 ROOT = Path(__file__).resolve().parent.parent
 
-TINY: dict[str, Any] = {
-    "name": "tiny_api", "runs": 3, "rounds": 60, "seed": 5,
-    "task": {"kind": "linear", "dim": 8},
-    "federation": {"clients": 8, "participants": 4},
-    "attack": {"name": "gaussian", "malicious": 2, "params": {"sigma": 0.5}},
-    "output": {"record_every": 10, "plots": False},
-    "sweep": {"sharing.fraction": [1.0, 0.125], "attack.name": ["none", "gaussian"]},
-}
-
-
-@pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(experiments.engines, "run_point", fake_run_point)
+TINY = tiny_scenario("tiny_api", runs=3, rounds=60, seed=5, malicious=2,
+                     sweep={"sharing.fraction": [1.0, 0.125], "attack.name": ["none", "gaussian"]})
 
 
 def test_import_psfed_robust_does_not_load_the_experiment_layer() -> None:

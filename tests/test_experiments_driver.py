@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from experiments_fake import PLUGIN
 
 from experiments.cli import main
 from experiments.driver import run_scenario
@@ -176,29 +177,10 @@ def test_theory_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert "theory steady-state" in out
 
 
-PLUGIN = '''
-import torch
-from attacks import Attack, AttackContext, register_attack
-
-
-@register_attack("plugin_boost")
-class PluginBoost(Attack):
-    """Send ``factor`` times the honest delta (a README-style extension)."""
-
-    def __init__(self, *, factor: float = 3.0) -> None:
-        if factor <= 0:
-            raise ValueError(f"attack 'plugin_boost': 'factor' must be > 0, got {factor}")
-        self.factor = factor
-
-    def craft(self, deltas: torch.Tensor, ctx: AttackContext) -> torch.Tensor:
-        return self.factor * deltas
-'''
-
-
 def test_plugin_attack_usable_by_name_from_a_scenario(tmp_path: Path) -> None:
     import tomllib
 
-    (tmp_path / "my_attack.py").write_text(PLUGIN)
+    (tmp_path / "my_attack.py").write_text(PLUGIN.format(name="plugin_boost"))
     text = TINY.replace('name = "tiny"', 'name = "tiny"\nplugins = ["my_attack.py"]').replace(
         'name = "gaussian"', 'name = "plugin_boost"').replace(
         "params = { sigma = 0.5 }", "params = { factor = 50.0 }").replace("p_a = 0.5\n", "")

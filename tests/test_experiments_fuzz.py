@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import tomli_w
-from experiments_fake import fake_run_point
+from experiments_fake import tiny_scenario
 
 import experiments.driver
 import experiments.engines
@@ -27,13 +27,7 @@ from experiments.driver import run_scenario
 from experiments.keys import KEYS, RENAMED, ScenarioError
 from experiments.schema import parse_scenario
 
-BASE: dict[str, Any] = {
-    "name": "fz", "runs": 2, "rounds": 20, "seed": 1,
-    "task": {"kind": "linear", "dim": 8},
-    "federation": {"clients": 8, "participants": 4},
-    "attack": {"name": "gaussian", "malicious": 1, "params": {"sigma": 0.5}},
-    "output": {"record_every": 10, "plots": False},
-}
+BASE = tiny_scenario("fz", runs=2, rounds=20, seed=1, malicious=1)
 
 POOL: list[Any] = [0, 1, -1, 3, 7, 10**12, 0.0, 0.5, 1.0, 1.5, -0.25, math.inf, -math.inf,
                    math.nan, True, False, "", "random", "topk", "fill", "reporters", "krum",
@@ -139,9 +133,8 @@ def _crashing_writer(at: int, how: str, real: Any) -> Any:
 
 
 def test_crash_at_random_points_and_damaged_parts_end_with_exact_rows(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake: None
 ) -> None:
-    monkeypatch.setattr(experiments.engines, "run_point", fake_run_point)
     raw = dict(copy.deepcopy(BASE), sweep={"sharing.fraction": [1.0, 0.5, 0.25],
                                            "attack.malicious": [0, 2]})
     scen = parse_scenario(raw)

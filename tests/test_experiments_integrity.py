@@ -12,31 +12,19 @@ from typing import Any
 
 import numpy as np
 import pytest
-from experiments_fake import fake_run_point
+from experiments_fake import tiny_scenario
 from scipy import stats
 
-import experiments.engines
 from experiments.cli import main
 from experiments.driver import db_interval, point_seed, run_scenario
 from experiments.keys import ScenarioError
 from experiments.schema import load_scenario, parse_scenario, participant_counts
 
-BASE: dict[str, Any] = {
-    "name": "t", "runs": 3, "rounds": 40, "seed": 5,
-    "task": {"kind": "linear", "dim": 8},
-    "federation": {"clients": 8, "participants": 4},
-    "attack": {"name": "gaussian", "malicious": 1, "params": {"sigma": 0.5}},
-    "output": {"record_every": 10, "plots": False},
-}
+BASE = tiny_scenario("t", runs=3, rounds=40, seed=5, malicious=1)
 
 
 def _raw(**sweep: Any) -> dict[str, Any]:
     return dict(BASE, sweep=dict(sweep))
-
-
-@pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(experiments.engines, "run_point", fake_run_point)
 
 
 def _run(raw: dict[str, Any], out: Path, **kw: Any) -> Any:

@@ -9,32 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from experiments_fake import fake_run_point
+from experiments_fake import PLUGIN, tiny_scenario
 
-import experiments.engines
 import psfed_robust
 from experiments.cli import main
 from experiments.configs import attack_params_of, defense_params_of
 from experiments.keys import ScenarioError, short_key
 from experiments.schema import load_scenario, parse_scenario
-
-PLUGIN = '''
-import torch
-from attacks import Attack, AttackContext, register_attack
-
-
-@register_attack("{name}")
-class Boost(Attack):
-    """Send ``factor`` times the honest delta (a test plugin)."""
-
-    def __init__(self, *, factor: float = 3.0) -> None:
-        if factor <= 0:
-            raise ValueError(f"attack '{name}': 'factor' must be > 0, got {{factor}}")
-        self.factor = factor
-
-    def craft(self, deltas: torch.Tensor, ctx: AttackContext) -> torch.Tensor:
-        return self.factor * deltas
-'''
 
 
 def _plugin(folder: Path) -> tuple[Path, str]:
@@ -45,18 +26,8 @@ def _plugin(folder: Path) -> tuple[Path, str]:
     return path, name
 
 
-BASE: dict[str, Any] = {
-    "name": "plug", "runs": 2, "rounds": 40, "seed": 1,
-    "task": {"kind": "linear", "dim": 8},
-    "federation": {"clients": 8, "participants": 4},
-    "attack": {"name": "gaussian", "malicious": 2},
-    "output": {"record_every": 10, "plots": False},
-}
-
-
-@pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(experiments.engines, "run_point", fake_run_point)
+BASE = tiny_scenario("plug", runs=2, rounds=40, seed=1, malicious=2,
+                     attack={"name": "gaussian", "malicious": 2})
 
 
 def test_list_attacks_shows_the_plugins_attacks(

@@ -10,9 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from experiments_fake import fake_run_point
 
-import experiments.engines
 from experiments.driver import run_points, run_scenario
 from experiments.figures import MAX_LINES
 from experiments.report import (
@@ -33,11 +31,6 @@ BASE: dict[str, Any] = {
                "params_by_name": {"gaussian": {"sigma": 0.5}, "sign_flip": {"scale": 2.0}}},
     "output": {"record_every": 10},
 }
-
-
-@pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(experiments.engines, "run_point", fake_run_point)
 
 
 def test_number_formatting() -> None:
