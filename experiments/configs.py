@@ -13,7 +13,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from experiments.keys import KEYS, ScenarioError
 from experiments.registry_check import accepted_params, attack_params, defense_params
@@ -21,8 +22,10 @@ from experiments.registry_check import accepted_params, attack_params, defense_p
 if TYPE_CHECKING:
     from experiments.schema import SweepPoint
 
-__all__ = ["attack_params_of", "check_flower_point", "defense_params_of", "online_config",
-           "share_count"]
+__all__ = ["attack_params_of", "build_config", "check_flower_point", "defense_params_of",
+           "online_config", "share_count"]
+
+T = TypeVar("T")
 
 #: OnlineConfig field -> scenario key (for error messages)
 FIELD_KEYS: dict[str, str] = {k.online: k.name for k in KEYS if k.online is not None}
@@ -87,7 +90,16 @@ def _f_required(name: str) -> bool:
     return p is not None and p.default is not None
 
 
-_FIELD_RE = re.compile(r"OnlineConfig\.(\w+)")
+def build_config(cls: Callable[..., T], kw: dict[str, Any], point: SweepPoint,
+                 field_keys: Mapping[str, str]) -> T:
+    """``cls(**kw)`` for an engine config class; its ``ValueError``/``TypeError`` becomes a
+    ``ScenarioError`` naming the scenario key (``field_keys[field]``) of the field it names."""
+    try:
+        return cls(**kw)
+    except (ValueError, TypeError) as exc:
+        m = re.search(rf"{getattr(cls, '__name__', '')}\.(\w+)", str(exc))
+        name = field_keys.get(m.group(1), m.group(1)) if m else "scenario"
+        raise ScenarioError(f"{name}: sweep point {point.index} ({point.label}): {exc}") from exc
 
 
 def online_config(point: SweepPoint, seed: int = 0, runs: int | None = None) -> Any:
@@ -113,12 +125,7 @@ def online_config(point: SweepPoint, seed: int = 0, runs: int | None = None) -> 
     )
     if _engine_has("attack_persistent"):
         kw["attack_persistent"] = bool(point.get("attack.persistent"))
-    try:
-        return OnlineConfig(**kw)
-    except (ValueError, TypeError) as exc:
-        m = _FIELD_RE.search(str(exc))
-        name = FIELD_KEYS.get(m.group(1), m.group(1)) if m else "scenario"
-        raise ScenarioError(f"{name}: sweep point {point.index} ({point.label}): {exc}") from exc
+    return build_config(OnlineConfig, kw, point, FIELD_KEYS)
 
 
 def check_flower_point(point: SweepPoint) -> None:
