@@ -36,7 +36,7 @@ import numpy as np
 from scipy import stats
 
 from experiments.keys import ScenarioError
-from experiments.results import DIVERGED_DB, PointResult
+from experiments.results import DIVERGED_DB, PointResult, csv_cell
 from experiments.schema import Scenario, SweepPoint, check_runnable
 from psfed_robust.core.seeding import stable_seed
 
@@ -420,7 +420,7 @@ def assemble(scenario: Scenario, points: Sequence[SweepPoint], records: Sequence
     w = csv.writer(sbuf, lineterminator="\n")
     w.writerow(cols)
     for row in summary_rows:
-        w.writerow([_cell(row.get(c)) for c in cols])
+        w.writerow([csv_cell(row.get(c)) for c in cols])
     meta_obj = {
         "scenario": scenario.resolved(),
         "scenario_source": scenario.source,
@@ -475,13 +475,3 @@ def finalize(
         print(f"\nwrote {tidy}, {summary}, {meta}"
               + "".join(f", {p}" for p in [*tables, *plot_files]), file=stream)
     return RunOutputs(out, tidy, summary, meta, plot_files, merged.table, merged.summary_rows)
-
-
-def _cell(v: Any) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, bool):
-        return str(v).lower()
-    if isinstance(v, float):
-        return _fmt(v)
-    return str(v)

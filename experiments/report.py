@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from experiments.keys import short_key
-from experiments.results import DIVERGED_DB
+from experiments.results import DIVERGED_DB, csv_cell
 
 if TYPE_CHECKING:
     from experiments.schema import Scenario
@@ -229,15 +229,6 @@ def worst_case_rows(scenario: Scenario, rows: Sequence[dict[str, Any]]) -> list[
     return out
 
 
-def _cell(v: Any) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, bool):
-        return str(v).lower()
-    if isinstance(v, float):
-        return format(v, ".10g")
-    return str(v)
-
 
 def worst_case_csv(scenario: Scenario, worst: Sequence[dict[str, Any]]) -> str:
     axes = attack_axes(scenario)
@@ -246,7 +237,7 @@ def worst_case_csv(scenario: Scenario, worst: Sequence[dict[str, Any]]) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(cols)
     for row in worst:
-        w.writerow([_cell(row.get(c)) for c in cols])
+        w.writerow([csv_cell(row.get(c)) for c in cols])
     return buf.getvalue()
 
 

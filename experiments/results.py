@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DIVERGED_DB", "PointResult"]
+__all__ = ["DIVERGED_DB", "PointResult", "csv_cell"]
 
 #: a steady-state MSE above this many dB (or a non-finite one) marks a diverged point
 DIVERGED_DB = 60.0
@@ -22,3 +22,15 @@ class PointResult:
     lower_is_better: dict[str, bool] = field(default_factory=dict)
     theory_db: float | None = None  # steady-state theory prediction of global MSE (dB)
     info: dict[str, Any] = field(default_factory=dict)
+
+
+def csv_cell(v: Any) -> str:
+    """One CSV cell, the same bytes in every process: floats as ``.10g`` (``nan``/``inf``
+    spelled out), booleans lower case, ``None`` empty."""
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, float):
+        return format(v, ".10g")
+    return str(v)

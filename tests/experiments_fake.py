@@ -50,6 +50,31 @@ def tiny_scenario(name: str, *, runs: int, rounds: int, seed: int, malicious: in
     }
 
 
+_TINY_BODY = """
+[task]
+kind = "linear"
+dim = 8
+[federation]
+clients = 8
+participants = 4
+[attack]
+name = "gaussian"
+malicious = 2
+p_a = 0.5
+params = { sigma = 0.5 }
+[output]
+record_every = 10
+plots = false
+"""
+
+
+def tiny_toml(name: str, *, runs: int, rounds: int, seed: int, sweep: str) -> str:
+    """:func:`tiny_scenario`'s setting (2 attackers firing with p_a 0.5) as TOML text, with a
+    ``[sweep]`` table (``sweep``: its lines)."""
+    head = f'name = "{name}"\nruns = {runs}\nrounds = {rounds}\nseed = {seed}'
+    return head + _TINY_BODY + "[sweep]\n" + sweep
+
+
 #: a plugin file registering attack ``{name}`` (``PLUGIN.format(name=...)``): ``factor`` times
 #: the honest delta, as in README's extension example
 PLUGIN = '''

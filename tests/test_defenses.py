@@ -66,7 +66,7 @@ def test_bad_params(name: str, params: dict, needle: str) -> None:
 
 
 def test_unknown_defense_and_mode() -> None:
-    with pytest.raises(ValueError, match="unknown defense 'fedavg'; allowed: .*bulyan"):
+    with pytest.raises(ValueError, match=r"unknown defense 'fedavg'; allowed: .*bulyan"):
         get_defense("fedavg")
     with pytest.raises(ValueError, match="'mode' must be one of 'fill', 'reporters'"):
         get_defense("median")(torch.zeros(2, 3), None, torch.zeros(3), mode="dense")  # type: ignore[arg-type]

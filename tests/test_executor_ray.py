@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from experiments_fake import tiny_toml
 
 from experiments.cli import main
 from experiments.executors import (
@@ -37,29 +38,8 @@ from experiments.schema import load_scenario
 ROOT = Path(__file__).resolve().parent.parent
 
 # runs 4 runs whole; runs 40 is two engine run blocks of 20 on CPU, split by --runs-per-task 20
-SWEEP = """
-name = "ray_sweep"
-runs = 4
-rounds = 300
-seed = 7
-[task]
-kind = "linear"
-dim = 8
-[federation]
-clients = 8
-participants = 4
-[attack]
-name = "gaussian"
-malicious = 2
-p_a = 0.5
-params = { sigma = 0.5 }
-[output]
-record_every = 10
-plots = false
-[sweep]
-"sharing.fraction" = [1.0, 0.25]
-"runs" = [4, 40]
-"""
+SWEEP = tiny_toml("ray_sweep", runs=4, rounds=300, seed=7,
+                  sweep='"sharing.fraction" = [1.0, 0.25]\n"runs" = [4, 40]\n')
 
 FLAKY = '''
 import os

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from experiments_fake import PLUGIN
+from experiments_fake import PLUGIN, tiny_toml
 
 from experiments.cli import main
 from experiments.driver import run_scenario
@@ -19,29 +19,8 @@ from experiments.schema import ScenarioError, load_scenario, parse_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
 
-TINY = """
-name = "tiny"
-runs = 3
-rounds = 120
-seed = 11
-[task]
-kind = "linear"
-dim = 8
-[federation]
-clients = 8
-participants = 4
-[attack]
-name = "gaussian"
-malicious = 2
-p_a = 0.5
-params = { sigma = 0.5 }
-[output]
-record_every = 10
-plots = false
-[sweep]
-"sharing.fraction" = [1.0, 0.25]
-"defense.name" = ["mean", "median"]
-"""
+TINY = tiny_toml("tiny", runs=3, rounds=120, seed=11,
+                 sweep='"sharing.fraction" = [1.0, 0.25]\n"defense.name" = ["mean", "median"]\n')
 
 
 def _env(hashseed: str) -> dict[str, str]:
