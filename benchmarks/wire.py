@@ -3,7 +3,8 @@ package's format, and encode/decode time at d = 1e7.
 
     .venv/bin/python benchmarks/wire.py [--quick] [--reps N]
 
-Floor (the information floor of docs/wire.md, "Byte costs and speed"): ``k·4 + log2 C(d, k)/8`` bytes for k = f·d fp32 values.
+Floor (docs/wire.md, "Byte costs and speed"): ``k·4 + log2 C(d, k)/8`` bytes for k = f·d fp32
+values.
 Seed format: the comma-separated decimal index string plus k float32 values,
 ``len(",".join(map(str, idx)).encode()) + 4k`` — computed exactly (digit counts, vectorised).
 Each compiled C kernel (``psfed_robust/csrc/wire_kernels.c``) must earn its place against the
