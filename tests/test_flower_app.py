@@ -224,7 +224,7 @@ def test_dirichlet_partitions_and_other_aggregators_run() -> None:
         "min-nodes": 4,
         "partitioning": "dirichlet",
         "dirichlet-alpha": 0.3,
-        "aggregator": "median",
+        "defense-name": "median",
         "aggregation-mode": "reporters",
     }
     grid = LocalGrid(client_app, 4, run_config=rc)

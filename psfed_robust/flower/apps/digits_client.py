@@ -13,10 +13,18 @@ One app speaks both protocols, so the same clients serve both strategies of the 
 The client's data is its ``partition-id`` share of the digits training set (see
 :mod:`psfed_robust.flower.digits`); simulation sets ``partition-id``/``num-partitions`` itself,
 deployment passes them with ``flower-supernode --node-config "partition-id=0 num-partitions=2"``.
+
+Attacks: the ServerApp assigns each client-side attack in the train message of the malicious
+client (``psfed.attack``; see :mod:`psfed_robust.flower.apps.digits_threat`). The app's
+threat-model run-config keys (``malicious-clients``, ``attack-persistent``, ...) are for the
+server only, so the handlers hide them from the library's run-config attack seam (which would
+otherwise read ``malicious-clients`` as its own, differently shaped key). A data attack (label
+flipping) poisons the labels of the local training set through ``PSFedClient.poison_labels``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,11 +34,11 @@ from torch import nn
 
 from psfed_robust.core.seeding import torch_generator
 from psfed_robust.flower import digits
-from psfed_robust.flower.apps.digits_config import DigitsRunConfig
-from psfed_robust.flower.client import PSFedClient, register_psfed_handlers
-from psfed_robust.flower.protocol import STATE_META
+from psfed_robust.flower.apps.digits_config import THREAT_KEYS, DigitsRunConfig
+from psfed_robust.flower.client import PSFedClient
+from psfed_robust.flower.protocol import MSG_EVALUATE, MSG_QUERY, MSG_TRAIN, STATE_META
 
-__all__ = ["DigitsClient", "app", "model_fn", "psfed_client"]
+__all__ = ["DigitsClient", "app", "model_fn", "psfed_client", "server_only_view"]
 
 torch.set_num_threads(1)  # many clients share few cores; intra-op threads only add contention
 
@@ -70,9 +78,16 @@ def _data(context: Context) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
-def _train(model: nn.Module, context: Context, server_round: int) -> tuple[int, float]:
+def _train(
+    model: nn.Module,
+    context: Context,
+    server_round: int,
+    poison: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+) -> tuple[int, float]:
     cfg = _cfg(context)
     x, y = _data(context)
+    if poison is not None:
+        y = poison(y, digits.NUM_CLASSES)
     pid, _ = _partition(context)
     gen = torch_generator(cfg.seed, "digits-batches", pid, server_round)
     loss = digits.train_epochs(
@@ -112,9 +127,16 @@ class DigitsClient(PSFedClient):
                 v = meta.get("rounds-trained", 0)
                 prior = v if isinstance(v, int) else 0
         n, loss = _train(
-            self.model, self.context, int(config.get("server-round", self.server_round))
+            self.model, self.context, int(config.get("server-round", self.server_round)),
+            self.poison_labels,
         )
-        self.train_metrics = {"train-loss": loss, "local-rounds": float(prior + 1)}
+        self.train_metrics = {
+            "train-loss": loss,
+            "local-rounds": float(prior + 1),
+            # 1 on a client running a (server-assigned) attack: the example-weighted mean in
+            # the round's history is the malicious share of the training examples
+            "attacking": 1.0 if self.attack is not None else 0.0,
+        }
         return n
 
     def evaluate_local(self, config: dict[str, Any]) -> tuple[float, int, dict[str, float]]:
@@ -127,8 +149,35 @@ def psfed_client(context: Context) -> DigitsClient:
     return DigitsClient(model_fn(context))
 
 
+def server_only_view(context: Context) -> Context:
+    """``context`` with the server-only threat keys removed from its run config (the state is
+    the same object, so everything the client stores persists)."""
+    if not any(k in context.run_config for k in THREAT_KEYS):
+        return context
+    rc = {k: v for k, v in context.run_config.items() if k not in THREAT_KEYS}
+    return Context(context.run_id, context.node_id, context.node_config, context.state, rc,
+                   context.series_id)
+
+
 app = ClientApp()
-register_psfed_handlers(app, psfed_client)
+
+
+@app.train(MSG_TRAIN.removeprefix("train."))
+def psfed_train(msg: Message, context: Context) -> Message:
+    """``train.psfed``: the psfed client's round (attacks as assigned by the server)."""
+    return psfed_client(context).handle_train(msg, server_only_view(context))
+
+
+@app.evaluate(MSG_EVALUATE.removeprefix("evaluate."))
+def psfed_evaluate(msg: Message, context: Context) -> Message:
+    """``evaluate.psfed``."""
+    return psfed_client(context).handle_evaluate(msg, server_only_view(context))
+
+
+@app.query(MSG_QUERY.removeprefix("query."))
+def psfed_query(msg: Message, context: Context) -> Message:
+    """``query.psfed``: the node's stable client id."""
+    return psfed_client(context).handle_query(msg, server_only_view(context))
 
 
 @app.train()
