@@ -168,7 +168,7 @@ def _build_psfedavg(
         aggregation=AggregationSettings(
             rule=plan.aggregator if plan is not None else cfg.defense_name,
             mode="reporters" if cfg.aggregation_mode == "reporters" else "fill"),
-        threat=plan.threat_settings(cfg.seed) if plan is not None else None,
+        threat=plan.threat_settings() if plan is not None else None,
         # attacks need stable client ids before the first round (and the log of who attacks)
         protocol=ProtocolSettings(initial_sync=cfg.initial_sync,
                                   identify_clients=True if attacked else None),

@@ -76,8 +76,9 @@ class ThreatPlan:
     persistent: bool = False
     malicious: tuple[ClientId, ...] = ()
     adversary: CountingAdversary | None = None
+    seed: int = 0  # the attacks' seed (the run's ``seed``)
 
-    def threat_settings(self, seed: int) -> ThreatSettings | None:
+    def threat_settings(self) -> ThreatSettings | None:
         """PSFedAvg's ThreatSettings: the client-side assignment or the server adversary."""
         if self.attack is None:
             return None
@@ -87,7 +88,7 @@ class ThreatPlan:
             client_attacks={cid: (self.attack, dict(self.attack_params))
                             for cid in self.malicious},
             persistent=self.persistent,
-            attack_seed=seed,
+            attack_seed=self.seed,
         )
 
     def describe(self) -> str:
@@ -137,7 +138,8 @@ def _defense(cfg: DigitsRunConfig, num_nodes: int) -> tuple[dict[str, Any], list
     except ValueError as e:
         raise ValueError(
             f"run config defense-name={cfg.defense_name!r} defense-params={params}: {e} "
-            f"(each round aggregates {n} of {num_nodes} nodes: raise num-supernodes/min-nodes "
+            f"(each round aggregates {n} of {num_nodes} nodes"
+            f"{' before the pre-aggregators' if pre else ''}: raise num-supernodes/min-nodes "
             "or change the defense's parameters)"
         ) from None
     return params, pre, agg
@@ -205,7 +207,7 @@ def plan_threat(cfg: DigitsRunConfig, num_nodes: int) -> ThreatPlan:
             )
         adversary = CountingAdversary(cfg.attack_name, ids, params=aparams, seed=cfg.seed)
         return ThreatPlan(cfg.defense_name, params, pre, agg, cfg.attack_name, aparams,
-                          "server", kind, False, ids, adversary)
+                          "server", kind, False, ids, adversary, cfg.seed)
     for k, v in aparams.items():
         if not _config_value_ok(v):
             raise ValueError(
@@ -213,4 +215,4 @@ def plan_threat(cfg: DigitsRunConfig, num_nodes: int) -> ThreatPlan:
                 "numbers, strings, booleans and non-empty lists of one of them)"
             )
     return ThreatPlan(cfg.defense_name, params, pre, agg, cfg.attack_name, aparams, "client",
-                      kind, cfg.attack_persistent, ids)
+                      kind, cfg.attack_persistent, ids, None, cfg.seed)
