@@ -14,12 +14,11 @@ seeds it, so both engines draw the same split, initial model, masks and batches 
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from experiments.configs import attack_params_of, defense_params_of
+from experiments.configs import attack_params_of, build_config, defense_params_of
 from experiments.keys import ScenarioError, key
 from experiments.results import PointResult
 
@@ -47,7 +46,6 @@ FIELD_KEYS: dict[str, str] = {
 }
 _DIRECT = {f: k for f, k in FIELD_KEYS.items()
            if f not in ("seed", "runs", "attack", "attack_params", "malicious", "defense_params")}
-_FIELD_RE = re.compile(r"NNConfig\.(\w+)")
 
 
 def nn_config(point: SweepPoint, seed: int = 0, runs: int | None = None) -> NNConfig:
@@ -75,12 +73,7 @@ def nn_config(point: SweepPoint, seed: int = 0, runs: int | None = None) -> NNCo
               attack_params=attack_params_of(point) if armed else {},
               malicious=malicious if armed else 0,
               defense_params=defense_params_of(point))
-    try:
-        return NNConfig(**kw)
-    except (ValueError, TypeError) as exc:
-        m = _FIELD_RE.search(str(exc))
-        name = FIELD_KEYS.get(m.group(1), m.group(1)) if m else "scenario"
-        raise ScenarioError(f"{name}: sweep point {point.index} ({point.label}): {exc}") from exc
+    return build_config(NNConfig, kw, point, FIELD_KEYS)
 
 
 def estimate_nn_bytes(point: SweepPoint) -> int:
