@@ -93,17 +93,10 @@ def estimate_nn_bytes(point: SweepPoint) -> int:
 
 def check_nn_resources(point: SweepPoint) -> None:
     """Refuse a point that cannot run here: no CUDA for ``device = 'cuda'``, too little memory."""
-    from experiments.resources import available_bytes, device_of
+    from experiments.resources import require_memory
 
-    device = device_of(point)
-    need = estimate_nn_bytes(point)
-    have = available_bytes(device)
-    if have is not None and need > have:
-        raise ScenarioError(
-            f"federation.clients: sweep point {point.index} ({point.label}) needs at least "
-            f"{need / 2**30:.2f} GiB on {device} (runs {point.get('runs')}, clients "
-            f"{point.get('federation.clients')}, model {point.get('task.model')}), only "
-            f"{have / 2**30:.2f} GiB is available; lower federation.clients or runs")
+    require_memory(point, estimate_nn_bytes(point), "federation.clients",
+                   f"model {point.get('task.model')}", "lower federation.clients or runs")
 
 
 def run_nn_point(point: SweepPoint, seed: int, *, progress: bool = False) -> PointResult:

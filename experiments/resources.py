@@ -19,7 +19,7 @@ from experiments.keys import ScenarioError
 if TYPE_CHECKING:
     from experiments.schema import SweepPoint
 
-__all__ = ["available_bytes", "check_resources", "device_of", "estimate_bytes"]
+__all__ = ["available_bytes", "check_resources", "device_of", "estimate_bytes", "require_memory"]
 
 
 def device_of(point: SweepPoint) -> str:
@@ -87,12 +87,17 @@ def check_resources(point: SweepPoint) -> None:
     if point.get("engine") != "batched":
         return
     device = device_of(point)
-    need = estimate_bytes(point, device)
+    require_memory(point, estimate_bytes(point, device), "task.dim",
+                   f"dim {point.get('task.dim')}", "lower task.dim, federation.clients or runs")
+
+
+def require_memory(point: SweepPoint, need: int, key: str, size: str, advice: str) -> None:
+    """Refuse (naming ``key``) a point that needs more than the device's available memory."""
+    device = device_of(point)
     have = available_bytes(device)
     if have is not None and need > have:
         raise ScenarioError(
-            f"task.dim: sweep point {point.index} ({point.label}) needs at least {_gib(need)} "
+            f"{key}: sweep point {point.index} ({point.label}) needs at least {_gib(need)} "
             f"on {device} (runs {point.get('runs')}, clients {point.get('federation.clients')}, "
-            f"dim {point.get('task.dim')}), only {_gib(have)} is available; lower task.dim, "
-            f"federation.clients or runs"
+            f"{size}), only {_gib(have)} is available; {advice}"
         )

@@ -46,13 +46,11 @@ from psfed_robust.core.flatten import FlattenedModel
 from psfed_robust.core.mask import Mask
 from psfed_robust.core.round import attack_step, gather, local_deltas, merge_, server_step
 from psfed_robust.core.seeding import stable_seed, torch_generator
-from psfed_robust.core.selectors import (
-    ClientSpecificMaskSelector,
+from psfed_robust.core.selectors import (  # make_selector re-exported: the scenario's names
     MaskSelector,
     RandomMaskSelector,
-    RoundRobinMaskSelector,
     StructuredMaskSelector,
-    TopKMagnitudeSelector,
+    make_selector,
 )
 from psfed_robust.nn.config import NNConfig
 from psfed_robust.nn.data import ImageTask, client_table, load_task, split
@@ -82,23 +80,6 @@ class NNResult:
 def run_seed(seed: int, run: int) -> int:
     """Run ``run``'s seed (the Flower engine's derivation)."""
     return stable_seed("experiments.flower.run", seed, run)
-
-
-def make_selector(name: str, fraction: float, seed: int) -> MaskSelector:
-    """The core selector for a scenario name (as the Flower strategy's ``make_selector``)."""
-    if name == "random":
-        return RandomMaskSelector(fraction, seed)
-    if name == "round_robin":
-        return RoundRobinMaskSelector(fraction)
-    if name == "round_robin_per_client":
-        return RoundRobinMaskSelector(fraction, coordinated=False)
-    if name == "client_specific":
-        return ClientSpecificMaskSelector(fraction, seed)
-    if name == "topk":
-        return TopKMagnitudeSelector(fraction)
-    if name == "structured":
-        return StructuredMaskSelector(fraction)
-    raise ValueError(f"unknown selector {name!r}")
 
 
 def _device(name: str) -> torch.device:
