@@ -54,6 +54,20 @@ def _task_identity() -> None:
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
 
 
+@pytest.fixture
+def builtin_attacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the shipped attacks registered, as a user without plug-ins sees them: other test
+    modules register plug-ins for the whole session, which would change the 'allowed:' lists."""
+    from attacks.base import _REGISTRY
+
+    def shipped(cls: type) -> bool:
+        return str(getattr(cls, "func", cls).__module__).split(".")[0] == "attacks"
+
+    monkeypatch.setattr(
+        _REGISTRY, "_classes", {k: c for k, c in _REGISTRY._classes.items() if shipped(c)}
+    )
+
+
 def _plan(num_nodes: int = 4, **rc: Any) -> Any:
     return plan_threat(DigitsRunConfig.from_run_config(rc), num_nodes)
 
@@ -182,6 +196,7 @@ def test_round_participants_follows_the_sampling_rule() -> None:
           "malicious-clients": 1}, "parameter 'sigma' must be a finite real number"),
     ],
 )
+@pytest.mark.usefixtures("builtin_attacks")
 def test_bad_configs_fail_at_start_with_the_reason(rc: RC, match: str) -> None:
     rc = {"num-server-rounds": 1, "min-nodes": 3, **rc}
     grid = LocalGrid(client_app, 3, run_config=rc)
@@ -369,6 +384,7 @@ def test_docs_alie_example_runs_through_flwr_run(
 
 
 @pytest.mark.parametrize("index", range(4))
+@pytest.mark.usefixtures("builtin_attacks")
 def test_docs_bad_configs_fail_with_the_documented_reason(index: int) -> None:
     """Each row of the docs' validation table, parsed as ``flwr run`` parses it, in process."""
     from flwr.common.config import parse_config_args
