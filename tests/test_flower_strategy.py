@@ -278,8 +278,8 @@ def test_mean_fill_mixed_masks_and_unnormalised_weights_match_core_step(dtype: A
 
 def test_server_side_omniscient_adversary() -> None:
     s_honest = strategy(4, protocol=NO_EVAL)
-    s_attacked = strategy(4, protocol=NO_EVAL, threat=ThreatSettings(
-        adversary=ServerAdversary("ipm", {0, 1}, params={"epsilon": 5.0})))
+    adversary = ServerAdversary("ipm", {0, 1}, params={"epsilon": 5.0})
+    s_attacked = strategy(4, protocol=NO_EVAL, threat=ThreatSettings(adversary=adversary))
     init = arrays_from_model(model_fn())
     s_honest.start(LocalGrid(app(), 4), init, num_rounds=1)
     s_attacked.start(LocalGrid(app(), 4), init, num_rounds=1)
@@ -291,6 +291,7 @@ def test_server_side_omniscient_adversary() -> None:
     # IPM with eps=5 from half the clients flips the aggregate step on the shared coordinates
     assert float(np.dot(d_h[mask.data], d_a[mask.data])) < 0
     np.testing.assert_array_equal(d_a[~mask.data], 0)
+    assert adversary.attacked_rows == [2]  # clients 0 and 1 of the round's 4 replies
 
 
 # ---------------------------------------------------------------------------- failures

@@ -63,6 +63,8 @@ class ServerAdversary:
         self.persistent = False
         self.state: dict[str, Any] = {}  # the attack's explicit run state
         self.last_info: dict[str, Any] = {}  # the last round's diagnostics
+        # malicious rows among each call's replies (a run's log: the attack really took place)
+        self.attacked_rows: list[int] = []
 
     def apply(
         self,
@@ -75,6 +77,7 @@ class ServerAdversary:
     ) -> Tensor:
         """Return ``updates`` ``[K, D]`` (fill view) with the malicious rows attacked."""
         mal = torch.tensor([c in self.malicious for c in client_ids], dtype=torch.bool)
+        self.attacked_rows.append(int(mal.sum()))
         if not bool(mal.any()):
             return updates
         honest = local_deltas(updates, global_model)  # 0 off each mask (fill view)

@@ -21,11 +21,8 @@ Routing (the threat model, docs/flower.md "Threat-model seams"):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
-
-from torch import Tensor
 
 from psfed_robust.flower.adversary import ServerAdversary
 from psfed_robust.flower.apps.digits_config import (
@@ -37,28 +34,7 @@ from psfed_robust.flower.apps.digits_config import (
 from psfed_robust.flower.settings import ThreatSettings
 from psfed_robust.flower.validation import ClientId
 
-__all__ = ["CountingAdversary", "ThreatPlan", "plan_threat", "round_participants"]
-
-
-class CountingAdversary(ServerAdversary):
-    """A :class:`ServerAdversary` that also counts the rows it attacked in each round (the
-    app reports them, so a run shows the omniscient attack really took place)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.attacked_rows: list[int] = []
-
-    def apply(
-        self,
-        server_round: int,
-        updates: Tensor,
-        masks: Tensor,
-        global_model: Tensor,
-        client_ids: Sequence[ClientId],
-        aggregator: Any = None,
-    ) -> Tensor:
-        self.attacked_rows.append(sum(1 for c in client_ids if c in self.malicious))
-        return super().apply(server_round, updates, masks, global_model, client_ids, aggregator)
+__all__ = ["ThreatPlan", "plan_threat", "round_participants"]
 
 
 @dataclass(frozen=True)
@@ -75,7 +51,7 @@ class ThreatPlan:
     kind: str = "model"
     persistent: bool = False
     malicious: tuple[ClientId, ...] = ()
-    adversary: CountingAdversary | None = None
+    adversary: ServerAdversary | None = None
     seed: int = 0  # the attacks' seed (the run's ``seed``)
 
     def threat_settings(self) -> ThreatSettings | None:
@@ -205,7 +181,7 @@ def plan_threat(cfg: DigitsRunConfig, num_nodes: int) -> ThreatPlan:
                 "in the server-side adversary, which cannot change a client's local model; "
                 "persistence applies to client-side attacks only"
             )
-        adversary = CountingAdversary(cfg.attack_name, ids, params=aparams, seed=cfg.seed)
+        adversary = ServerAdversary(cfg.attack_name, ids, params=aparams, seed=cfg.seed)
         return ThreatPlan(cfg.defense_name, params, pre, agg, cfg.attack_name, aparams,
                           "server", kind, False, ids, adversary, cfg.seed)
     for k, v in aparams.items():
