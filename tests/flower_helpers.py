@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -283,6 +284,47 @@ def process_set(workdir: Path) -> Iterator[ProcessSet]:
         yield ps
     finally:
         ps.stop_all()
+
+
+@dataclass
+class LocalHome:
+    """A private FLWR_HOME for ``flwr run . local``: its environment (free local ports), a work
+    folder for logs, and the processes to stop (the detached local SuperLink, once adopted)."""
+
+    work: Path
+    home: Path
+    env: dict[str, str]
+    ps: ProcessSet
+
+    def run(self, argv: Sequence[str], name: str, timeout: float) -> tuple[int, str]:
+        """``run_cli`` in the repository with this home's environment, logged to ``name.log``."""
+        return run_cli(argv, self.env, REPO, self.work / f"{name}.log", timeout)
+
+    def adopt_superlinks(self) -> None:
+        """Take charge of the local SuperLink(s) ``flwr run . local`` left (stopped on exit)."""
+        log = self.home / "local-superlink" / "superlink.log"
+        for pid in find_local_superlinks(self.home):
+            if pid not in self.ps.extra_pids:
+                self.ps.adopt(pid, log)
+
+
+@contextlib.contextmanager
+def local_home(prefix: str) -> Iterator[LocalHome]:
+    """A :class:`LocalHome` in a temporary folder; on exit its local SuperLink is stopped by PID
+    and checked gone."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        work = Path(tmp)
+        home = work / "flwr_home"
+        env = flwr_env(home, FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
+                       FLWR_LOCAL_CONTROL_API_PORT=str(free_port()))
+        write_flower_config(home, {})
+        lh = LocalHome(work, home, env, ProcessSet(work))
+        try:
+            yield lh
+        finally:
+            lh.adopt_superlinks()
+            lh.ps.stop_all()
+        assert not find_local_superlinks(home), "the local SuperLink survived its stop"
 
 
 # ---------------------------------------------------------------- TLS and SuperNode auth keys

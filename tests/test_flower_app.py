@@ -4,24 +4,12 @@ real local simulation with 10 SuperNodes (``flwr run . local``)."""
 from __future__ import annotations
 
 import math
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from flower_helpers import (
-    REPO,
-    ProcessSet,
-    find_local_superlinks,
-    flwr_bin,
-    flwr_env,
-    free_port,
-    parse_result,
-    run_cli,
-    write_flower_config,
-)
+from flower_helpers import REPO, flwr_bin, local_home, parse_result
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore.task_identity import TaskIdentity
@@ -251,56 +239,38 @@ SIM_TIMEOUT = 420.0
 @pytest.mark.deployment
 def test_local_simulation_with_10_supernodes() -> None:
     """``flwr run . local --federation-config "num-supernodes=10 ..." --stream``, unchanged app."""
-    with tempfile.TemporaryDirectory(prefix="psfed-sim-") as tmp:
-        work = Path(tmp)
-        home = work / "flwr_home"
-        http_port, control_port = free_port(), free_port()
-        env = flwr_env(
-            home,
-            FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(http_port),
-            FLWR_LOCAL_CONTROL_API_PORT=str(control_port),
+    with local_home("psfed-sim-") as lh:
+        t0 = time.monotonic()
+        rc, out = lh.run(
+            [
+                flwr_bin("flwr"),
+                "run",
+                ".",
+                "local",
+                "--stream",
+                "--federation-config",
+                "num-supernodes=10 client-resources-num-cpus=1",
+                "--run-config",
+                "num-server-rounds=3 min-nodes=10",
+            ],
+            "flwr-run",
+            SIM_TIMEOUT,
         )
-        write_flower_config(home, {})
-        ps = ProcessSet(work)
-        log = home / "local-superlink" / "superlink.log"
-        try:
-            t0 = time.monotonic()
-            rc, out = run_cli(
-                [
-                    flwr_bin("flwr"),
-                    "run",
-                    ".",
-                    "local",
-                    "--stream",
-                    "--federation-config",
-                    "num-supernodes=10 client-resources-num-cpus=1",
-                    "--run-config",
-                    "num-server-rounds=3 min-nodes=10",
-                ],
-                env,
-                REPO,
-                work / "flwr-run.log",
-                SIM_TIMEOUT,
-            )
-            elapsed = time.monotonic() - t0
-            for pid in find_local_superlinks(home):
-                ps.adopt(pid, log)
-            assert ps.extra_pids, "flwr run . local left no local SuperLink to stop?\n" + out
-            context = f"\n--- flwr run (rc={rc}, {elapsed:.0f}s) ---\n{out[-8000:]}\n" + (
-                ps.report()
-            )
-            assert rc == 0, context
-            res = parse_result(out)
-            assert res["strategy"] == "psfedavg" and res["num_nodes_seen"] == 10, context
-            history = res["history"]
-            assert isinstance(history, list) and len(history) == 3, context
-            for r, h in enumerate(history, start=1):
-                assert h["accepted-replies"] == 10.0, context
-                # a weighted mean of equal values: equal up to rounding
-                assert h["local-rounds"] == pytest.approx(r, rel=1e-12), context  # state on all 10
-            accuracy = res["accuracy"]
-            assert isinstance(accuracy, list) and accuracy[-1] > 0.5, context
-            assert not math.isnan(float(accuracy[-1]))
-        finally:
-            ps.stop_all()
-        assert not find_local_superlinks(home), "the local SuperLink survived its stop"
+        elapsed = time.monotonic() - t0
+        lh.adopt_superlinks()
+        assert lh.ps.extra_pids, "flwr run . local left no local SuperLink to stop?\n" + out
+        context = f"\n--- flwr run (rc={rc}, {elapsed:.0f}s) ---\n{out[-8000:]}\n" + (
+            lh.ps.report()
+        )
+        assert rc == 0, context
+        res = parse_result(out)
+        assert res["strategy"] == "psfedavg" and res["num_nodes_seen"] == 10, context
+        history = res["history"]
+        assert isinstance(history, list) and len(history) == 3, context
+        for r, h in enumerate(history, start=1):
+            assert h["accepted-replies"] == 10.0, context
+            # a weighted mean of equal values: equal up to rounding
+            assert h["local-rounds"] == pytest.approx(r, rel=1e-12), context  # state on all 10
+        accuracy = res["accuracy"]
+        assert isinstance(accuracy, list) and accuracy[-1] > 0.5, context
+        assert not math.isnan(float(accuracy[-1]))

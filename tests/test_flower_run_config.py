@@ -7,25 +7,13 @@ from __future__ import annotations
 
 import re
 import shlex
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from flower_helpers import (
-    REPO,
-    ProcessSet,
-    find_local_superlinks,
-    flwr_bin,
-    flwr_env,
-    free_port,
-    parse_result,
-    run_cli,
-    write_flower_config,
-)
+from flower_helpers import REPO, LocalHome, flwr_bin, local_home, parse_result
 from flwr.app import Context, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -324,43 +312,36 @@ SIM_TIMEOUT = 300.0
 
 
 @pytest.fixture(scope="module")
-def local_flwr() -> Iterator[tuple[dict[str, str], Path]]:
+def local_flwr() -> Iterator[LocalHome]:
     """One private FLWR_HOME (so one detached local SuperLink) for the module's flwr runs."""
-    with tempfile.TemporaryDirectory(prefix="psfed-rc-") as tmp:
-        work = Path(tmp)
-        home = work / "flwr_home"
-        env = flwr_env(home, FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
-                       FLWR_LOCAL_CONTROL_API_PORT=str(free_port()))
-        write_flower_config(home, {})
-        ps = ProcessSet(work)
-        try:
-            yield env, work
-        finally:
-            for pid in find_local_superlinks(home):
-                ps.adopt(pid)
-            ps.stop_all()
-        assert not find_local_superlinks(home), "the local SuperLink survived its stop"
+    with local_home("psfed-rc-") as lh:
+        yield lh
 
 
-def _flwr(local_flwr: tuple[dict[str, str], Path], argv: list[str], name: str) -> str:
-    env, work = local_flwr
+def _flwr(local_flwr: LocalHome, argv: list[str], name: str) -> str:
     t0 = time.monotonic()
-    rc, out = run_cli(argv, env, REPO, work / f"{name}.log", SIM_TIMEOUT)
+    rc, out = local_flwr.run(argv, name, SIM_TIMEOUT)
     assert rc == 0, f"flwr run rc={rc} after {time.monotonic() - t0:.0f}s\n{out[-8000:]}"
     return out
 
 
-@pytest.mark.slow
-@pytest.mark.deployment
-def test_docs_sign_flip_example_runs_through_flwr_run(
-    local_flwr: tuple[dict[str, str], Path],
-) -> None:
-    out = _flwr(local_flwr, _doc_command("sign_flip"), "sign_flip")
+def _run_doc_example(local_flwr: LocalHome, tag: str, side: str) -> tuple[str, dict[str, Any], str]:
+    """Run the docs' example ``tag`` (attack ``tag``) through ``flwr run``; check that the result
+    names the attack, the side it ran on and client 0 as the one malicious node.
+    ``(terminal output, result, that node's id)``."""
+    out = _flwr(local_flwr, _doc_command(tag), tag)
     res = parse_result(out)
-    assert res["attack"] == "sign_flip" and res["attack_side"] == "client", out[-4000:]
+    assert res["attack"] == tag and res["attack_side"] == side, out[-4000:]
     nodes = res["malicious_nodes"]
     assert isinstance(nodes, dict) and list(nodes.values()) == [0], out[-4000:]
     (node,) = nodes
+    return out, res, node
+
+
+@pytest.mark.slow
+@pytest.mark.deployment
+def test_docs_sign_flip_example_runs_through_flwr_run(local_flwr: LocalHome) -> None:
+    out, res, node = _run_doc_example(local_flwr, "sign_flip", "client")
     assert re.search(rf"malicious node {node} \(client id 0\): attack 'sign_flip' "
                      r"\{'scale': 4.0\} at the client", out), out[-4000:]
     history = res["history"]
@@ -370,15 +351,9 @@ def test_docs_sign_flip_example_runs_through_flwr_run(
 
 @pytest.mark.slow
 @pytest.mark.deployment
-def test_docs_alie_example_runs_through_flwr_run(
-    local_flwr: tuple[dict[str, str], Path],
-) -> None:
-    out = _flwr(local_flwr, _doc_command("alie"), "alie")
-    res = parse_result(out)
-    assert res["attack"] == "alie" and res["attack_side"] == "server", out[-4000:]
+def test_docs_alie_example_runs_through_flwr_run(local_flwr: LocalHome) -> None:
+    out, res, _ = _run_doc_example(local_flwr, "alie", "server")
     assert res["adversary_rows"] == [1, 1], out[-4000:]
-    nodes = res["malicious_nodes"]
-    assert isinstance(nodes, dict) and list(nodes.values()) == [0], out[-4000:]
     assert "in the server-side adversary (omniscient; simulation only)" in out
     assert "after pre-aggregators ['nnm']" in out
 
@@ -401,9 +376,7 @@ def test_docs_bad_configs_fail_with_the_documented_reason(index: int) -> None:
 
 @pytest.mark.slow
 @pytest.mark.deployment
-def test_a_bad_config_shows_the_reason_in_the_terminal(
-    local_flwr: tuple[dict[str, str], Path],
-) -> None:
+def test_a_bad_config_shows_the_reason_in_the_terminal(local_flwr: LocalHome) -> None:
     """The same rows through ``flwr run . local --stream``: one suffices for the mechanism (an
     exception in the ServerApp's main is streamed to the terminal), each costs a Ray start."""
     index = 2  # malicious-clients > nodes
