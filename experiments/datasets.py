@@ -13,11 +13,12 @@ Dirichlet(α) over labels), seeded by :func:`stable_seed`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from torch import Tensor
 
-from psfed_robust.nn.data import load_task, split
+from psfed_robust.nn.data import ImageTask, load_task, split
 
 __all__ = ["ImageData", "load_image_data", "split_clients"]
 
@@ -26,13 +27,31 @@ IMAGE_TASKS = ("digits", "mnist", "fashion_mnist", "cifar10")
 
 @dataclass(frozen=True)
 class ImageData:
-    """Flat features ``[N, F]`` (float32) and labels ``[N]`` (int64) for the Flower engine's MLP."""
+    """The batched NN engine's :class:`~psfed_robust.nn.data.ImageTask` seen as flat features
+    ``[N, F]`` (float32) for the Flower engine's MLP: one set of fields, the task's; only the
+    images are reshaped (once, on first use)."""
 
-    x_train: Tensor
-    y_train: Tensor
-    x_test: Tensor
-    y_test: Tensor
-    num_classes: int
+    task: ImageTask
+
+    @cached_property
+    def x_train(self) -> Tensor:
+        return self.task.x_train.reshape(len(self.task.x_train), -1)
+
+    @cached_property
+    def x_test(self) -> Tensor:
+        return self.task.x_test.reshape(len(self.task.x_test), -1)
+
+    @property
+    def y_train(self) -> Tensor:
+        return self.task.y_train
+
+    @property
+    def y_test(self) -> Tensor:
+        return self.task.y_test
+
+    @property
+    def num_classes(self) -> int:
+        return self.task.num_classes
 
     @property
     def num_features(self) -> int:
@@ -44,9 +63,7 @@ def load_image_data(kind: str, data_dir: str = "", seed: int = 0) -> ImageData:
     :func:`psfed_robust.nn.data.load_task` (the batched NN engine's data) flattened."""
     if kind not in IMAGE_TASKS:
         raise ValueError(f"unknown image task {kind!r}; allowed: {', '.join(IMAGE_TASKS)}")
-    t = load_task(kind, data_dir, seed)
-    return ImageData(t.x_train.reshape(len(t.x_train), -1), t.y_train,
-                     t.x_test.reshape(len(t.x_test), -1), t.y_test, t.num_classes)
+    return ImageData(load_task(kind, data_dir, seed))
 
 
 def split_clients(
