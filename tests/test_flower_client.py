@@ -258,3 +258,51 @@ def test_client_attack_state_is_explicit_and_survives_between_messages() -> None
     ref, after = TRACE[(1, 3, "start")], TRACE[(1, 3, "after")]
     np.testing.assert_allclose(vals, (ref + 3.0 * (after - ref))[mask.data], rtol=1e-5,
                                atol=1e-6)
+
+
+def test_reply_writers_round_trip_through_validation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What ``train_reply`` / ``evaluate_reply`` / ``query_reply`` write, validation reads back
+    field for field; a user metric never overrides a reserved one (num-examples, loss)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from psfed_robust.core.mask import Mask
+    from psfed_robust.flower import _wire
+    from psfed_robust.flower._arrays import array_from_numpy
+    from psfed_robust.flower.protocol import MSG_EVALUATE, MSG_QUERY, MSG_TRAIN
+    from psfed_robust.flower.validation import (
+        evaluate_reply,
+        parse_evaluate_reply,
+        parse_query_reply,
+        parse_train_reply,
+        query_reply,
+        train_reply,
+    )
+
+    for attr in ("_run_id", "_node_id", "_task_id"):  # a Message needs them; restored after
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+
+    def instruction(kind: str) -> Message:
+        return Message(RecordDict(), dst_node_id=7, message_type=kind)
+
+    mask = Mask(np.array([True, False, True, False]))
+    scores = np.array([0.0, 1.0, 2.0, 3.0], np.float32)
+    reply = train_reply(
+        instruction(MSG_TRAIN), _wire.encode_array(mask, np.array([1.5, -2.0], np.float32)),
+        client_id=3, num_examples=5, fresh=True, metrics={"acc": 1, "num-examples": 99},
+        scores=array_from_numpy(scores),
+    )
+    u = parse_train_reply(reply, model_size=4, model_dtype=np.dtype(np.float32), want_scores=True)
+    assert (u.node_id, u.client_id, u.num_examples, u.fresh_state) == (7, 3, 5, True)
+    assert u.metrics == {"acc": 1.0}
+    np.testing.assert_array_equal(u.mask.data, mask.data)
+    np.testing.assert_array_equal(u.values, [1.5, -2.0])
+    assert u.scores is not None
+    np.testing.assert_array_equal(u.scores, scores)
+
+    ev = parse_evaluate_reply(evaluate_reply(
+        instruction(MSG_EVALUATE), client_id="a", loss=0.5, num_examples=2,
+        metrics={"loss": 9.0, "acc": 0.25}))
+    assert (ev.client_id, ev.loss, ev.num_examples, ev.metrics) == ("a", 0.5, 2, {"acc": 0.25})
+
+    assert parse_query_reply(query_reply(instruction(MSG_QUERY), client_id=4, has_local=True)) \
+        == (4, True)

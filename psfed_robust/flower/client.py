@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
@@ -53,23 +53,16 @@ from psfed_robust.flower.protocol import (
     KEY_CONFIG,
     KEY_DOWN,
     KEY_INIT,
-    KEY_META,
-    KEY_METRICS,
-    KEY_UPDATE,
     META_CLIENT_ID,
-    META_FRESH_STATE,
-    META_HAS_LOCAL,
-    METRIC_NUM_EXAMPLES,
     MSG_EVALUATE,
     MSG_QUERY,
     MSG_TRAIN,
     PAYLOAD,
-    SCORES,
     STATE_LOCAL,
     STATE_META,
     STATE_THETA,
 )
-from psfed_robust.flower.validation import ClientId
+from psfed_robust.flower.validation import ClientId, evaluate_reply, query_reply, train_reply
 
 __all__ = [
     "AttackSpec",
@@ -380,22 +373,15 @@ class PSFedClient:
             self.server_round,
         )
         up_values = gather(sent, up_mask)
-        arrays: dict[str, Array] = {
-            PAYLOAD: _wire.encode_array(
-                up_mask, np.ascontiguousarray(up_values),
-                str(cfg.get(CFG_UPLINK_ENCODING, DEFAULT_UPLINK_ENCODING)),
-            )
-        }
-        if scores is not None:
-            arrays[SCORES] = array_from_numpy(scores)
-        metrics = MetricRecord({METRIC_NUM_EXAMPLES: int(n)})
-        for k, v in self.train_metrics.items():
-            if k != METRIC_NUM_EXAMPLES:
-                metrics[k] = float(v)
-        meta = ConfigRecord({META_CLIENT_ID: self._id_for_record(), META_FRESH_STATE: fresh})
-        content = RecordDict({KEY_UPDATE: ArrayRecord(arrays), KEY_METRICS: metrics,
-                              KEY_META: meta})
-        return Message(content, reply_to=msg)
+        payload = _wire.encode_array(
+            up_mask, np.ascontiguousarray(up_values),
+            str(cfg.get(CFG_UPLINK_ENCODING, DEFAULT_UPLINK_ENCODING)),
+        )
+        return train_reply(
+            msg, payload, client_id=self._id_for_record(), num_examples=int(n), fresh=fresh,
+            metrics=self.train_metrics,
+            scores=array_from_numpy(scores) if scores is not None else None,
+        )
 
     def _apply_attack(
         self, after: npt.NDArray[Any], reference: npt.NDArray[Any], up_mask: Mask,
@@ -447,20 +433,15 @@ class PSFedClient:
         self.flat_model.unflatten(as_tensor(theta))
         user_cfg = {k: v for k, v in cfg.items() if not k.startswith("psfed-")}
         loss, n, extra = self.evaluate_local(user_cfg)
-        metrics = MetricRecord({"loss": float(loss), METRIC_NUM_EXAMPLES: int(n)})
-        for k, v in (extra or {}).items():
-            if k not in ("loss", METRIC_NUM_EXAMPLES):
-                metrics[k] = float(v)
-        meta = ConfigRecord({META_CLIENT_ID: self._id_for_record()})
-        return Message(RecordDict({KEY_METRICS: metrics, KEY_META: meta}), reply_to=msg)
+        return evaluate_reply(msg, client_id=self._id_for_record(), loss=float(loss),
+                              num_examples=int(n), metrics=extra)
 
     def handle_query(self, msg: Message, context: Context) -> Message:
         """Identity query: ``{"client-id", "has-local"}``."""
         self.context = context
         self.client_id = resolve_client_id(context)
-        has_local = STATE_LOCAL in context.state
-        meta = ConfigRecord({META_CLIENT_ID: self._id_for_record(), META_HAS_LOCAL: has_local})
-        return Message(RecordDict({KEY_META: meta}), reply_to=msg)
+        return query_reply(msg, client_id=self._id_for_record(),
+                           has_local=STATE_LOCAL in context.state)
 
 
 def _merge(local: npt.NDArray[Any], mask: Mask, values: npt.NDArray[Any]) -> None:

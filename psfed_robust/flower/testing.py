@@ -283,30 +283,19 @@ def build_train_reply(
     scores: Any = None,
     encoding: str = "auto",
 ) -> Message:
-    """A well-formed ``train.psfed`` reply to ``instruction`` (for strategy unit tests)."""
+    """A well-formed ``train.psfed`` reply to ``instruction`` (for strategy unit tests): the
+    client's own reply builder over the wire encoding of ``(mask, values)``."""
     import numpy as np
-    from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 
     from psfed_robust.flower import _wire
-    from psfed_robust.flower.protocol import (
-        KEY_META,
-        KEY_METRICS,
-        KEY_UPDATE,
-        META_CLIENT_ID,
-        META_FRESH_STATE,
-        METRIC_NUM_EXAMPLES,
-        PAYLOAD,
-        SCORES,
-    )
+    from psfed_robust.flower._arrays import array_from_numpy
+    from psfed_robust.flower.validation import train_reply
 
-    enc = _wire.encode(mask, np.ascontiguousarray(values), encoding)
-    arrays = {PAYLOAD: Array(np.frombuffer(enc.payload, dtype=np.uint8).copy())}
-    if scores is not None:
-        arrays[SCORES] = Array(np.asarray(scores, dtype=np.float32))
-    m = MetricRecord({METRIC_NUM_EXAMPLES: num_examples, **dict(metrics or {})})
-    meta = ConfigRecord({META_CLIENT_ID: client_id, META_FRESH_STATE: False})
-    content = RecordDict({KEY_UPDATE: ArrayRecord(arrays), KEY_METRICS: m, KEY_META: meta})
-    return Message(content, reply_to=instruction)
+    return train_reply(
+        instruction, _wire.encode_array(mask, np.ascontiguousarray(values), encoding),
+        client_id=client_id, num_examples=num_examples, fresh=False, metrics=metrics,
+        scores=None if scores is None else array_from_numpy(np.asarray(scores, np.float32)),
+    )
 
 
 class StaticGrid(LocalGrid):
@@ -341,16 +330,14 @@ class StaticGrid(LocalGrid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        from flwr.app import ConfigRecord
-
-        from psfed_robust.flower.protocol import KEY_META, META_CLIENT_ID, META_HAS_LOCAL, MSG_QUERY
+        from psfed_robust.flower.protocol import MSG_QUERY
+        from psfed_robust.flower.validation import query_reply
 
         out = []
         for m in messages:
             self.sent.append(m)
             nid = m.metadata.dst_node_id
             if m.metadata.message_type == MSG_QUERY and nid in self.client_ids:
-                meta = ConfigRecord({META_CLIENT_ID: self.client_ids[nid], META_HAS_LOCAL: False})
-                out.append(Message(RecordDict({KEY_META: meta}), reply_to=m))
+                out.append(query_reply(m, client_id=self.client_ids[nid], has_local=False))
         self.replies.extend(out)
         return out

@@ -1,4 +1,6 @@
-"""Validation of client replies: every reply is parsed defensively, never trusted.
+"""The client replies: written by :func:`train_reply` / :func:`evaluate_reply` /
+:func:`query_reply` (the client and the in-process test grids send only what these build), and
+validated here on arrival: every reply is parsed defensively, never trusted.
 
 ``parse_train_reply`` turns a train reply into a :class:`ValidUpdate` or raises
 :class:`ReplyRejected` with one of the :data:`REASONS`. Nothing else escapes: any unexpected
@@ -16,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from psfed_robust.core.flatten import all_finite
 from psfed_robust.core.mask import Mask
@@ -41,8 +43,11 @@ __all__ = [
     "ReplyRejected",
     "ValidUpdate",
     "check_client_id",
+    "evaluate_reply",
     "parse_evaluate_reply",
     "parse_train_reply",
+    "query_reply",
+    "train_reply",
 ]
 
 ClientId = int | str
@@ -389,3 +394,60 @@ def count_reasons(reasons: Mapping[str, int]) -> dict[str, int]:
     for r, c in sorted(reasons.items()):
         out[f"rejected.{r}"] = int(c)
     return out
+
+
+# ---------------------------------------------------------------- the writers
+def _reply_metrics(reserved: Mapping[str, float | int], user: Mapping[str, float]) -> MetricRecord:
+    """The reserved entries, then the user's metrics as floats (a user entry never overrides a
+    reserved one)."""
+    rec = MetricRecord(dict(reserved))
+    for k, v in user.items():
+        if k not in reserved:
+            rec[k] = float(v)
+    return rec
+
+
+def train_reply(
+    instruction: Message,
+    payload: Array,
+    *,
+    client_id: int | str,
+    num_examples: int,
+    fresh: bool,
+    metrics: Mapping[str, float] | None = None,
+    scores: Array | None = None,
+) -> Message:
+    """A ``train.psfed`` reply: the wire payload (and the optional scores), the example count and
+    user metrics, the client id and whether the client started from a fresh state."""
+    arrays = {PAYLOAD: payload}
+    if scores is not None:
+        arrays[SCORES] = scores
+    content = RecordDict({
+        KEY_UPDATE: ArrayRecord(arrays),
+        KEY_METRICS: _reply_metrics({METRIC_NUM_EXAMPLES: int(num_examples)}, metrics or {}),
+        KEY_META: ConfigRecord({META_CLIENT_ID: client_id, META_FRESH_STATE: bool(fresh)}),
+    })
+    return Message(content, reply_to=instruction)
+
+
+def evaluate_reply(
+    instruction: Message,
+    *,
+    client_id: int | str,
+    loss: float,
+    num_examples: int,
+    metrics: Mapping[str, float] | None = None,
+) -> Message:
+    """An ``evaluate.psfed`` reply: loss, example count and user metrics, the client id."""
+    reserved = {"loss": float(loss), METRIC_NUM_EXAMPLES: int(num_examples)}
+    content = RecordDict({
+        KEY_METRICS: _reply_metrics(reserved, metrics or {}),
+        KEY_META: ConfigRecord({META_CLIENT_ID: client_id}),
+    })
+    return Message(content, reply_to=instruction)
+
+
+def query_reply(instruction: Message, *, client_id: int | str, has_local: bool) -> Message:
+    """A ``query.psfed`` (identity) reply: the client id and whether it holds a local model."""
+    meta = ConfigRecord({META_CLIENT_ID: client_id, META_HAS_LOCAL: bool(has_local)})
+    return Message(RecordDict({KEY_META: meta}), reply_to=instruction)
