@@ -194,8 +194,9 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "engine",
         "p1_scale_seconds": round(engine_s, 2),
-        "torch_only_seconds": round(torch_s, 2),
-        "torch_only_ratio": round(torch_s / engine_s, 2),
+        # null, never NaN (not JSON), when the torch-only run was skipped
+        "torch_only_seconds": None if math.isnan(torch_s) else round(torch_s, 2),
+        "torch_only_ratio": None if math.isnan(torch_s) else round(torch_s / engine_s, 2),
         "accelerators": acc,
         "speedup_vs_loop": round(speedup, 1),
         "engine_us_per_run_iteration": round(engine_us, 2),

@@ -55,8 +55,9 @@ def _stepper(cfg: OnlineConfig, compiled: bool) -> tuple[LocalStep, torch.Tensor
 
 @needs_cpp
 @pytest.mark.parametrize("frozen", [False, True])
-def test_lms_rff_step_matches_the_torch_step(frozen: bool) -> None:
-    cfg = SMALL.replace(num_clients=9, dim=37, runs=5, input_dim=6)
+@pytest.mark.parametrize("input_dim", [4, 6])  # the one-pass rows (L = 4) and the any-L path
+def test_lms_rff_step_matches_the_torch_step(frozen: bool, input_dim: int) -> None:
+    cfg = SMALL.replace(num_clients=9, dim=37, runs=5, input_dim=input_dim)
     ref, y = _stepper(cfg, False)
     fast, y2 = _stepper(cfg, True)
     assert fast.compiled and not ref.compiled and torch.equal(y, y2)
@@ -74,8 +75,10 @@ def test_lms_rff_step_matches_the_torch_step(frozen: bool) -> None:
 
 
 @needs_cpp
-def test_lms_rff_step_treats_nan_and_inf_like_torch() -> None:
-    cfg = SMALL.replace(num_clients=4, participants=2, share_count=5, dim=20, runs=3)
+@pytest.mark.parametrize("input_dim", [4, 6])
+def test_lms_rff_step_treats_nan_and_inf_like_torch(input_dim: int) -> None:
+    cfg = SMALL.replace(num_clients=4, participants=2, share_count=5, dim=20, runs=3,
+                        input_dim=input_dim)
     ref, y = _stepper(cfg, False)
     fast, _ = _stepper(cfg, True)
     W0 = torch.zeros((3, 4, 20))

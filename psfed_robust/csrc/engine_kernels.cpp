@@ -178,6 +178,81 @@ static inline float cos_rff(float a) {
 
 #define PSFED_LANES 16
 
+// One row, multi-pass: c = omega^T x + b, c = cos(c), returns w . c (16 lanes). Any L.
+static inline float rff_row_any(int64_t L, int64_t D, const float* __restrict xk,
+                                const float* __restrict om, const float* __restrict bb,
+                                const float* __restrict wk, float* __restrict cc) {
+  for (int64_t d = 0; d < D; ++d) cc[d] = bb[d] + xk[0] * om[d];
+  for (int64_t l = 1; l < L; ++l) {
+    const float xl = xk[l];
+    const float* __restrict ol = om + l * D;
+    for (int64_t d = 0; d < D; ++d) cc[d] += xl * ol[d];
+  }
+  for (int64_t d = 0; d < D; ++d) cc[d] = cos_rff(cc[d]);
+  float acc[PSFED_LANES];
+  for (int j = 0; j < PSFED_LANES; ++j) acc[j] = 0.0f;
+  int64_t d = 0;
+  for (; d + PSFED_LANES <= D; d += PSFED_LANES)
+    for (int j = 0; j < PSFED_LANES; ++j) acc[j] += wk[d + j] * cc[d + j];
+  for (int j = 0; d + j < D; ++j) acc[j] += wk[d + j] * cc[d + j];
+  for (int h = PSFED_LANES / 2; h >= 1; h /= 2)
+    for (int j = 0; j < h; ++j) acc[j] += acc[j + h];
+  return acc[0];
+}
+
+// The same row in one pass over d for a compile-time L (the regressors stay in registers; about
+// 15% faster at P1's L = 4). The same operations in the same order: bit-identical results.
+template <int LC>
+static inline float rff_row(int64_t D, const float* __restrict xk, const float* __restrict om,
+                            const float* __restrict bb, const float* __restrict wk,
+                            float* __restrict cc) {
+  float xs[LC];
+  for (int l = 0; l < LC; ++l) xs[l] = xk[l];
+  float acc[PSFED_LANES];
+  for (int j = 0; j < PSFED_LANES; ++j) acc[j] = 0.0f;
+  int64_t d = 0;
+  for (; d + PSFED_LANES <= D; d += PSFED_LANES)
+    for (int j = 0; j < PSFED_LANES; ++j) {
+      float a = bb[d + j] + xs[0] * om[d + j];
+      for (int l = 1; l < LC; ++l) a += xs[l] * om[l * D + d + j];
+      const float cv = cos_rff(a);
+      cc[d + j] = cv;
+      acc[j] += wk[d + j] * cv;
+    }
+  for (int j = 0; d + j < D; ++j) {
+    float a = bb[d + j] + xs[0] * om[d + j];
+    for (int l = 1; l < LC; ++l) a += xs[l] * om[l * D + d + j];
+    const float cv = cos_rff(a);
+    cc[d + j] = cv;
+    acc[j] += wk[d + j] * cv;
+  }
+  for (int h = PSFED_LANES / 2; h >= 1; h /= 2)
+    for (int j = 0; j < h; ++j) acc[j] += acc[j + h];
+  return acc[0];
+}
+
+template <int LC>
+static void lms_rff_rows(int64_t B, int64_t K, int64_t L, int64_t D, float* W, const float* x,
+                         const float* omega, const float* bias, const float* y,
+                         const float* part, float mu_s, float scale, float* e, float* c) {
+  for (int64_t r = 0; r < B; ++r) {
+    const float* om = omega + r * L * D;
+    const float* bb = bias + r * D;
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t row = r * K + k;
+      float* __restrict wk = W + row * D;
+      const float* xk = x + row * L;
+      const float dot = LC > 0 ? rff_row<(LC > 0 ? LC : 1)>(D, xk, om, bb, wk, c)
+                               : rff_row_any(L, D, xk, om, bb, wk, c);
+      const float er = y[row] - dot * scale;
+      e[row] = er;
+      float coef = er * mu_s;
+      if (part) coef *= part[row];
+      for (int64_t q = 0; q < D; ++q) wk[q] += coef * c[q];
+    }
+  }
+}
+
 // W [B, K, D] (updated in place), x [B, K, L], omega [B, L, D], b [B, D], y [B, K],
 // part NULL or [B, K] (0/1 factors of the step), e [B, K] (the a-priori errors, written).
 // All contiguous float32. w <- w + (mu_s e part) c with e = y - scale (w^T c).
@@ -187,35 +262,9 @@ extern "C" void psfed_lms_rff_f32(int64_t B, int64_t K, int64_t L, int64_t D, fl
                                   float* e) {
   float* c = (float*)malloc(sizeof(float) * (size_t)(D + PSFED_LANES));
   if (!c) abort();  // 1 KB: no recovery path worth having
-  for (int64_t r = 0; r < B; ++r) {
-    const float* om = omega + r * L * D;
-    const float* bb = bias + r * D;
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t row = r * K + k;
-      const float* xk = x + row * L;
-      float* __restrict wk = W + row * D;
-      float* __restrict cc = c;
-      for (int64_t d = 0; d < D; ++d) cc[d] = bb[d] + xk[0] * om[d];
-      for (int64_t l = 1; l < L; ++l) {
-        const float xl = xk[l];
-        const float* __restrict ol = om + l * D;
-        for (int64_t d = 0; d < D; ++d) cc[d] += xl * ol[d];
-      }
-      for (int64_t d = 0; d < D; ++d) cc[d] = cos_rff(cc[d]);
-      float acc[PSFED_LANES];
-      for (int j = 0; j < PSFED_LANES; ++j) acc[j] = 0.0f;
-      int64_t d = 0;
-      for (; d + PSFED_LANES <= D; d += PSFED_LANES)
-        for (int j = 0; j < PSFED_LANES; ++j) acc[j] += wk[d + j] * cc[d + j];
-      for (int j = 0; d + j < D; ++j) acc[j] += wk[d + j] * cc[d + j];
-      for (int h = PSFED_LANES / 2; h >= 1; h /= 2)
-        for (int j = 0; j < h; ++j) acc[j] += acc[j + h];
-      const float er = y[row] - acc[0] * scale;
-      e[row] = er;
-      float coef = er * mu_s;
-      if (part) coef *= part[row];
-      for (int64_t q = 0; q < D; ++q) wk[q] += coef * cc[q];
-    }
+  switch (L) {  // P1's task: L = 4 inputs
+    case 4: lms_rff_rows<4>(B, K, L, D, W, x, omega, bias, y, part, mu_s, scale, e, c); break;
+    default: lms_rff_rows<0>(B, K, L, D, W, x, omega, bias, y, part, mu_s, scale, e, c);
   }
   free(c);
 }
