@@ -443,6 +443,18 @@ def test_train_config_sends_only_non_default_switches() -> None:
     assert cfg[CFG_SEND_SCORES] is True
 
 
+def test_uplink_switches_written_by_the_server_read_back_by_the_client() -> None:
+    """The one writer/reader pair of the uplink switches: defaults travel as absence."""
+    from psfed_robust.flower.protocol import read_uplink_switches, write_uplink_switches
+
+    cfg: dict[str, Any] = {"psfed-uplink": "client", "lr": 0.1}  # a user's stray switch
+    write_uplink_switches(cfg, uplink="downlink", encoding="auto", fraction=None)
+    assert cfg == {"lr": 0.1}
+    assert read_uplink_switches(cfg) == ("downlink", "auto", None)
+    write_uplink_switches(cfg, uplink="client", encoding="bitmap", fraction=0.25)
+    assert read_uplink_switches(cfg) == ("client", "bitmap", 0.25)
+
+
 # ---------------------------------------------------------------------------- deferred finite check
 def test_fast_mean_defers_finite_check_and_still_rejects_non_finite(
     monkeypatch: pytest.MonkeyPatch,

@@ -44,11 +44,6 @@ from psfed_robust.flower.protocol import (
     CFG_MODEL_SIZE,
     CFG_SEND_SCORES,
     CFG_SERVER_ROUND,
-    CFG_UPLINK,
-    CFG_UPLINK_ENCODING,
-    CFG_UPLINK_FRACTION,
-    DEFAULT_UPLINK,
-    DEFAULT_UPLINK_ENCODING,
     KEY_ATTACK,
     KEY_CONFIG,
     KEY_DOWN,
@@ -61,6 +56,7 @@ from psfed_robust.flower.protocol import (
     STATE_LOCAL,
     STATE_META,
     STATE_THETA,
+    read_uplink_switches,
 )
 from psfed_robust.flower.validation import ClientId, evaluate_reply, query_reply, train_reply
 
@@ -341,9 +337,9 @@ class PSFedClient:
             after = self.flat_model.flatten_numpy().astype(dtype, copy=False)
 
         # uplink mask
-        uplink = str(cfg.get(CFG_UPLINK, DEFAULT_UPLINK))
+        uplink, encoding, fraction = read_uplink_switches(cfg)
         if uplink == "client":
-            frac = float(cfg.get(CFG_UPLINK_FRACTION, mask.fraction))
+            frac = mask.fraction if fraction is None else fraction
             k_up = count_for_fraction(size, frac)
             score = np.abs(after.astype(np.float64) - reference.astype(np.float64))
             data = np.zeros(size, dtype=bool)
@@ -375,7 +371,7 @@ class PSFedClient:
         up_values = gather(sent, up_mask)
         payload = _wire.encode_array(
             up_mask, np.ascontiguousarray(up_values),
-            str(cfg.get(CFG_UPLINK_ENCODING, DEFAULT_UPLINK_ENCODING)),
+            encoding,
         )
         return train_reply(
             msg, payload, client_id=self._id_for_record(), num_examples=int(n), fresh=fresh,

@@ -8,7 +8,8 @@ tests agree on one spelling. All library messages use their own message *actions
 
 from __future__ import annotations
 
-from typing import Final
+from collections.abc import Mapping, MutableMapping
+from typing import Any, Final
 
 __all__ = [
     "CFG_CLIENT_ID",
@@ -42,6 +43,8 @@ __all__ = [
     "STATE_LOCAL",
     "STATE_META",
     "STATE_THETA",
+    "read_uplink_switches",
+    "write_uplink_switches",
 ]
 
 #: message types (``<category>.<action>``)
@@ -105,3 +108,27 @@ STATE_LOCAL: Final = "psfed.local"
 STATE_THETA: Final = "theta"
 #: ConfigRecord ``{"client-id", "rounds-trained", "last-round"}``
 STATE_META: Final = "psfed.meta"
+
+
+# ---------------------------------------------------------------- the uplink switches
+def write_uplink_switches(
+    cfg: MutableMapping[str, Any], *, uplink: str, encoding: str, fraction: float | None
+) -> None:
+    """Put the train config's uplink switches into ``cfg``: a switch at the client's default is
+    left out (and dropped if the user's config had it), ``fraction`` only when given."""
+    for key, value, default in ((CFG_UPLINK, uplink, DEFAULT_UPLINK),
+                                (CFG_UPLINK_ENCODING, encoding, DEFAULT_UPLINK_ENCODING)):
+        cfg.pop(key, None)
+        if value != default:
+            cfg[key] = value
+    if fraction is not None:
+        cfg[CFG_UPLINK_FRACTION] = float(fraction)
+
+
+def read_uplink_switches(cfg: Mapping[str, Any]) -> tuple[str, str, float | None]:
+    """``(uplink, encoding, fraction)`` of a train config, the defaults where a switch is absent
+    (``fraction`` ``None``: the client uses its downlink mask's fraction)."""
+    fraction = cfg.get(CFG_UPLINK_FRACTION)
+    return (str(cfg.get(CFG_UPLINK, DEFAULT_UPLINK)),
+            str(cfg.get(CFG_UPLINK_ENCODING, DEFAULT_UPLINK_ENCODING)),
+            None if fraction is None else float(fraction))

@@ -50,13 +50,9 @@ from psfed_robust.flower.protocol import (
     CFG_MODEL_DTYPE,
     CFG_MODEL_SIZE,
     CFG_SERVER_ROUND,
-    CFG_UPLINK,
-    CFG_UPLINK_ENCODING,
-    CFG_UPLINK_FRACTION,
-    DEFAULT_UPLINK,
-    DEFAULT_UPLINK_ENCODING,
     MSG_EVALUATE,
     MSG_TRAIN,
+    write_uplink_switches,
 )
 from psfed_robust.flower.settings import (
     MASK_STRATEGIES,
@@ -314,15 +310,8 @@ class PSFedAvg(Strategy):
         )
         nodes = self._identify(grid, nodes)
         cfg = self._base_config(server_round, config)
-        # switches at the client's defaults are not sent (see protocol.DEFAULT_UPLINK)
-        for key, value, default in ((CFG_UPLINK, self.protocol.uplink, DEFAULT_UPLINK),
-                                    (CFG_UPLINK_ENCODING, self.masks.encoding,
-                                     DEFAULT_UPLINK_ENCODING)):
-            cfg.pop(key, None)
-            if value != default:
-                cfg[key] = value
-        if self.protocol.uplink_fraction is not None:
-            cfg[CFG_UPLINK_FRACTION] = float(self.protocol.uplink_fraction)
+        write_uplink_switches(cfg, uplink=self.protocol.uplink, encoding=self.masks.encoding,
+                              fraction=self.protocol.uplink_fraction)
 
         shared: tuple[Mask, bool] | None = None
 
