@@ -120,6 +120,7 @@ class FusedModel:
         self.num_parameters = self.flat.num_parameters
         self._order = [i.name for i in self.flat.tensor_infos]
         self._index = {name: i for i, name in enumerate(self._order)}
+        self._last = len(self.layers) - 1  # the output layer (transposed when a Linear)
 
     def _param(self, w: Params, info: TensorInfo) -> Tensor:
         """Parameter ``info`` of every row, ``[N, *shape]`` (a view)."""
@@ -133,7 +134,7 @@ class FusedModel:
         N, b = x.shape[0], x.shape[1]
         a: Tensor = x
         grouped = False  # activations as [b, N*C, H, W] channels-last
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             k = layer.kind
             if k == "conv":
                 if not grouped:
@@ -176,9 +177,16 @@ class FusedModel:
                 wl = self._param(w, layer.weight)
                 if tape is not None:
                     tape.append((a, wl))
-                if layer.bias is not None:
-                    a = torch.baddbmm(self._param(w, layer.bias).unsqueeze(1), a,
-                                      wl.transpose(1, 2))
+                bias = self._param(w, layer.bias) if layer.bias is not None else None
+                if i == self._last:
+                    # the output layer as (W aᵀ)ᵀ: MKL's batched GEMM is 1.1-4x faster with the
+                    # few output classes as rows than as columns (same dot products), and the
+                    # transposed view feeds the loss as is
+                    a = (torch.baddbmm(bias.unsqueeze(2), wl, a.transpose(1, 2))
+                         if bias is not None else torch.bmm(wl, a.transpose(1, 2))
+                         ).transpose(1, 2)
+                elif bias is not None:
+                    a = torch.baddbmm(bias.unsqueeze(1), a, wl.transpose(1, 2))
                 else:
                     a = torch.bmm(a, wl.transpose(1, 2))
         return a
@@ -215,8 +223,9 @@ class FusedModel:
             # softmax by hand: aten's softmax over a last dimension of ~10 classes is ~10x
             # slower than these three element-wise kernels on the CPU
             dz = (z - z.amax(-1, keepdim=True)).exp_()
-            dz.mul_((scale / dz.sum(-1)).unsqueeze(-1))
-            dz.scatter_add_(2, y.unsqueeze(-1), -scale.unsqueeze(-1))
+            sc = scale.unsqueeze(-1)
+            dz.mul_(sc / dz.sum(-1, keepdim=True))
+            dz.scatter_add_(2, y.unsqueeze(-1), sc.neg())
             return self._backward(w, dz, tape)
 
     def _backward(self, w: Params, d: Tensor, tape: list[Any]) -> list[Tensor]:

@@ -176,7 +176,8 @@ def train_rows(
     dev = w.device
     n_rows = w.shape[0]
     per_row_labels = y.dim() == 2
-    example_bytes = x[:1].numel() * x.element_size()
+    x_rows = x.reshape(x.shape[0], -1)  # one example per row: index_select, not x[ids]
+    example_bytes = x_rows.shape[1] * x.element_size()
     for c0 in range(0, n_rows, chunk):
         c1 = min(n_rows, c0 + chunk)
         wc, bc = w[c0:c1], buf[c0:c1]
@@ -187,39 +188,52 @@ def train_rows(
         all_on = act.all(0).tolist()
         act = act.to(dev)
         rows, steps, bs = pos.shape
+        # a step's batch is cut after its last real example in any row (the short last batch
+        # of an epoch: padding has weight 0, so dropping it changes no gradient)
+        last = (val * torch.arange(1, bs + 1, device=dev)).amax(2).amax(0)  # [steps]
+        widths = last.clamp_min(1).tolist()
         scale = example_scale(val, w.dtype) if fused is not None else val.to(w.dtype)
+        scale = scale.transpose(0, 1).contiguous()  # [steps, rows, batch]
         xs = ys = None
         if rows * steps * bs * example_bytes <= prefetch_bytes:  # [steps, rows, batch, ...]
             flat_pos = pos.view(rows, steps * bs)
-            ids = tab.gather(1, flat_pos).view(rows, steps, bs).transpose(0, 1)
-            xs = x[ids]  # advanced indexing: a contiguous [steps, rows, batch, ...] result
+            ids = tab.gather(1, flat_pos).view(rows, steps, bs).transpose(0, 1).reshape(-1)
+            xs = x_rows.index_select(0, ids).view(steps, rows, bs, *x.shape[1:])
             ys = (y[c0:c1].gather(1, flat_pos).view(rows, steps, bs).transpose(0, 1)
-                  .contiguous() if per_row_labels else y[ids])
+                  .contiguous() if per_row_labels else y.index_select(0, ids).view(steps, rows, bs))
         # parameter and momentum blocks: [rows, numel] views of each parameter tensor's columns
         wv = fused.blocks(wc) if fused is not None else [wc]
-        bv = fused.blocks(bc) if fused is not None else [bc]
+        bv0 = fused.blocks(bc) if fused is not None else [bc]
+        bv = bv0  # the momentum lives in the latest gradient tensors during the round
         for s in range(steps):
+            wd = widths[s]
             if xs is not None and ys is not None:
-                xb, yb = xs[s], ys[s]
+                xb, yb = xs[s, :, :wd], ys[s, :, :wd]
             else:
-                cols = pos[:, s]
+                cols = pos[:, s, :wd]
                 ids = tab.gather(1, cols)  # [C, B] example ids
-                xb = x[ids]
+                xb = x_rows.index_select(0, ids.reshape(-1)).view(rows, wd, *x.shape[1:])
                 yb = y[c0:c1].gather(1, cols) if per_row_labels else y[ids]
+            sb = scale[s, :, :wd]
             if fused is not None:
-                gs = fused.grad_blocks(wv, xb, yb, scale[:, s])
+                gs = fused.grad_blocks(wv, xb, yb, sb)
             else:
                 assert gfn is not None
-                gs = [gfn(wc, xb, yb, scale[:, s])]
-            # torch.optim.SGD's update (dampening 0) on every parameter block at once
+                gs = [gfn(wc, xb, yb, sb)]
+            # torch.optim.SGD's update (dampening 0) on every parameter block at once; the new
+            # momentum g + μ·b is built in the fresh gradient tensors (two passes over the
+            # state per step, not three) and written to ``buf`` once, after the round
             if weight_decay:
                 torch._foreach_add_(gs, wv, alpha=weight_decay)
             if all_on[s]:
-                torch._foreach_mul_(bv, momentum)
-                torch._foreach_add_(bv, gs)
-                torch._foreach_add_(wv, bv, alpha=-lr)
+                torch._foreach_add_(gs, bv, alpha=momentum)
+                torch._foreach_add_(wv, gs, alpha=-lr)
+                bv = gs
             else:  # rows whose epoch has ended keep their parameters and momentum
                 keep = act[:, s].unsqueeze(-1)
-                for g, b, wb in zip(gs, bv, wv, strict=True):
-                    b.copy_(torch.where(keep, b * momentum + g, b))
+                bv = [torch.where(keep, g.add_(b, alpha=momentum), b)
+                      for g, b in zip(gs, bv, strict=True)]
+                for b, wb in zip(bv, wv, strict=True):
                     wb.copy_(torch.where(keep, wb - lr * b, wb))
+        if bv is not bv0:
+            torch._foreach_copy_(bv0, bv)
