@@ -122,29 +122,39 @@ def batch_plan(
         steps = local_steps
     else:
         steps = local_epochs * max(-(-int(c) // bs) for c in counts)
-    pos = np.zeros((n_rows, steps, bs), dtype=np.int64)
-    valid = np.zeros((n_rows, steps, bs), dtype=np.bool_)
-    active = np.zeros((n_rows, steps), dtype=np.bool_)
+    pos = torch.zeros((n_rows, steps, bs), dtype=torch.long)
+    flat = pos.view(-1)
     tail = _encode_part(int(round_num)) + _SEP
+    gen = torch.Generator()  # re-seeded per row: the same draws as a fresh generator
+    cnt = np.asarray(counts, dtype=np.int64).reshape(n_rows, 1, 1)
+    if local_steps > 0:
+        valid = np.broadcast_to(np.arange(bs) < np.minimum(cnt, bs), (n_rows, steps, bs))
+        active = np.ones((n_rows, steps), dtype=np.bool_)
+    else:  # step s of row i is step s % per_epoch of epoch s // per_epoch
+        per_epoch = -(-cnt // bs)
+        s_idx = np.arange(steps).reshape(1, steps, 1)
+        in_epoch = (s_idx % per_epoch) * bs + np.arange(bs) < cnt
+        on = s_idx < local_epochs * per_epoch
+        valid = in_epoch & on
+        active = on[:, :, 0]
     for i, (n, rs, k) in enumerate(zip(counts, run_seeds, client_ids, strict=True)):
         n = int(n)
-        gen = torch.Generator().manual_seed(_batch_seed(int(rs), int(k), tail))
+        gen.manual_seed(_batch_seed(int(rs), int(k), tail))
+        base = i * steps * bs
         if local_steps > 0:
             take = min(bs, n)
             for s in range(steps):
                 order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
-                pos[i, s, :take] = order[:take].numpy()
-            valid[i, :, :take] = True
-            active[i] = True
+                flat[base + s * bs : base + s * bs + take] = order[:take]
             continue
-        per_epoch = -(-n // bs)
-        for e in range(local_epochs):
-            s0 = e * per_epoch
-            block = pos[i, s0 : s0 + per_epoch].reshape(-1)  # a view: row i's epoch e
-            block[:n] = (torch.randperm(n, generator=gen) if shuffle else torch.arange(n)).numpy()
-            valid[i, s0 : s0 + per_epoch].reshape(-1)[:n] = True
-            active[i, s0 : s0 + per_epoch] = True
-    return BatchPlan(torch.from_numpy(pos), torch.from_numpy(valid), torch.from_numpy(active))
+        for e in range(local_epochs):  # epoch e: a permutation over the row's epoch block
+            start = base + e * (-(-n // bs)) * bs
+            if shuffle:
+                torch.randperm(n, generator=gen, out=flat[start : start + n])
+            else:
+                torch.arange(n, out=flat[start : start + n])
+    return BatchPlan(pos, torch.from_numpy(np.ascontiguousarray(valid)),
+                     torch.from_numpy(np.ascontiguousarray(active)))
 
 
 def train_rows(
@@ -205,6 +215,7 @@ def train_rows(
         wv = fused.blocks(wc) if fused is not None else [wc]
         bv0 = fused.blocks(bc) if fused is not None else [bc]
         bv = bv0  # the momentum lives in the latest gradient tensors during the round
+        ws = fused.workspace(rows, w.dtype, dev) if fused is not None else None
         for s in range(steps):
             wd = widths[s]
             if xs is not None and ys is not None:
@@ -216,7 +227,8 @@ def train_rows(
                 yb = y[c0:c1].gather(1, cols) if per_row_labels else y[ids]
             sb = scale[s, :, :wd]
             if fused is not None:
-                gs = fused.grad_blocks(wv, xb, yb, sb)
+                assert ws is not None  # alternate sets: the other one holds the momentum
+                gs = fused.grad_blocks(wv, xb, yb, sb, out=ws[s % 2])
             else:
                 assert gfn is not None
                 gs = [gfn(wc, xb, yb, sb)]
