@@ -122,6 +122,7 @@ class FusedModel:
         self._index = {name: i for i, name in enumerate(self._order)}
         self._workspaces: dict[tuple[int, torch.dtype, str], tuple[list[Tensor], list[Tensor]]] \
             = {}
+        self._buffers: dict[tuple[Any, ...], Tensor] = {}
         self._last = len(self.layers) - 1  # the output layer (transposed when a Linear)
 
     def _param(self, w: Params, info: TensorInfo) -> Tensor:
@@ -250,6 +251,18 @@ class FusedModel:
                  for i in self.flat.tensor_infos] for _ in range(2))
         return self._workspaces[key]
 
+    def _buffer(self, layer: int, like: Tensor) -> Tensor:
+        """A tensor shaped and strided as ``like``, reused by layer ``layer``'s backward from
+        step to step (a fresh multi-megabyte gradient map per step costs page faults)."""
+        key = (layer, tuple(like.shape), like.stride(), like.dtype, str(like.device))
+        buf = self._buffers.get(key)
+        if buf is None:
+            if len(self._buffers) >= 32:
+                self._buffers.clear()
+            buf = self._buffers[key] = torch.empty_strided(
+                like.shape, like.stride(), dtype=like.dtype, device=like.device)
+        return buf
+
     def _backward(self, w: Params, d: Tensor, tape: list[Any],
                   out: list[Tensor] | None = None) -> list[Tensor]:
         N = d.shape[0]
@@ -272,8 +285,8 @@ class FusedModel:
                     grads[layer.bias.name] = d.sum(1) if o is None else torch.sum(d, 1, out=o)
                 if need_input:
                     d = torch.bmm(d, wl)
-            elif k == "relu":
-                d = torch.ops.aten.threshold_backward(d, saved, 0)
+            elif k == "relu":  # in place: d is this backward pass's own intermediate
+                d = torch.ops.aten.threshold_backward.grad_input(d, saved, 0, grad_input=d)
             elif k == "flatten":
                 shape = saved
                 if len(shape) == 4:  # grouped [b, N*C, H, W] -> back to the grouped layout
@@ -283,8 +296,8 @@ class FusedModel:
             elif k == "pool":
                 a, ind = saved
                 ks, st, pad, dil, ceil = layer.args
-                d = torch.ops.aten.max_pool2d_with_indices_backward(d, a, ks, st, pad, dil, ceil,
-                                                                    ind)
+                d = torch.ops.aten.max_pool2d_with_indices_backward.grad_input(
+                    d, a, ks, st, pad, dil, ceil, ind, grad_input=self._buffer(i, a))
             else:  # conv
                 a, wt = saved
                 stride, pad, dil, cout = layer.args
