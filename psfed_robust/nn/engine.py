@@ -332,19 +332,24 @@ def _run(config: NNConfig, task: ImageTask | None, progress: bool) -> NNResult:
 
         # 2. downlink merge into the participants' local models (in place when every client
         # takes part: no copies of the [runs x clients, P] state)
+        if idx is not None:  # the global values on the masks [B, K, M]; coordinated masks:
+            # gathered once per run and expanded over the clients (a view, no [B, K, M] index
+            # copy)
+            down = gather(G, idx) if masks.per_client else \
+                gather(G, idx[:, :1]).expand(idx.shape)
         if full_part:
             sub = Wf
             if idx is None:
                 merge_(W, None, G.unsqueeze(1))
             else:
-                merge_(W, idx, gather(G, idx))
+                merge_(W, idx, down)
         else:
             sub = Wf.index_select(0, rows_d)
             if idx is None:
                 merge_(sub, None, G.index_select(0, row_run[rows].to(dev)))
             else:
                 idx_rows = idx.reshape(B * K, -1).index_select(0, rows_d)
-                merge_(sub, idx_rows, gather(G, idx).reshape(B * K, -1).index_select(0, rows_d))
+                merge_(sub, idx_rows, down.reshape(B * K, -1).index_select(0, rows_d))
 
         tick = _lap(phases, "masks_merge", tick)
 
