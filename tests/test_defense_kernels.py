@@ -130,7 +130,7 @@ def test_compiled_kernel_matches_the_torch_reference(dtype: torch.dtype) -> None
 
 @pytest.mark.parametrize("row", [0, 19])
 def test_median_and_trimmed_mean_with_a_nan_participant_at_kernel_scale(row: int) -> None:
-    """Issue 14 item 2: at >= 2**22 elements (the compiled path, when built) one NaN participant
+    """Issue 14 item 2: at >= 2**22 elements (the compiled path when built) one NaN participant
     made the median all-NaN (row 0) or moved 137,402 of 262,144 coordinates (row 19); the torch
     path returned the median of the others with NaN as the largest value. Now every path does."""
     k, d = 20, 1 << 18
