@@ -33,49 +33,66 @@ void psw_join(uint8_t* dst, int64_t n, const uint8_t* const* src, const int64_t*
 /* Decode a Rice section into the 0/1 byte array `out` (pre-filled with the non-member value):
    member i at idx_i gets `val`. 0 on success, else an error code (see the Python wrapper).
    `rem_len` must be exactly ceil(m*k/8) (checked by the caller); m >= 1. */
+/* Big-endian 64-bit load: the next 64 bits of a bit stream, most significant first. */
+static inline uint64_t be64(const uint8_t* p) {
+    uint64_t w;
+    memcpy(&w, p, 8);
+    return __builtin_bswap64(w);
+}
+
 int64_t psw_rice_decode(const uint8_t* rem, int64_t rem_len, const uint8_t* un, int64_t un_len,
                         int64_t m, int k, int64_t size, uint8_t val, uint8_t* out,
                         int64_t* found) {
-    uint64_t racc = 0;
-    int rn = 0;
-    int64_t rpos = 0, upos = 0, prev = -1;
-    int uoff = 0;
+    /* Bit positions (from the start of each stream, most significant bit of byte 0 first). Fast
+       paths read 64-bit windows while 8 bytes remain; the tails read byte by byte. */
+    int64_t rbit = 0, ubit = 0, prev = -1;
     const int64_t qmax = size >> k;
+    const int64_t rfast = (rem_len - 8) * 8, ufast = (un_len - 8) * 8;
     for (int64_t i = 0; i < m; ++i) {
         uint64_t r = 0;
-        int need = k;
-        while (need > 0) {
-            int nb = need > 32 ? 32 : need;
-            while (rn < nb) { racc = (racc << 8) | rem[rpos++]; rn += 8; }
-            r = (r << nb) | ((racc >> (rn - nb)) & ((1ULL << nb) - 1));
-            rn -= nb;
-            need -= nb;
+        if (k > 0) {
+            if (k <= 56 && rbit <= rfast) {
+                r = (be64(rem + (rbit >> 3)) << (rbit & 7)) >> (64 - k);
+                rbit += k;
+            } else {
+                for (int j = 0; j < k; ++j, ++rbit)
+                    r = (r << 1) | ((rem[rbit >> 3] >> (7 - (rbit & 7))) & 1u);
+            }
         }
-        /* next one bit of the unary stream at or after (upos, uoff) */
-        if (upos >= un_len) { *found = i; return 2; }
-        unsigned b = (uint8_t)(un[upos] << uoff);
-        int64_t start = upos * 8 + uoff;
-        while (b == 0) {
-            if (++upos >= un_len) { *found = i; return 2; }
-            b = un[upos];
-            uoff = 0;
+        /* q = zeros before the next one bit of the unary stream */
+        int64_t one = -1;
+        if (ubit <= ufast) {
+            const uint64_t w = be64(un + (ubit >> 3)) << (ubit & 7);
+            if (w) one = ubit + __builtin_clzll(w);
         }
-        int64_t one = upos * 8 + uoff + (__builtin_clz(b) - 24);
-        int64_t q = one - start;
-        upos = (one + 1) >> 3;
-        uoff = (int)((one + 1) & 7);
+        if (one < 0) {  /* tail, or no one in the window: scan bytes */
+            int64_t byte = ubit >> 3, base = ubit;  /* base: the bit at b's most significant */
+            if (byte >= un_len) { *found = i; return 2; }
+            unsigned b = (uint8_t)(un[byte] << (ubit & 7));
+            while (b == 0) {
+                if (++byte >= un_len) { *found = i; return 2; }
+                b = un[byte];
+                base = byte * 8;
+            }
+            one = base + (__builtin_clz(b) - 24);
+        }
+        const int64_t q = one - ubit;
+        ubit = one + 1;
         if (q > qmax) return 4;
-        int64_t gap = (int64_t)(((uint64_t)q << k) | r);
+        const int64_t gap = (int64_t)(((uint64_t)q << k) | r);
         if (gap >= size) return 4;
-        int64_t idx = prev + gap + 1;
+        const int64_t idx = prev + gap + 1;
         if (idx >= size) return 5;
         out[idx] = val;
         prev = idx;
     }
-    if (rn > 0 && (racc & ((1ULL << rn) - 1))) return 1;
-    if (rpos != rem_len) return 1;
+    /* remainder stream: exactly ceil(m k / 8) bytes (the caller checks), zero padding bits */
+    if ((rbit & 7) && (rem[rbit >> 3] & (0xFFu >> (rbit & 7)))) return 1;
+    if ((rbit + 7) >> 3 != rem_len) return 1;
     /* after the m-th one: only zero padding to the end of its byte, and no further bytes */
-    int64_t last_byte = uoff == 0 ? upos - 1 : upos;
+    const int64_t upos = ubit >> 3;
+    const int uoff = (int)(ubit & 7);
+    const int64_t last_byte = uoff == 0 ? upos - 1 : upos;
     if (uoff != 0 && (uint8_t)(un[upos] << uoff) != 0) return 6;
     for (int64_t j = last_byte + 1; j < un_len; ++j) if (un[j]) return 6;
     if (last_byte != un_len - 1) return 3;
