@@ -5,10 +5,10 @@ Two entry points, built lazily on the first ``get()`` and cached on disk:
 - :class:`CLibrary` ``(name, source, signatures, *, cflags)``: a plain C library (no Python or
   torch headers) compiled with the system C compiler and loaded with :mod:`ctypes`. Sub-second
   build, so hot paths (the wire codec) can use it in every fresh process.
-- :class:`TorchExtension` ``(name, sources, *, cflags, ldflags)``: a C++ torch extension
-  (``#include <torch/extension.h>`` and a ``PYBIND11_MODULE(TORCH_EXTENSION_NAME, m)`` in the
-  source), compiled with the system C++ compiler against the installed torch and imported as a
-  module (about 25 s to build).
+- :class:`TorchExtension` ``(name, sources, *, cflags, ldflags)``: a C++ torch extension (its
+  source file includes torch's extension header and declares the pybind11 module named by
+  ``TORCH_EXTENSION_NAME``), compiled with the system C++ compiler against the installed torch
+  and imported as a module (about 20-25 s to build).
 
 Both take real files: :func:`source` ``("defense_kernels.cpp")`` is the path of a file of
 ``psfed_robust/csrc/``. ``get()`` returns the loaded library/module, or ``None`` (disabled, no
