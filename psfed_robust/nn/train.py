@@ -30,6 +30,7 @@ from torch.func import functional_call, grad, vmap
 
 from psfed_robust.core.flatten import FlattenedModel
 from psfed_robust.core.seeding import _encode_part
+from psfed_robust.nn import kernels
 from psfed_robust.nn.fused import FusedModel, example_scale
 
 __all__ = ["BatchPlan", "FunctionalModel", "batch_plan", "train_rows"]
@@ -157,6 +158,20 @@ def batch_plan(
                      torch.from_numpy(np.ascontiguousarray(active)))
 
 
+@functools.lru_cache(maxsize=8)
+def _mlp_spec(fused: FusedModel) -> kernels.MLPSpec | None:
+    return kernels.mlp_spec(fused)
+
+
+def _kernel_spec(fused: FusedModel | None, w: Tensor, x: Tensor) -> kernels.MLPSpec | None:
+    """The compiled kernel's spec when it can train these rows, else ``None``."""
+    if fused is None or w.dtype != torch.float32 or x.dtype != torch.float32 \
+            or w.device.type != "cpu" or x.device.type != "cpu":
+        return None
+    spec = _mlp_spec(fused)
+    return spec if spec is not None and kernels.available() else None
+
+
 def train_rows(
     fmodel: FunctionalModel,
     w: Tensor,
@@ -172,6 +187,7 @@ def train_rows(
     chunk: int,
     fused: FusedModel | None = None,
     prefetch_bytes: int = 64 * 2**20,
+    compiled: bool = True,
 ) -> None:
     """Train rows ``w`` ``[N, P]`` in place (momentum ``buf`` ``[N, P]`` in place too).
 
@@ -180,7 +196,9 @@ def train_rows(
     call (memory bound). ``fused``: compute the gradients with the hand-derived kernels of
     :class:`~psfed_robust.nn.fused.FusedModel` instead of ``vmap(grad)`` (same values within
     float tolerance); a chunk's batches of the whole round are gathered at once when they take at
-    most ``prefetch_bytes``.
+    most ``prefetch_bytes``. ``compiled``: with ``fused``, an MLP in float32 on the CPU trains
+    through the compiled kernel of :mod:`psfed_robust.nn.kernels` when it is available (same
+    batches and update within float32 rounding; rows split over torch's intra-op thread count).
     """
     gfn = fmodel.grad_fn() if fused is None else None
     dev = w.device
@@ -188,6 +206,7 @@ def train_rows(
     per_row_labels = y.dim() == 2
     x_rows = x.reshape(x.shape[0], -1)  # one example per row: index_select, not x[ids]
     example_bytes = x_rows.shape[1] * x.element_size()
+    spec = _kernel_spec(fused, w, x) if compiled else None
     for c0 in range(0, n_rows, chunk):
         c1 = min(n_rows, c0 + chunk)
         wc, bc = w[c0:c1], buf[c0:c1]
@@ -201,6 +220,15 @@ def train_rows(
         # a step's batch is cut after its last real example in any row (the short last batch
         # of an epoch: padding has weight 0, so dropping it changes no gradient)
         last = (val * torch.arange(1, bs + 1, device=dev)).amax(2).amax(0)  # [steps]
+        if spec is not None:  # the compiled kernel: every step of the chunk in one call
+            flat_pos = pos.view(rows, steps * bs)
+            ids = tab.gather(1, flat_pos)
+            ys_k = y[c0:c1].gather(1, flat_pos) if per_row_labels else y[ids]
+            kernels.mlp_sgd(spec, wc, bc, x_rows, ids.view(rows, steps, bs),
+                            ys_k.view(rows, steps, bs), example_scale(val, w.dtype), act,
+                            last.clamp_min(1), lr=lr, momentum=momentum,
+                            weight_decay=weight_decay, threads=torch.get_num_threads())
+            continue
         widths = last.clamp_min(1).tolist()
         scale = example_scale(val, w.dtype) if fused is not None else val.to(w.dtype)
         scale = scale.transpose(0, 1).contiguous()  # [steps, rows, batch]

@@ -1,0 +1,474 @@
+// Optional CPU accelerator of the batched NN engine's local training (psfed_robust/nn/kernels.py).
+//
+// psfed_mlp_sgd_f32 runs one round of local minibatch SGD with momentum / weight decay for a set
+// of client rows of a multilayer perceptron (Linear layers with ReLU between them, on flattened
+// inputs), float32. Its reference is the torch fused path of psfed_robust.nn.train.train_rows
+// (psfed_robust.nn.fused.FusedModel.grad_blocks + torch.optim.SGD's update on parameter blocks):
+// the same batches, the same weighted cross-entropy gradient (softmax - onehot, scaled by each
+// example's weight over the row's weight sum), the same update g <- grad + wd w, b <- g + mu b,
+// w <- w - lr b on the steps a row is active. It differs only in summation order and in a
+// polynomial exp (relative error ~1e-7), so results agree within float32 rounding
+// (tests/test_nn_kernels.py), not bit for bit. NaN/Inf propagate as in the reference: the
+// softmax is computed as exp(z - max z) / sum exactly as the torch path does (a NaN or +Inf logit
+// makes its example's whole gradient column NaN), ReLU keeps NaN, and its backward zeroes the
+// gradient where the activation is <= 0 (threshold_backward).
+//
+// Why it exists: on small models one step of all rows in torch is ~25 kernel launches of a few
+// microseconds of arithmetic each; here each row runs all of its steps with its weights, momentum
+// and batch in L1/L2 cache. Layout per row and step: activations are kept transposed [features x
+// batch] (batch padded to a multiple of 16 lanes) so the forward pass and the input gradient are
+// register-blocked outer products of weight scalars and batch vectors; the weight gradients
+// dW[o, :] = sum_i dZ[o, i] A[i, :] read the example-major activations (the input rows in place,
+// hidden activations transposed once per step).
+//
+// Plain C-style C++ (no exceptions, no STL, no torch or Python headers) loaded with ctypes
+// (psfed_robust._cpp.CLibrary): the call releases the GIL; the Python side splits rows across
+// threads (rows are independent, so the result does not depend on the split).
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4), may_alias));
+typedef int32_t i16v __attribute__((vector_size(64)));
+
+static inline v16 ld(const float* p) { return *(const v16u*)p; }
+static inline void st(float* p, v16 v) { *(v16u*)p = v; }
+static inline v16 splat(float x) { return (v16){} + x; }
+// Keeps a loaded vector in a register: without it GCC folds the load into every FMA that uses
+// it (one load per FMA), which makes the register-blocked loops load-bound.
+#define in_register(v) __asm__("" : "+v"(v))
+
+#define VL 16
+#define MAX_LAYERS 16
+
+// exp on 16 lanes (Cephes expf): x clamped to [-87.34, 88] (NaN stays NaN), round-to-nearest
+// split x = n ln2 + r, a degree-6 polynomial for e^r, 2^n from the exponent bits.
+static inline v16 vexp(v16 x) {
+  const v16 lo = splat(-87.3365447505531f), hi = splat(88.0f);
+  x = x < lo ? lo : x;  // NaN: the comparison is false, NaN is kept
+  x = x > hi ? hi : x;
+  const v16 magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  v16 t = x * splat(1.44269504088896341f) + magic;
+  v16 n = t - magic;
+  v16 r = x - n * splat(0.693359375f);
+  r = r - n * splat(-2.12194440e-4f);
+  v16 p = splat(1.9875691500e-4f);
+  p = p * r + splat(1.3981999507e-3f);
+  p = p * r + splat(8.3334519073e-3f);
+  p = p * r + splat(4.1665795894e-2f);
+  p = p * r + splat(1.6666665459e-1f);
+  p = p * r + splat(5.0000001201e-1f);
+  p = p * r * r + r + splat(1.0f);
+  i16v e = __builtin_convertvector(n, i16v);
+  e = (e + 127) << 23;
+  v16 s;
+  memcpy(&s, &e, sizeof s);
+  return p * s;
+}
+
+// In-register transpose of a 16 x 16 block (r[i][k] -> r[k][i]): four stages, stage b swapping
+// bit b of the row index with bit b of the column index by two-source shuffles of row pairs.
+static inline void transpose16(v16 r[16]) {
+#pragma GCC unroll 4
+  for (int b = 0; b < 4; ++b) {
+    const int h = 1 << b;
+    i16v m0, m1;
+    for (int k = 0; k < 16; ++k) {
+      m0[k] = (k & h) ? 16 + (k - h) : k;  // low row: its own k (bit clear), else partner's k-h
+      m1[k] = (k & h) ? 16 + k : k + h;    // high row: own k (bit set), else low row's k+h
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i) {
+      if (i & h) continue;
+      const v16 lo = r[i], hi = r[i + h];
+      r[i] = __builtin_shuffle(lo, hi, m0);
+      r[i + h] = __builtin_shuffle(lo, hi, m1);
+    }
+  }
+}
+
+// dst[k * ld_dst + i] = rows[i][k] for i < n (<= 16; rows past n read as zeros), k < 16.
+static inline void gather_block(const float* const* rows, int64_t n, int64_t k0, float* dst,
+                                int64_t ld_dst) {
+  v16 r[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) r[i] = i < n ? ld(rows[i] + k0) : splat(0.0f);
+  transpose16(r);
+#pragma GCC unroll 16
+  for (int k = 0; k < 16; ++k) st(dst + k * ld_dst, r[k]);
+}
+
+struct Layer {
+  int64_t in, out, w_off, b_off;  // b_off < 0: no bias
+  int relu;                        // ReLU after this layer's output
+};
+
+// ------------------------------------------------------------------ forward: ZT = W AT + b
+// AT [in x nb], ZT [out x nb]; OB outputs x CB lane-vectors per register block.
+template <int OB, int CB>
+static inline void fwd_block(const float* W, const float* bias, int64_t in, const float* AT,
+                             int64_t nb, float* ZT, int64_t o0, int64_t c0, int relu) {
+  v16 acc[OB][CB];
+#pragma GCC unroll 8
+  for (int q = 0; q < OB; ++q) {
+    const float b = bias ? bias[o0 + q] : 0.0f;
+#pragma GCC unroll 4
+    for (int c = 0; c < CB; ++c) acc[q][c] = splat(b);
+  }
+  const float* w0 = W + o0 * in;
+  for (int64_t k = 0; k < in; ++k) {
+    v16 a[CB];
+    const float* ap = AT + k * nb + c0;
+#pragma GCC unroll 4
+    for (int c = 0; c < CB; ++c) {
+      v16 t = ld(ap + c * VL);
+      in_register(t);
+      a[c] = t;
+    }
+#pragma GCC unroll 8
+    for (int q = 0; q < OB; ++q) {
+      const float wq = w0[q * in + k];
+#pragma GCC unroll 4
+      for (int c = 0; c < CB; ++c) acc[q][c] += wq * a[c];
+    }
+  }
+  const v16 zero = splat(0.0f);
+#pragma GCC unroll 8
+  for (int q = 0; q < OB; ++q)
+#pragma GCC unroll 4
+    for (int c = 0; c < CB; ++c) {
+      v16 v = acc[q][c];
+      if (relu) v = v < zero ? zero : v;  // torch.relu: NaN kept
+      st(ZT + (o0 + q) * nb + c0 + c * VL, v);
+    }
+}
+
+template <int CB>
+static void fwd_cols(const Layer& L, const float* w, const float* AT, int64_t nb, float* ZT,
+                     int64_t c0) {
+  const float* W = w + L.w_off;
+  const float* bias = L.b_off >= 0 ? w + L.b_off : nullptr;
+  int64_t o = 0;
+  for (; o + 8 <= L.out; o += 8) fwd_block<8, CB>(W, bias, L.in, AT, nb, ZT, o, c0, L.relu);
+  for (; o + 4 <= L.out; o += 4) fwd_block<4, CB>(W, bias, L.in, AT, nb, ZT, o, c0, L.relu);
+  for (; o < L.out; ++o) fwd_block<1, CB>(W, bias, L.in, AT, nb, ZT, o, c0, L.relu);
+}
+
+static void forward(const Layer& L, const float* w, const float* AT, int64_t nb, float* ZT) {
+  int64_t c = 0;
+  for (; c + 2 * VL <= nb; c += 2 * VL) fwd_cols<2>(L, w, AT, nb, ZT, c);
+  for (; c < nb; c += VL) fwd_cols<1>(L, w, AT, nb, ZT, c);
+}
+
+// ------------------------------------------------------------------ input gradient
+// dAT[k, :] = sum_o W[o, k] dZT[o, :], then ReLU's backward with the saved activation HT (the
+// previous layer's output): 0 where HT <= 0 (NaN in HT keeps the gradient, as threshold_backward).
+template <int KB, int CB>
+static inline void dinput_block(const float* W, int64_t in, int64_t out, const float* dZT,
+                                int64_t nb, const float* HT, float* dAT, int64_t k0,
+                                int64_t c0) {
+  v16 acc[KB][CB];
+#pragma GCC unroll 8
+  for (int q = 0; q < KB; ++q)
+#pragma GCC unroll 4
+    for (int c = 0; c < CB; ++c) acc[q][c] = splat(0.0f);
+  for (int64_t o = 0; o < out; ++o) {
+    v16 d[CB];
+    const float* dp = dZT + o * nb + c0;
+#pragma GCC unroll 4
+    for (int c = 0; c < CB; ++c) {
+      v16 t = ld(dp + c * VL);
+      in_register(t);
+      d[c] = t;
+    }
+    const float* wr = W + o * in + k0;
+#pragma GCC unroll 8
+    for (int q = 0; q < KB; ++q) {
+      const float wq = wr[q];
+#pragma GCC unroll 4
+      for (int c = 0; c < CB; ++c) acc[q][c] += wq * d[c];
+    }
+  }
+  const v16 zero = splat(0.0f);
+#pragma GCC unroll 8
+  for (int q = 0; q < KB; ++q)
+#pragma GCC unroll 4
+    for (int c = 0; c < CB; ++c) {
+      const int64_t off = (k0 + q) * nb + c0 + c * VL;
+      const v16 h = ld(HT + off);
+      st(dAT + off, h <= zero ? zero : acc[q][c]);
+    }
+}
+
+template <int CB>
+static void dinput_cols(const Layer& L, const float* w, const float* dZT, int64_t nb,
+                        const float* HT, float* dAT, int64_t c0) {
+  const float* W = w + L.w_off;
+  int64_t k = 0;
+  for (; k + 8 <= L.in; k += 8) dinput_block<8, CB>(W, L.in, L.out, dZT, nb, HT, dAT, k, c0);
+  for (; k + 4 <= L.in; k += 4) dinput_block<4, CB>(W, L.in, L.out, dZT, nb, HT, dAT, k, c0);
+  for (; k < L.in; ++k) dinput_block<1, CB>(W, L.in, L.out, dZT, nb, HT, dAT, k, c0);
+}
+
+static void dinput(const Layer& L, const float* w, const float* dZT, int64_t nb, const float* HT,
+                   float* dAT) {
+  int64_t c = 0;
+  for (; c + 2 * VL <= nb; c += 2 * VL) dinput_cols<2>(L, w, dZT, nb, HT, dAT, c);
+  for (; c < nb; c += VL) dinput_cols<1>(L, w, dZT, nb, HT, dAT, c);
+}
+
+// ------------------------------------------------------------------ weight gradient
+// dW[o, k] = sum_{i < wd} dZT[o, i] A_i[k] with A_i the i-th example's input row (rows[i]);
+// db[o] = sum_{i < wd} dZT[o, i]. OB outputs x KB lane-vectors of k per register block.
+template <int OB, int KB>
+static inline void dweight_block(const float* dZT, int64_t nb, const float* const* rows,
+                                 int64_t wd, int64_t in, float* dW, int64_t o0, int64_t k0) {
+  v16 acc[OB][KB];
+#pragma GCC unroll 8
+  for (int q = 0; q < OB; ++q)
+#pragma GCC unroll 4
+    for (int c = 0; c < KB; ++c) acc[q][c] = splat(0.0f);
+  for (int64_t i = 0; i < wd; ++i) {
+    v16 a[KB];
+    const float* ap = rows[i] + k0;
+#pragma GCC unroll 4
+    for (int c = 0; c < KB; ++c) {
+      v16 t = ld(ap + c * VL);
+      in_register(t);
+      a[c] = t;
+    }
+#pragma GCC unroll 8
+    for (int q = 0; q < OB; ++q) {
+      const float s = dZT[(o0 + q) * nb + i];
+#pragma GCC unroll 4
+      for (int c = 0; c < KB; ++c) acc[q][c] += s * a[c];
+    }
+  }
+#pragma GCC unroll 8
+  for (int q = 0; q < OB; ++q)
+#pragma GCC unroll 4
+    for (int c = 0; c < KB; ++c) st(dW + (o0 + q) * in + k0 + c * VL, acc[q][c]);
+}
+
+template <int OB>
+static void dweight_rows(const float* dZT, int64_t nb, const float* const* rows, int64_t wd,
+                         int64_t in, float* dW, int64_t o0) {
+  int64_t k = 0;
+  for (; k + 2 * VL <= in; k += 2 * VL) dweight_block<OB, 2>(dZT, nb, rows, wd, in, dW, o0, k);
+  for (; k + VL <= in; k += VL) dweight_block<OB, 1>(dZT, nb, rows, wd, in, dW, o0, k);
+  for (; k < in; ++k)  // tail columns (in not a multiple of 16)
+    for (int q = 0; q < OB; ++q) {
+      float s = 0.0f;
+      for (int64_t i = 0; i < wd; ++i) s += dZT[(o0 + q) * nb + i] * rows[i][k];
+      dW[(o0 + q) * in + k] = s;
+    }
+}
+
+static void dweight(const Layer& L, const float* dZT, int64_t nb, const float* const* rows,
+                    int64_t wd, float* grad) {
+  float* dW = grad + L.w_off;
+  int64_t o = 0;
+  for (; o + 8 <= L.out; o += 8) dweight_rows<8>(dZT, nb, rows, wd, L.in, dW, o);
+  for (; o + 4 <= L.out; o += 4) dweight_rows<4>(dZT, nb, rows, wd, L.in, dW, o);
+  for (; o < L.out; ++o) dweight_rows<1>(dZT, nb, rows, wd, L.in, dW, o);
+  if (L.b_off >= 0) {
+    float* db = grad + L.b_off;
+    for (int64_t o2 = 0; o2 < L.out; ++o2) {
+      const float* d = dZT + o2 * nb;
+      float s = 0.0f;
+      for (int64_t i = 0; i < wd; ++i) s += d[i];
+      db[o2] = s;
+    }
+  }
+}
+
+// ------------------------------------------------------------------ loss gradient
+// dZT[c, i] = (softmax(z_i)_c - [c == y_i]) * scale_i, as the torch path computes it:
+// e = exp(z - max z); dz = e * (scale / sum e); dz[y] -= scale.
+static void loss_grad(float* ZT, int64_t C, int64_t nb, const int64_t* y, const float* sc,
+                      int64_t wd, float* scol) {
+  for (int64_t i = 0; i < nb; ++i) scol[i] = i < wd ? sc[i] : 0.0f;
+  for (int64_t c0 = 0; c0 < nb; c0 += VL) {
+    v16 m = ld(ZT + c0);
+    for (int64_t c = 1; c < C; ++c) {
+      const v16 z = ld(ZT + c * nb + c0);
+      m = (z > m) | (z != z) ? z : m;  // amax: NaN wins
+    }
+    v16 s = splat(0.0f);
+    for (int64_t c = 0; c < C; ++c) {
+      const v16 e = vexp(ld(ZT + c * nb + c0) - m);
+      st(ZT + c * nb + c0, e);
+      s += e;
+    }
+    const v16 r = ld(scol + c0) / s;
+    for (int64_t c = 0; c < C; ++c) st(ZT + c * nb + c0, ld(ZT + c * nb + c0) * r);
+  }
+  for (int64_t i = 0; i < wd; ++i) ZT[y[i] * nb + i] -= scol[i];
+}
+
+static inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// One round of local SGD for `rows` client rows (see the header). Returns 0; -1 for sizes out of
+// range or no memory; -2 when an example id is outside [0, n_examples); -3 when a label is
+// outside [0, classes) (checked for every active step before any row is touched).
+//   layers: nl entries of (in, out, w_off, b_off, relu) as int64 [nl, 5]; dims chain and the
+//           first layer's `in` is the example size; the last layer's `out` is the class count.
+//   w, mom: [rows, P] with row strides w_stride, m_stride (momentum in/out).
+//   x: [n_examples, in0]; ids, labels, scale: [rows, steps, bs]; active: uint8 [rows, steps];
+//   widths: [steps] examples processed at each step (<= bs).
+extern "C" int psfed_mlp_sgd_f32(int64_t rows, int64_t steps, int64_t bs, int64_t nl,
+                                 const int64_t* layer_spec, int64_t P, float* w,
+                                 int64_t w_stride, float* mom, int64_t m_stride, const float* x,
+                                 int64_t n_examples, const int64_t* ids, const int64_t* labels,
+                                 const float* scale, const uint8_t* active,
+                                 const int64_t* widths, float lr, float mu, float wd_coef) {
+  if (nl < 1 || nl > MAX_LAYERS || rows < 0 || steps < 0 || bs < 1 || P < 1) return -1;
+  Layer L[MAX_LAYERS];
+  int64_t maxdim = 0;
+  for (int64_t l = 0; l < nl; ++l) {
+    const int64_t* s = layer_spec + 5 * l;
+    L[l].in = s[0];
+    L[l].out = s[1];
+    L[l].w_off = s[2];
+    L[l].b_off = s[3];
+    L[l].relu = (int)s[4];
+    if (L[l].in < 1 || L[l].out < 1 || L[l].w_off < 0 || L[l].w_off + L[l].in * L[l].out > P ||
+        L[l].b_off + L[l].out > P || (l > 0 && L[l].in != L[l - 1].out))
+      return -1;
+    if (L[l].in > maxdim) maxdim = L[l].in;
+    if (L[l].out > maxdim) maxdim = L[l].out;
+  }
+  for (int64_t s = 0; s < steps; ++s)
+    if (widths[s] < 0 || widths[s] > bs) return -1;
+  const int64_t C = L[nl - 1].out, in0 = L[0].in;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t s = 0; s < steps; ++s) {
+      if (!active[r * steps + s]) continue;
+      const int64_t* id = ids + (r * steps + s) * bs;
+      const int64_t* y = labels + (r * steps + s) * bs;
+      for (int64_t i = 0; i < (widths[s] > 0 ? widths[s] : 1); ++i) {
+        if (id[i] < 0 || id[i] >= n_examples) return -2;
+        if (y[i] < 0 || y[i] >= C) return -3;
+      }
+    }
+  const int64_t nb_max = round_up(bs, VL);
+  // scratch: per layer its output (transposed) and, for hidden outputs, the example-major copy;
+  // two gradient buffers; the input transposed; the gradient vector; the scale column
+  int64_t total = in0 * nb_max + 2 * maxdim * nb_max + P + nb_max;
+  for (int64_t l = 0; l < nl; ++l) total += L[l].out * nb_max * (l + 1 < nl ? 2 : 1);
+  float* mem = (float*)aligned_alloc(64, (size_t)round_up(total * 4, 64));
+  const float** rowp = (const float**)malloc(sizeof(float*) * (size_t)bs);
+  if (!mem || !rowp) {
+    free(mem);
+    free(rowp);
+    return -1;
+  }
+  memset(mem, 0, (size_t)total * 4);
+  float* XT = mem;
+  float* dA = XT + in0 * nb_max;
+  float* dB = dA + maxdim * nb_max;
+  float* grad = dB + maxdim * nb_max;
+  float* scol = grad + P;
+  float* ZT[MAX_LAYERS];
+  float* Hrow[MAX_LAYERS];
+  float* p = scol + nb_max;
+  for (int64_t l = 0; l < nl; ++l) {
+    ZT[l] = p;
+    p += L[l].out * nb_max;
+    Hrow[l] = nullptr;
+    if (l + 1 < nl) {
+      Hrow[l] = p;
+      p += L[l].out * nb_max;
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    float* wr = w + r * w_stride;
+    float* br = mom + r * m_stride;
+    for (int64_t s = 0; s < steps; ++s) {
+      if (!active[r * steps + s]) continue;
+      const int64_t wd = widths[s] > 0 ? widths[s] : 1;
+      const int64_t nb = round_up(wd, VL);
+      const int64_t* id = ids + (r * steps + s) * bs;
+      const int64_t* y = labels + (r * steps + s) * bs;
+      // the batch: example-major rows in place, feature-major copy padded with zeros
+      for (int64_t i = 0; i < wd; ++i) rowp[i] = x + id[i] * in0;
+      const int64_t in16 = in0 / VL * VL;
+      for (int64_t i0 = 0; i0 < nb; i0 += VL)
+        for (int64_t k0 = 0; k0 < in16; k0 += VL)
+          gather_block(rowp + i0, wd - i0, k0, XT + k0 * nb + i0, nb);
+      for (int64_t k = in16; k < in0; ++k) {  // tail features (in0 not a multiple of 16)
+        float* dst = XT + k * nb;
+        for (int64_t i = 0; i < wd; ++i) dst[i] = rowp[i][k];
+        for (int64_t i = wd; i < nb; ++i) dst[i] = 0.0f;
+      }
+      // forward
+      const float* AT = XT;
+      for (int64_t l = 0; l < nl; ++l) {
+        forward(L[l], wr, AT, nb, ZT[l]);
+        AT = ZT[l];
+      }
+      // backward
+      loss_grad(ZT[nl - 1], C, nb, y, scale + (r * steps + s) * bs, wd, scol);
+      float* dZ = ZT[nl - 1];
+      for (int64_t l = nl - 1; l >= 0; --l) {
+        const float* const* arows = rowp;
+        if (l > 0) {  // the hidden input, example-major: Hrow[i, k] = ZT[l-1][k, i]
+          const int64_t hin = L[l].in;
+          float* H = Hrow[l - 1];
+          const float* HT = ZT[l - 1];
+          const int64_t h16 = hin / VL * VL;
+          for (int64_t k0 = 0; k0 < h16; k0 += VL)
+            for (int64_t i0 = 0; i0 < wd; i0 += VL) {
+              const float* cols[VL];
+              for (int j = 0; j < VL; ++j) cols[j] = HT + (k0 + j) * nb + i0 - k0;
+              gather_block(cols, VL, k0, H + i0 * hin + k0, hin);
+            }
+          for (int64_t k = h16; k < hin; ++k)
+            for (int64_t i = 0; i < wd; ++i) H[i * hin + k] = HT[k * nb + i];
+          for (int64_t i = 0; i < wd; ++i) rowp[i] = H + i * hin;
+          arows = rowp;
+        }
+        dweight(L[l], dZ, nb, arows, wd, grad);
+        if (l > 0) {
+          float* next = dZ == dA ? dB : dA;
+          dinput(L[l], wr, dZ, nb, ZT[l - 1], next);
+          dZ = next;
+          if (l - 1 == 0)  // restore the input rows for the first layer's weight gradient
+            for (int64_t i = 0; i < wd; ++i) rowp[i] = x + id[i] * in0;
+        }
+      }
+      // torch.optim.SGD (dampening 0): g = grad + wd w; b = g + mu b; w = w - lr b
+      const v16 vwd = splat(wd_coef), vmu = splat(mu), vlr = splat(-lr);
+      int64_t j = 0;
+      if (wd_coef != 0.0f) {
+        for (; j + VL <= P; j += VL) {
+          const v16 wv = ld(wr + j);
+          const v16 b = (ld(grad + j) + vwd * wv) + vmu * ld(br + j);
+          st(br + j, b);
+          st(wr + j, wv + vlr * b);
+        }
+        for (; j < P; ++j) {
+          const float b = (grad[j] + wd_coef * wr[j]) + mu * br[j];
+          br[j] = b;
+          wr[j] = wr[j] + (-lr) * b;
+        }
+      } else {
+        for (; j + VL <= P; j += VL) {
+          const v16 b = ld(grad + j) + vmu * ld(br + j);
+          st(br + j, b);
+          st(wr + j, ld(wr + j) + vlr * b);
+        }
+        for (; j < P; ++j) {
+          const float b = grad[j] + mu * br[j];
+          br[j] = b;
+          wr[j] = wr[j] + (-lr) * b;
+        }
+      }
+    }
+  }
+  free(rowp);
+  free(mem);
+  return 0;
+}
