@@ -124,7 +124,8 @@ def _check(name: str, t: Tensor, dtype: torch.dtype, shape: tuple[int, ...] | No
         ok = ok and tuple(t.shape) == shape
     if not ok:
         layout = "row-contiguous" if rowwise else "contiguous"
-        raise ValueError(f"mlp_sgd: {name} must be a {layout} {dtype} CPU tensor{f' of shape {shape}' if shape else ''}, got "
+        want = f" of shape {shape}" if shape else ""
+        raise ValueError(f"mlp_sgd: {name} must be a {layout} {dtype} CPU tensor{want}, got "
                          f"{t.dtype} {tuple(t.shape)} on {t.device}")
 
 

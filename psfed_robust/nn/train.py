@@ -188,7 +188,7 @@ def train_rows(
     fused: FusedModel | None = None,
     prefetch_bytes: int = 64 * 2**20,
     compiled: bool = True,
-) -> None:
+) -> str:
     """Train rows ``w`` ``[N, P]`` in place (momentum ``buf`` ``[N, P]`` in place too).
 
     ``x``/``y``: the task's training images and labels (``y`` ``[N, n]`` when labels differ per
@@ -199,6 +199,8 @@ def train_rows(
     most ``prefetch_bytes``. ``compiled``: with ``fused``, an MLP in float32 on the CPU trains
     through the compiled kernel of :mod:`psfed_robust.nn.kernels` when it is available (same
     batches and update within float32 rounding; rows split over torch's intra-op thread count).
+
+    Returns the path that trained: ``"compiled"``, ``"fused"`` or ``"vmap"``.
     """
     gfn = fmodel.grad_fn() if fused is None else None
     dev = w.device
@@ -277,3 +279,4 @@ def train_rows(
                     wb.copy_(torch.where(keep, wb - lr * b, wb))
         if bv is not bv0:
             torch._foreach_copy_(bv0, bv)
+    return "compiled" if spec is not None else "fused" if fused is not None else "vmap"

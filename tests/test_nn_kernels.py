@@ -1,0 +1,196 @@
+"""The compiled MLP training kernel (psfed_robust.nn.kernels) against the torch fused path.
+
+The reference is ``train_rows(..., compiled=False)``: FusedModel gradients and torch.optim.SGD's
+update on parameter blocks. The kernel runs the same batches, loss gradient and update with a
+different summation order and a polynomial exp, so rows agree within float32 rounding; NaN and
+Inf land on the same rows; the split of rows over threads does not change a bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from psfed_robust.nn import NNConfig, build_model, kernels, run_nn
+from psfed_robust.nn.fused import FusedModel
+from psfed_robust.nn.train import FunctionalModel, batch_plan, train_rows
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler for the kernel")
+
+
+def _mlp(sizes: list[int], bias: bool = True, seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = [nn.Flatten()]
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1], bias=bias))
+        if i + 2 < len(sizes):
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def _round(model: nn.Module, *, rows: int = 7, batch: int = 8, epochs: int = 2,
+           momentum: float = 0.9, wd: float = 0.0, lr: float = 0.1, seed: int = 0,
+           per_row_labels: bool = False, compiled: bool, threads: int = 1,
+           w0: torch.Tensor | None = None, x: torch.Tensor | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One round of ``rows`` rows with uneven example counts (short last batches, rows whose
+    epochs end early), returning (parameters, momentum)."""
+    gen = torch.Generator().manual_seed(seed)
+    fz = FusedModel(model)
+    fm = FunctionalModel(model)
+    P = fz.num_parameters
+    in_dim = model[1].in_features  # type: ignore[index]
+    classes = [m for m in model if isinstance(m, nn.Linear)][-1].out_features
+    n = 60
+    if x is None:
+        x = torch.randn((n, in_dim), generator=gen)
+    y = torch.randint(0, classes, (n,), generator=gen)
+    counts = [int(c) for c in torch.randint(3, 20, (rows,), generator=gen)]
+    table = torch.stack([torch.randperm(n, generator=gen)[:20] for _ in range(rows)])
+    plan = batch_plan(counts, [11] * rows, list(range(rows)), 1, batch_size=batch,
+                      local_epochs=epochs, local_steps=0, shuffle=True)
+    w = (fz.flat.flatten().repeat(rows, 1) + 0.1 * torch.randn((rows, P), generator=gen)
+         if w0 is None else w0.clone())
+    buf = 0.1 * torch.randn((rows, P), generator=gen)  # persistent momentum
+    labels = torch.randint(0, classes, (rows, n), generator=gen) if per_row_labels else y
+    torch.set_num_threads(threads)
+    try:
+        train_rows(fm, w, buf, x, labels, table, plan, lr=lr, momentum=momentum,
+                   weight_decay=wd, chunk=rows, fused=fz, compiled=compiled)
+    finally:
+        torch.set_num_threads(1)
+    return w, buf
+
+
+CASES: list[dict[str, Any]] = [
+    {"sizes": [64, 64, 10]},  # the digits MLP
+    {"sizes": [37, 23, 5], "batch": 20},  # no dimension a multiple of 16, batch not either
+    {"sizes": [48, 40, 24, 3], "wd": 1e-3, "batch": 33},  # two hidden layers, weight decay
+    {"sizes": [32, 16, 4], "bias": False, "momentum": 0.0},  # no biases, plain SGD
+    {"sizes": [64, 64, 10], "per_row_labels": True, "epochs": 1, "batch": 5},
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_kernel_round_matches_the_torch_fused_path(case: dict[str, Any]) -> None:
+    case = dict(case)
+    model = _mlp(case.pop("sizes"), bias=case.pop("bias", True))
+    w_ref, b_ref = _round(model, compiled=False, **case)
+    w_k, b_k = _round(model, compiled=True, **case)
+    torch.testing.assert_close(w_k, w_ref, rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(b_k, b_ref, rtol=2e-4, atol=2e-5)
+    w0, _ = _round(model, compiled=False, lr=0.0, **{k: v for k, v in case.items()
+                                                     if k != "lr"})
+    assert float((w_k - w0).abs().max()) > 1e-3  # it trained
+
+
+def test_thread_split_changes_no_bit() -> None:
+    model = _mlp([64, 64, 10])
+    a = _round(model, rows=9, compiled=True, threads=1)
+    b = _round(model, rows=9, compiled=True, threads=2)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_nan_and_inf_land_on_the_same_rows_as_torch() -> None:
+    model = _mlp([64, 32, 10])
+    fz = FusedModel(model)
+    gen = torch.Generator().manual_seed(4)
+    w0 = fz.flat.flatten().repeat(6, 1) + 0.1 * torch.randn((6, fz.num_parameters),
+                                                           generator=gen)
+    w0[1, 5] = float("nan")
+    w0[2, 100] = float("inf")  # a first-layer weight: +-Inf logits, NaN softmax
+    w0[3, -1] = float("-inf")  # an output bias: that class's probability is 0, finite rows
+    ref = _round(model, rows=6, compiled=False, w0=w0)
+    got = _round(model, rows=6, compiled=True, w0=w0)
+    for r, k in ((ref[0], got[0]), (ref[1], got[1])):
+        assert torch.equal(torch.isnan(r), torch.isnan(k))
+        assert torch.equal(torch.isinf(r), torch.isinf(k))
+        fin = torch.isfinite(r)
+        torch.testing.assert_close(k[fin], r[fin], rtol=2e-4, atol=2e-5)
+    assert bool(torch.isnan(got[0][1]).any()) and bool(torch.isfinite(got[0][0]).all())
+
+
+def test_softmax_gradient_by_hand() -> None:
+    # one row, one example, a bias-only output (zero weights): logits = b, one step of plain SGD
+    # with lr 1: the output bias moves by -(softmax(b) - onehot(y)), known in closed form
+    model = _mlp([16, 3])
+    fz = FusedModel(model)
+    spec = kernels.mlp_spec(fz)
+    assert spec is not None
+    w = torch.zeros((1, fz.num_parameters))
+    b = torch.tensor([0.5, -1.0, 2.0])
+    w[0, -3:] = b
+    mom = torch.zeros_like(w)
+    x = torch.randn((4, 16))
+    ids = torch.tensor([[[2]]])
+    y = torch.tensor([[[1]]])
+    kernels.mlp_sgd(spec, w, mom, x, ids, y, torch.ones((1, 1, 1)), torch.ones((1, 1),
+                    dtype=torch.bool), torch.tensor([1]), lr=1.0, momentum=0.0,
+                    weight_decay=0.0)
+    p = np.exp(b.numpy() - b.numpy().max())
+    p /= p.sum()
+    want = b.numpy() - (p - np.eye(3)[1])
+    np.testing.assert_allclose(w[0, -3:].numpy(), want, rtol=1e-6, atol=1e-7)
+    # the weight gradient of a zero weight matrix: -(p - onehot) x^T
+    np.testing.assert_allclose(w[0, :48].view(3, 16).numpy(),
+                               -np.outer(p - np.eye(3)[1], x[2].numpy()), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_inputs_are_refused_with_the_reason() -> None:
+    model = _mlp([16, 8, 3])
+    fz = FusedModel(model)
+    spec = kernels.mlp_spec(fz)
+    assert spec is not None
+    w = torch.zeros((2, fz.num_parameters))
+    mom = torch.zeros_like(w)
+    x = torch.randn((5, 16))
+    ids = torch.zeros((2, 1, 4), dtype=torch.long)
+    y = torch.zeros((2, 1, 4), dtype=torch.long)
+    sc = torch.full((2, 1, 4), 0.25)
+    act = torch.ones((2, 1), dtype=torch.bool)
+    wid = torch.tensor([4])
+    kw: dict[str, Any] = {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0}
+    with pytest.raises(ValueError, match="label"):
+        kernels.mlp_sgd(spec, w, mom, x, ids, y + 3, sc, act, wid, **kw)
+    with pytest.raises(ValueError, match="example id"):
+        kernels.mlp_sgd(spec, w, mom, x, ids + 5, y, sc, act, wid, **kw)
+    assert float(w.abs().max()) == 0.0  # refused before any row trained
+    with pytest.raises(ValueError, match="float32"):
+        kernels.mlp_sgd(spec, w.double(), mom, x, ids, y, sc, act, wid, **kw)
+    with pytest.raises(ValueError, match="x must be"):
+        kernels.mlp_sgd(spec, w, mom, x[:, :8].contiguous(), ids, y, sc, act, wid, **kw)
+    with pytest.raises(ValueError, match="parameters per row"):
+        kernels.mlp_sgd(spec, w[:, 1:], mom, x, ids, y, sc, act, wid, **kw)
+
+
+def test_spec_covers_mlps_only() -> None:
+    fz = FusedModel(build_model("mlp", (1, 8, 8), 10, hidden=16, seed=0))
+    spec = kernels.mlp_spec(fz)
+    assert spec is not None
+    assert spec.layers.tolist() == [[64, 16, 0, 1024, 1], [16, 10, 1040, 1200, 0]]
+    assert kernels.mlp_spec(FusedModel(build_model("cnn", (1, 8, 8), 10, seed=0))) is None
+    two_relu = nn.Sequential(nn.Flatten(), nn.Linear(4, 4), nn.ReLU(), nn.ReLU(), nn.Linear(4, 2))
+    assert kernels.mlp_spec(FusedModel(two_relu)) is None
+    relu_last = nn.Sequential(nn.Flatten(), nn.Linear(4, 4), nn.ReLU())
+    assert kernels.mlp_spec(FusedModel(relu_last)) is None
+
+
+@pytest.mark.parametrize("kw", [
+    {}, {"attack": "label_flip", "malicious": 2}, {"participants": 6, "momentum_scope":
+                                                   "persistent", "weight_decay": 1e-4}])
+def test_engine_with_the_kernel_equals_the_torch_path(kw: dict[str, Any],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = NNConfig(task="digits", model="mlp", hidden=32, clients=10, runs=2, rounds=4,
+                   seed=5, fraction=0.5, lr=0.05, batch_size=16, **kw)
+    got = run_nn(cfg)
+    assert got.info["train_path"] == "compiled"
+    monkeypatch.setenv("PSFED_NO_CPP_KERNEL", "1")
+    ref = run_nn(replace(cfg))
+    assert ref.info["train_path"] == "fused"
+    torch.testing.assert_close(got.final_global, ref.final_global, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got.metrics["accuracy"], ref.metrics["accuracy"], atol=0.003)
