@@ -99,31 +99,58 @@ def evaluate(fm: FunctionalModel | FusedModel, g: Tensor, x: Tensor, y: Tensor,
     (examples with ``C − 1 − y = y`` excluded), the attack success rate of label flipping;
     ``None`` unless ``flips``.
     """
-    if isinstance(fm, FusedModel):
-        fwd = fm.logits_shared
-    else:
-        fwd = torch.func.vmap(fm.logits, in_dims=(0, None))
-    B = g.shape[0]
-    loss = torch.zeros(B, dtype=torch.float64, device=g.device)
-    hits = torch.zeros(B, dtype=torch.float64, device=g.device)
-    flip = torch.zeros(B, dtype=torch.float64, device=g.device) if flips else None
-    target = num_classes - 1 - y
-    flippable = target != y
-    with torch.no_grad():
-        for s in range(0, len(y), chunk):
-            # [B, C, n]: the fused output layer's memory layout (class reductions run across
-            # contiguous examples, not along 10-element rows)
-            out = fwd(g, x[s : s + chunk]).transpose(1, 2)
-            yb = y[s : s + chunk]
-            ce = torch.nn.functional.cross_entropy(out, yb.expand(B, -1), reduction="none")
-            loss += ce.sum(-1, dtype=torch.float64)
-            pred = out.max(1).indices  # argmax (first maximum), ~10x faster on this layout
-            hits += (pred == yb).sum(-1, dtype=torch.float64)
-            if flip is not None:
-                flip += ((pred == target[s : s + chunk]) & flippable[s : s + chunk]).sum(
-                    -1, dtype=torch.float64)
-    n = float(len(y))
-    return loss / n, hits / n, None if flip is None else flip / max(1.0, float(flippable.sum()))
+    sums = _Evaluator(fm, x, y, num_classes, chunk, flips=flips)(g)
+    return sums[0], sums[1], sums[2] if flips else None
+
+
+class _Evaluator:
+    """:func:`evaluate` with the test set's constants built once (chunks, label-flip targets
+    and their count): the engine evaluates every recorded round on the same test set, where
+    these small kernels and their Python overhead are a large share of an evaluation."""
+
+    def __init__(self, fm: FunctionalModel | FusedModel, x: Tensor, y: Tensor, num_classes: int,
+                 chunk: int = 2048, *, flips: bool = True) -> None:
+        self.fwd = fm.logits_shared if isinstance(fm, FusedModel) else \
+            torch.func.vmap(fm.logits, in_dims=(0, None))
+        target = num_classes - 1 - y
+        flippable = target != y
+        # an example that cannot be flipped aims at -1, which no prediction equals
+        aimed = torch.where(flippable, target, torch.full_like(target, -1))
+        self.chunks = [(x[s : s + chunk], y[s : s + chunk], aimed[s : s + chunk])
+                       for s in range(0, len(y), chunk)]
+        self.n = float(len(y))
+        self.flips = flips
+        self.n_flip = max(1.0, float(flippable.sum())) if flips else 1.0
+        self._labels: dict[int, list[Tensor]] = {}
+
+    def __call__(self, g: Tensor) -> Tensor:
+        """``[3, B]`` float64 (``[2, B]`` without flips): loss, accuracy, flip success."""
+        B = g.shape[0]
+        labels = self._labels.get(B)
+        if labels is None:  # each chunk's labels expanded over the B models (views)
+            labels = self._labels[B] = [yb.expand(B, -1) for _, yb, _ in self.chunks]
+        sums = torch.zeros((3 if self.flips else 2, B), dtype=torch.float64, device=g.device)
+        with torch.no_grad():
+            for i, (xb, yb, aimed) in enumerate(self.chunks):
+                # [B, C, n]: the fused output layer's memory layout (class reductions run across
+                # contiguous examples, not along 10-element rows)
+                out = self.fwd(g, xb).transpose(1, 2)
+                ce = torch.nn.functional.cross_entropy(out, labels[i], reduction="none")
+                pred = out.max(1).indices  # argmax (first maximum), ~10x faster on this layout
+                if i == 0:  # written in place: a sum of 0 and x is x
+                    torch.sum(ce, -1, dtype=torch.float64, out=sums[0])
+                    torch.sum(pred == yb, -1, dtype=torch.float64, out=sums[1])
+                    if self.flips:
+                        torch.sum(pred == aimed, -1, dtype=torch.float64, out=sums[2])
+                else:
+                    sums[0] += ce.sum(-1, dtype=torch.float64)
+                    sums[1] += (pred == yb).sum(-1, dtype=torch.float64)
+                    if self.flips:
+                        sums[2] += (pred == aimed).sum(-1, dtype=torch.float64)
+        sums[:2].div_(self.n)
+        if self.flips:
+            sums[2].div_(self.n_flip)
+        return sums
 
 
 def poison_rows(labels: Tensor, bad: Tensor, attack: Any, num_classes: int,
@@ -183,7 +210,11 @@ def _round_masks(sels: list[MaskSelector], n: int, P: int, K: int, G: Tensor,
                          "stacked; use a selector with a fixed count")
     if counts == {P}:
         return _Masks(None, False, nbytes)
-    idx = torch.from_numpy(np.stack([np.stack([m.indices for m in r]) for r in rows]))
+    if len({len(r) for r in rows}) == 1:  # one stack of every mask's indices
+        idx = torch.from_numpy(np.stack([m.indices for r in rows for m in r])).view(
+            B, len(rows[0]), -1)
+    else:
+        idx = torch.from_numpy(np.stack([np.stack([m.indices for m in r]) for r in rows]))
     return _Masks(idx.to(dev).expand(B, K, -1), per_client, nbytes)
 
 
@@ -218,6 +249,41 @@ def _chunk_rows(cfg: NNConfig, fm: FunctionalModel, shape: tuple[int, int, int],
     if cfg.max_chunk:
         chunk = min(chunk, cfg.max_chunk)
     return min(chunk, rows), per_row
+
+
+def _metrics(scores: list[Tensor], recorded: list[int], part_log: list[Tensor],
+             nbytes_log: list[np.ndarray], first_bytes: int) -> dict[str, np.ndarray]:
+    """``name -> [B, recorded rounds]``: the evaluations, and the wire bytes per participating
+    client averaged over the rounds since the last record (a client's first contact adds the
+    dense initial model, ``first_bytes``). Byte counts are whole numbers, exact in float64, so
+    computing them for every round at once after the loop gives each round's value."""
+    ev = torch.stack(scores, -1).cpu().numpy().astype(np.float64)  # [3 | 2, B, R]
+    part = np.stack([p.numpy() for p in part_log])  # [rounds, B, K]
+    pf = part.astype(np.float64)
+    npart = np.maximum(pf.sum(-1), 1.0)
+    before = np.zeros_like(part)  # clients that took part in an earlier round
+    np.logical_or.accumulate(part[:-1], axis=0, out=before[1:])
+    first = (part & ~before).astype(np.float64) * first_bytes
+    sent = (np.stack(nbytes_log) * pf).sum(-1)
+    per_down = (sent + first.sum(-1)) / npart  # [rounds, B]
+    per_up = sent / npart
+    down: list[np.ndarray] = []
+    up: list[np.ndarray] = []
+    B = part.shape[1]
+    down_acc, up_acc, last = np.zeros(B), np.zeros(B), 0
+    for n in recorded:  # rounds are 1-based; each record closes the span since the last one
+        for r in range(last, n):
+            down_acc += per_down[r]
+            up_acc += per_up[r]
+        span = float(n - last)
+        down.append(down_acc / span)
+        up.append(up_acc / span)
+        down_acc, up_acc, last = np.zeros(B), np.zeros(B), n
+    metrics = {"accuracy": ev[1].copy(), "loss": ev[0].copy(), "bytes_down": np.stack(down, 1),
+               "bytes_up": np.stack(up, 1)}
+    if ev.shape[0] == 3:
+        metrics["asr"] = ev[2].copy()
+    return metrics
 
 
 def run_nn(config: NNConfig, *, task: ImageTask | None = None, progress: bool = False
@@ -295,15 +361,17 @@ def _run(config: NNConfig, task: ImageTask | None, progress: bool) -> NNResult:
 
     row_run = torch.arange(B * K) // K
     row_client = torch.arange(B * K) % K
-    synced = np.zeros((B, K), dtype=np.bool_)
     full_part = cfg.num_participants == K
     recorded: list[int] = []
-    curves: dict[str, list[Tensor]] = {"accuracy": [], "loss": [], "bytes_down": [],
-                                       "bytes_up": []}
-    if data_attack:
-        curves["asr"] = []
-    down_acc = np.zeros(B)
-    up_acc = np.zeros(B)
+    evaluator = _Evaluator(fz if fz is not None else fm, x_test, y_test, C, flips=data_attack)
+    scores: list[Tensor] = []  # per recorded round: [3 | 2, B] (loss, accuracy, flip success)
+    part_log: list[Tensor] = []  # per round: participants [B, K] and wire bytes per mask
+    nbytes_log: list[np.ndarray] = []
+    if full_part:  # every client, every round: one participants tensor and row list
+        part = torch.ones((B, K), dtype=torch.bool)
+        part_d = part.to(dev)
+        rows = part.view(-1).nonzero().squeeze(1)
+        rows_d = rows.to(dev)
     # PSO-Fed's weights 1/|K_n|: one tensor for every round when every client takes part
     full_weights = server_weights(torch.ones((B, K), dtype=torch.bool, device=dev),
                                   "participants", dtype=G.dtype) if full_part else None
@@ -317,26 +385,29 @@ def _run(config: NNConfig, task: ImageTask | None, progress: bool) -> NNResult:
     for n in iterator:
         tick = time.perf_counter()
         # 1. participants and masks
-        if full_part:
-            part = torch.ones((B, K), dtype=torch.bool)
-        else:
+        if not full_part:
             part = torch.zeros((B, K), dtype=torch.bool)
             for b in range(B):
                 g = torch_generator("nn.sample", seeds[b], n)
                 part[b, torch.randperm(K, generator=g)[: cfg.num_participants]] = True
+            part_d = part.to(dev)
+            rows = part.view(-1).nonzero().squeeze(1)
+            rows_d = rows.to(dev)
         masks = _round_masks(sels, n, P, K, G, fm.flat, dev)
         idx = masks.idx
-        part_d = part.to(dev)
-        rows = part.view(-1).nonzero().squeeze(1)
-        rows_d = rows.to(dev)
+        part_log.append(part)
+        nbytes_log.append(masks.nbytes)
 
         # 2. downlink merge into the participants' local models (in place when every client
         # takes part: no copies of the [runs x clients, P] state)
         if idx is not None:  # the global values on the masks [B, K, M]; coordinated masks:
-            # gathered once per run and expanded over the clients (a view, no [B, K, M] index
-            # copy)
-            down = gather(G, idx) if masks.per_client else \
-                gather(G, idx[:, :1]).expand(idx.shape)
+            # gathered once per run ([B, 1, M], also the uplink reference) and expanded over the
+            # clients (a view, no [B, K, M] index copy)
+            if masks.per_client:
+                down = gather(G, idx)
+            else:
+                g_cols = gather(G, idx[:, :1])
+                down = g_cols.expand(idx.shape)
         if full_part:
             sub = Wf
             if idx is None:
@@ -369,9 +440,10 @@ def _run(config: NNConfig, task: ImageTask | None, progress: bool) -> NNResult:
                                  mal.view(-1).index_select(0, rows_d), attack, C, gen)
         else:
             y_rows = labels.index_select(0, rows_d) if labels is not None else y_train
-        train_rows(fm, sub, buf, x_train, y_rows, table.index_select(0, rows_d), plan,
-                   lr=cfg.lr_at(n), momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                   chunk=chunk, fused=fz)
+        train_rows(
+            fm, sub, buf, x_train, y_rows, table.index_select(0, rows_d), plan,
+            lr=cfg.lr_at(n), momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+            chunk=chunk, fused=fz)
         if not full_part:
             Wf.index_copy_(0, rows_d, sub)
             if momentum_state is not None:
@@ -383,7 +455,7 @@ def _run(config: NNConfig, task: ImageTask | None, progress: bool) -> NNResult:
         if idx is None:
             ref, cur, amasks = G, W, None
         elif not masks.per_client:
-            ref, cur, amasks = gather(G, idx[:, :1])[:, 0], W.gather(-1, idx), None
+            ref, cur, amasks = g_cols[:, 0], W.gather(-1, idx), None
         else:
             dense = torch.zeros((B, K, P), dtype=torch.bool, device=dev)
             dense.scatter_(-1, idx, True)
@@ -431,36 +503,22 @@ def _run(config: NNConfig, task: ImageTask | None, progress: bool) -> NNResult:
             new_g = shared_columns_step(defense, values, G, index=index, **kw)
         else:
             new_g = server_step(defense, values, G, index=index, **kw)
-        finite = torch.isfinite(new_g).all(-1, keepdim=True)
-        G = torch.where(finite, new_g, G)
+        # a run whose new model is not finite keeps its model (max |x| is NaN or inf exactly
+        # when some x is not finite: one reduction instead of isfinite's four kernels)
+        finite = new_g.abs().amax(-1, keepdim=True) < float("inf")
+        if dev.type == "cpu" and bool(finite.all()):  # (no device sync for the check)
+            G = new_g
+        else:
+            G = torch.where(finite, new_g, G)
 
         tick = _lap(phases, "server", tick)
 
-        # bytes per participating client (first contact adds the dense initial model)
-        part_np = part.numpy()
-        pf = part_np.astype(np.float64)
-        npart = np.maximum(pf.sum(-1), 1.0)
-        first = (part_np & ~synced).astype(np.float64) * (HEADER_SIZE + _ITEMSIZE * P)
-        synced |= part_np
-        sent_bytes = (masks.nbytes * pf).sum(-1)
-        down_acc += (sent_bytes + first.sum(-1)) / npart
-        up_acc += sent_bytes / npart
         if n % cfg.record_every == 0 or n == cfg.rounds:
-            loss, acc, asr = evaluate(fz if fz is not None else fm, G, x_test, y_test, C,
-                                      flips=data_attack)
+            scores.append(evaluator(G))
             recorded.append(n)
-            curves["accuracy"].append(acc.cpu())
-            curves["loss"].append(loss.cpu())
-            if asr is not None:
-                curves["asr"].append(asr.cpu())
-            span = float(n - (recorded[-2] if len(recorded) > 1 else 0))
-            curves["bytes_down"].append(torch.from_numpy(down_acc / span))
-            curves["bytes_up"].append(torch.from_numpy(up_acc / span))
-            down_acc = np.zeros(B)
-            up_acc = np.zeros(B)
             _lap(phases, "evaluate", tick)
+    metrics = _metrics(scores, recorded, part_log, nbytes_log, HEADER_SIZE + _ITEMSIZE * P)
     seconds = time.perf_counter() - t0
-    metrics = {k: torch.stack(v, 1).numpy().astype(np.float64) for k, v in curves.items()}
     state_bytes = 4 * P * (2 if momentum_state is not None else 1)
     info = {
         "engine": "nn-batched", "device": str(dev), "num_parameters": P, "model": cfg.model,
@@ -470,4 +528,7 @@ def _run(config: NNConfig, task: ImageTask | None, progress: bool) -> NNResult:
         "train_path": "fused" if fz is not None else "vmap",
         "phase_seconds": {k: round(v, 3) for k, v in phases.items()},
     }
-    return NNResult(np.asarray(recorded), metrics, info, seconds, G.detach().cpu())
+    final = G.detach().cpu()
+    if final.untyped_storage().nbytes() != final.numel() * final.element_size():
+        final = final.clone()  # a defense's view into a larger tensor: keep only the model
+    return NNResult(np.asarray(recorded), metrics, info, seconds, final)
