@@ -1,12 +1,16 @@
 """Batched NN engine (psfed_robust.nn): speed against its baselines, a 100-client CNN point, memory.
 
 1. The ``digits_flower`` setting (digits MLP, 10 clients, 15 rounds, 2 runs, shared fraction
-   0.5, no attack, mean), side by side in one process: the batched engine's fused path (the
-   default), its ``torch.func`` reference path (``fused = False``: ``vmap(grad)`` with
-   ``functional_call``), the plain per-client torch loop of :mod:`psfed_robust.nn.reference`
-   (same split, initial model, masks and batch order: the same final parameters within float
-   tolerance, printed) and the Flower engine through ``experiments.flower_engine``. Each time is
-   the best of ``--reps`` calls of a whole point (every run of it), after one warm-up call.
+   0.5, no attack, mean), side by side in one process, at 1 thread and at ``--threads`` (all
+   cores by default): the batched engine's default path (the compiled MLP kernel of
+   :mod:`psfed_robust.nn.kernels`), the torch fused path it replaces (``PSFED_NO_CPP_KERNEL=1``:
+   the kernel's reference; the kernel's ratio is taken on training proper, the train phase less
+   the batch-order draws both paths share), the ``torch.func`` path (``fused = False``:
+   ``vmap(grad)`` with ``functional_call``), the plain per-client torch loop of
+   :mod:`psfed_robust.nn.reference` (same split, initial model, masks and batch order: the same
+   final parameters within float tolerance, printed) and the Flower engine through
+   ``experiments.flower_engine``. Each time is the best of ``--reps`` calls of a whole point
+   (every run of it), after one warm-up call.
 2. A 100-client digits CNN study point: 200 rounds x 4 runs, shared fraction 0.5, worker
    momentum 0.9, batch 8, ALIE on 10 clients against the coordinate-wise median — one call.
 3. Memory per client, measured: the peak RSS growth of a one-round CNN run (fresh processes,
@@ -15,10 +19,11 @@
    per client (state and round working set); from it the largest clients x parameters that fit
    in 24 GB.
 
-Usage: ``python benchmarks/nn_engine.py [--threads 1] [--skip-flower] [--cnn-rounds 200]``.
+Usage: ``python benchmarks/nn_engine.py [--threads 2] [--skip-flower] [--cnn-rounds 200]``.
 Run it under ``flock /tmp/psfed-bench.lock`` on a shared machine; the machine load is printed.
 The last line is ONE JSON object: ``speedup_vs_flower``, ``acc_batched``, ``acc_flower``,
-``clients``, ``rounds`` and the other figures.
+``clients``, ``rounds``, ``threads`` (the headline figures at ``--threads``), ``threads_1`` and
+``threads_<n>`` (each pass's figures) and the other figures.
 """
 
 from __future__ import annotations
@@ -96,9 +101,72 @@ def _peak_rss(clients: int) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
+def _train_only(res: Any) -> float:
+    """Seconds of local training proper: the train phase less the batch-order draws."""
+    ph = res.info["phase_seconds"]
+    return float(ph["train"]) - float(ph.get("batch_plan", 0.0))
+
+
+def _mlp_point(args: argparse.Namespace, threads: int) -> dict[str, Any]:
+    """Section 1 at ``threads`` torch threads (and kernel threads): every path side by side."""
+    torch.set_num_threads(threads)
+    seed, runs, clients, rounds, frac = 3, 2, 10, 15, 0.5
+    cfg = NNConfig(task="digits", model="mlp", hidden=64, clients=clients, runs=runs,
+                   rounds=rounds, seed=seed, fraction=frac, lr=0.05, batch_size=32,
+                   threads=threads)
+    t_fast, m_fast, res = _best(lambda: run_nn(cfg), args.reps)
+    acc_batched = float(np.mean(res.metrics["accuracy"][:, -1]))
+    os.environ["PSFED_NO_CPP_KERNEL"] = "1"  # the torch fused path: the kernel's reference
+    try:
+        t_torch, m_torch, res_torch = _best(lambda: run_nn(cfg), args.reps)
+    finally:
+        del os.environ["PSFED_NO_CPP_KERNEL"]
+    # the kernel against its reference on the work it replaces (best-of-reps runs' phases)
+    k_train, r_train = _train_only(res), _train_only(res_torch)
+    t_vmap, m_vmap, res_vmap = _best(lambda: run_nn(replace(cfg, fused=False)),
+                                     args.reps)
+    t_loop, m_loop, (ref, ref_acc) = _best(lambda: reference_loop(cfg), args.reps)
+    acc_loop = float(np.mean(ref_acc[:, -1]))
+    d_loop = float((res.final_global - ref).abs().max())
+    d_vmap = float((res.final_global - res_vmap.final_global).abs().max())
+    d_torch = float((res.final_global - res_torch.final_global).abs().max())
+    print(f"digits MLP, {clients} clients, {rounds} rounds, {runs} runs, fraction {frac}, "
+          f"{threads} thread(s) (best / median of {args.reps} calls):")
+    print(f"  batched, {res.info['train_path']:8s} path  {t_fast:8.4f} / {m_fast:.4f} s, "
+          f"acc {acc_batched:.4f}; training proper {1e3 * k_train:.1f} ms")
+    print(f"  batched, torch fused path {t_torch:8.4f} / {m_torch:.4f} s "
+          f"({t_torch / t_fast:.1f}x), training proper {1e3 * r_train:.1f} ms "
+          f"(kernel {r_train / k_train:.1f}x), max |param diff| {d_torch:.1e}")
+    print(f"  batched, torch.func path  {t_vmap:8.4f} / {m_vmap:.4f} s "
+          f"({t_vmap / t_fast:.1f}x), max |param diff| {d_vmap:.1e}")
+    print(f"  per-client torch loop     {t_loop:8.4f} / {m_loop:.4f} s "
+          f"({t_loop / t_fast:.1f}x), acc {acc_loop:.4f}, max |param diff| {d_loop:.1e}")
+    print("  phases (ms): " + ", ".join(f"{k} {1e3 * v:.1f}"
+                                        for k, v in res.info["phase_seconds"].items()))
+    fig: dict[str, Any] = {
+        "batched_seconds": round(t_fast, 4), "train_path": res.info["train_path"],
+        "torch_fused_seconds": round(t_torch, 4),
+        "kernel_speedup": round(r_train / k_train, 2) if res.info["train_path"] == "compiled"
+        else None,
+        "speedup_vs_loop": round(t_loop / t_fast, 1),
+        "speedup_vs_torch_func": round(t_vmap / t_fast, 1), "acc_batched": round(acc_batched, 4),
+        "acc_loop": round(acc_loop, 4)}
+    if not args.skip_flower:
+        t_fl, m_fl, fl = _best(_flower_point(frac, seed, runs), args.reps)
+        acc_flower = float(np.mean(fl.metrics["accuracy"][:, -1]))
+        print(f"  Flower engine             {t_fl:8.4f} / {m_fl:.4f} s "
+              f"({t_fl / t_fast:.1f}x; median {m_fl / m_fast:.1f}x), acc {acc_flower:.4f}")
+        fig.update({"speedup_vs_flower": round(t_fl / t_fast, 1),
+                    "speedup_vs_flower_median": round(m_fl / m_fast, 1),
+                    "acc_flower": round(acc_flower, 4), "flower_seconds": round(t_fl, 3)})
+    return fig
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="threads of the CNN point and of the MLP point's second pass (the "
+                         "MLP point runs at 1 thread and at this count)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--skip-flower", action="store_true")
     ap.add_argument("--cnn-rounds", type=int, default=200)
@@ -111,38 +179,19 @@ def main() -> None:
     out: dict[str, Any] = {}
 
     # ---------------------------------------------------------------- 1. digits_flower setting
-    seed, runs, clients, rounds, frac = 3, 2, 10, 15, 0.5
-    cfg = NNConfig(task="digits", model="mlp", hidden=64, clients=clients, runs=runs,
-                   rounds=rounds, seed=seed, fraction=frac, lr=0.05, batch_size=32,
-                   threads=args.threads)
-    t_fast, m_fast, res = _best(lambda: run_nn(cfg), args.reps)
-    acc_batched = float(np.mean(res.metrics["accuracy"][:, -1]))
-    t_vmap, m_vmap, res_vmap = _best(lambda: run_nn(replace(cfg, fused=False)),
-                                     args.reps)
-    t_loop, m_loop, (ref, ref_acc) = _best(lambda: reference_loop(cfg), args.reps)
-    acc_loop = float(np.mean(ref_acc[:, -1]))
-    d_loop = float((res.final_global - ref).abs().max())
-    d_vmap = float((res.final_global - res_vmap.final_global).abs().max())
-    print(f"digits MLP, {clients} clients, {rounds} rounds, {runs} runs, fraction {frac} "
-          f"(best / median of {args.reps} calls):")
-    print(f"  batched, fused path      {t_fast:8.4f} / {m_fast:.4f} s, acc {acc_batched:.4f}")
-    print(f"  batched, torch.func path {t_vmap:8.4f} / {m_vmap:.4f} s "
-          f"({t_vmap / t_fast:.1f}x the fused time), max |param diff| {d_vmap:.1e}")
-    print(f"  per-client torch loop    {t_loop:8.4f} / {m_loop:.4f} s "
-          f"({t_loop / t_fast:.1f}x), acc {acc_loop:.4f}, max |param diff| {d_loop:.1e}")
-    if not args.skip_flower:
-        t_fl, m_fl, fl = _best(_flower_point(frac, seed, runs), args.reps)
-        acc_flower = float(np.mean(fl.metrics["accuracy"][:, -1]))
-        print(f"  Flower engine            {t_fl:8.4f} / {m_fl:.4f} s "
-              f"({t_fl / t_fast:.1f}x), acc {acc_flower:.4f}")
-        out["speedup_vs_flower"] = round(t_fl / t_fast, 1)
-        out["speedup_vs_flower_median"] = round(m_fl / m_fast, 1)
-        out["acc_flower"] = round(acc_flower, 4)
-        out["flower_seconds"] = round(t_fl, 3)
-    out.update({"batched_seconds": round(t_fast, 4), "speedup_vs_loop": round(t_loop / t_fast, 1),
-                "speedup_vs_torch_func": round(t_vmap / t_fast, 1),
-                "acc_batched": round(acc_batched, 4), "acc_loop": round(acc_loop, 4),
-                "clients": clients, "rounds": rounds})
+    counts = sorted({1, args.threads})
+    for threads in counts:
+        fig = _mlp_point(args, threads)
+        out[f"threads_{threads}"] = fig
+    top = out[f"threads_{counts[-1]}"]  # the headline figures: every core of the machine
+    out.update({k: top[k] for k in ("speedup_vs_flower", "speedup_vs_flower_median",
+                                    "acc_flower", "flower_seconds", "kernel_speedup")
+                if k in top})
+    out.update({"batched_seconds": top["batched_seconds"], "acc_batched": top["acc_batched"],
+                "acc_loop": top["acc_loop"], "speedup_vs_loop": top["speedup_vs_loop"],
+                "speedup_vs_torch_func": top["speedup_vs_torch_func"], "clients": 10,
+                "rounds": 15, "threads": counts[-1]})
+    torch.set_num_threads(args.threads)
 
     # ---------------------------------------------------------------- 2. 100-client CNN point
     cnn = NNConfig(task="digits", model="cnn", clients=100, runs=args.cnn_runs,

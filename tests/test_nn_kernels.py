@@ -194,3 +194,29 @@ def test_engine_with_the_kernel_equals_the_torch_path(kw: dict[str, Any],
     assert ref.info["train_path"] == "fused"
     torch.testing.assert_close(got.final_global, ref.final_global, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(got.metrics["accuracy"], ref.metrics["accuracy"], atol=0.003)
+
+
+@pytest.mark.parametrize(("counts", "batch", "epochs", "local_steps"), [
+    ([144, 143, 7, 1, 0, 33], 32, 1, 0), ([20, 5, 64], 8, 3, 0), ([20, 5, 1, 0], 8, 1, 4),
+    ([1000, 17], 64, 2, 0)])
+def test_batch_orders_draw_torch_randperm(counts: list[int], batch: int, epochs: int,
+                                          local_steps: int) -> None:
+    # the compiled draws equal the torch loop's (torch.randperm with a generator seeded per
+    # row), including 63-bit seeds, empty and one-example clients and several epochs
+    rows = len(counts)
+    seeds = [2**62 + 12345, 7, 99, 2**40 + 3, 5, 11][:rows]
+    clients = list(range(rows))
+    kw: dict[str, Any] = {"batch_size": batch, "local_epochs": epochs,
+                          "local_steps": local_steps, "shuffle": True}
+    for rnd in (1, 2, 50):
+        got = batch_plan(counts, seeds, clients, rnd, compiled=True, **kw)
+        ref = batch_plan(counts, seeds, clients, rnd, compiled=False, **kw)
+        assert torch.equal(got.positions, ref.positions)
+        assert torch.equal(got.valid, ref.valid) and torch.equal(got.active, ref.active)
+    g = torch.Generator().manual_seed(2**63 - 1)  # the generator's seed range, by hand
+    pos = torch.zeros((1, 1, 10), dtype=torch.long)
+    kernels.batch_orders(pos, np.array([10]), np.array([2**63 - 1], dtype=np.uint64), 1, 0)
+    assert pos[0, 0].tolist() == torch.randperm(10, generator=g).tolist()
+    with pytest.raises(ValueError, match="sizes out of range"):
+        kernels.batch_orders(torch.zeros((1, 1, 4), dtype=torch.long), np.array([9]),
+                             np.array([1], dtype=np.uint64), 1, 0)

@@ -472,3 +472,94 @@ extern "C" int psfed_mlp_sgd_f32(int64_t rows, int64_t steps, int64_t bs, int64_
   free(mem);
   return 0;
 }
+
+// ------------------------------------------------------------------ batch orders
+// torch.randperm(n, generator=g) on the CPU for a generator just seeded with g.manual_seed(seed)
+// and used in sequence: torch's CPU generator is MT19937 seeded with the seed's low 32 bits
+// (at::mt19937's init_with_uint32), and randperm is Fisher-Yates with z = random() % (n - i) for
+// i < n - 1 (n - 1 words). tests/test_nn_kernels.py checks equality with torch.randperm.
+struct Mt19937 {
+  uint32_t s[624];
+  int next, left;
+};
+
+static void mt_seed(Mt19937* g, uint64_t seed) {
+  g->s[0] = (uint32_t)(seed & 0xffffffffu);
+  for (uint32_t j = 1; j < 624; ++j) g->s[j] = 1812433253u * (g->s[j - 1] ^ (g->s[j - 1] >> 30)) + j;
+  g->left = 1;
+  g->next = 0;
+}
+
+static inline uint32_t mt_twist(uint32_t u, uint32_t v) {
+  return (((u & 0x80000000u) | (v & 0x7fffffffu)) >> 1) ^ ((v & 1u) ? 0x9908b0dfu : 0u);
+}
+
+static uint32_t mt_next(Mt19937* g) {
+  if (--g->left == 0) {
+    uint32_t* p = g->s;
+    g->left = 624;
+    g->next = 0;
+    for (int j = 624 - 397 + 1; --j; p++) *p = p[397] ^ mt_twist(p[0], p[1]);
+    for (int j = 397; --j; p++) *p = p[397 - 624] ^ mt_twist(p[0], p[1]);
+    *p = p[397 - 624] ^ mt_twist(p[0], g->s[0]);
+  }
+  uint32_t y = g->s[g->next++];
+  y ^= (y >> 11);
+  y ^= (y << 7) & 0x9d2c5680u;
+  y ^= (y << 15) & 0xefc60000u;
+  y ^= (y >> 18);
+  return y;
+}
+
+static void mt_randperm(Mt19937* g, int64_t n, int64_t* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = i;
+  for (int64_t i = 0; i + 1 < n; ++i) {
+    const int64_t z = (int64_t)(mt_next(g) % (uint64_t)(n - i));
+    const int64_t t = out[i];
+    out[i] = out[z + i];
+    out[z + i] = t;
+  }
+}
+
+// The shuffled batch positions of psfed_robust.nn.train.batch_plan: pos [rows, steps, bs] (zeroed
+// by the caller). Epoch mode (local_steps == 0): epoch e of row i is a permutation of its
+// counts[i] examples written from slot e * ceil(n / bs) * bs of the row. Step mode: each step a
+// fresh permutation, its first min(bs, n) entries. Returns 0, or -1 for sizes out of range.
+extern "C" int psfed_batch_orders(int64_t rows, int64_t steps, int64_t bs, const int64_t* counts,
+                                  const uint64_t* seeds, int64_t epochs, int64_t local_steps,
+                                  int64_t* pos) {
+  if (rows < 0 || steps < 0 || bs < 1 || epochs < 1 || local_steps < 0) return -1;
+  int64_t nmax = 0;
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t n = counts[i];
+    if (n < 0) return -1;
+    if (local_steps == 0 && epochs * ((n + bs - 1) / bs) > steps) return -1;
+    if (n > nmax) nmax = n;
+  }
+  if (local_steps > 0 && local_steps > steps) return -1;
+  Mt19937* g = (Mt19937*)malloc(sizeof(Mt19937));
+  int64_t* tmp = (int64_t*)malloc(sizeof(int64_t) * (size_t)(nmax > 0 ? nmax : 1));
+  if (!g || !tmp) {
+    free(g);
+    free(tmp);
+    return -1;
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t n = counts[i];
+    int64_t* row = pos + i * steps * bs;
+    mt_seed(g, seeds[i]);
+    if (local_steps > 0) {
+      const int64_t take = n < bs ? n : bs;
+      for (int64_t s = 0; s < local_steps; ++s) {
+        mt_randperm(g, n, tmp);
+        memcpy(row + s * bs, tmp, sizeof(int64_t) * (size_t)take);
+      }
+    } else {
+      const int64_t per_epoch = (n + bs - 1) / bs;
+      for (int64_t e = 0; e < epochs; ++e) mt_randperm(g, n, row + e * per_epoch * bs);
+    }
+  }
+  free(tmp);
+  free(g);
+  return 0;
+}

@@ -10,6 +10,11 @@ with its weights, momentum and batch in cache, which on small models removes the
 of ~25 torch kernel launches (``benchmarks/nn_engine.py`` times it against the torch path; it
 must earn at least 3x to stay).
 
+:func:`batch_orders` draws :func:`~psfed_robust.nn.train.batch_plan`'s shuffled batch positions:
+the same integers as ``torch.randperm`` with a generator seeded per row (torch's CPU generator
+is MT19937 on the seed's low 32 bits, and its ``randperm`` a Fisher-Yates shuffle; tests compare
+the two), without one torch call per row and epoch.
+
 Rows are independent: they are split across ``threads`` (the call releases the GIL), and the
 result does not depend on the split. The library is plain C-style C++ loaded with
 :mod:`ctypes` (about a second to build, cached by source, compiler and CPU); a failed build
@@ -25,13 +30,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from psfed_robust._cpp import CLibrary, source
 from psfed_robust.nn.fused import FusedModel
 
-__all__ = ["MLPSpec", "available", "load", "mlp_sgd", "mlp_spec"]
+__all__ = ["MLPSpec", "available", "batch_orders", "load", "mlp_sgd", "mlp_spec"]
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -41,7 +47,8 @@ _LIB = CLibrary(
     "psfed_nn_kernels",
     source("nn_kernels.cpp"),
     {"psfed_mlp_sgd_f32": (ctypes.c_int, [_I, _I, _I, _I, _P, _I, _P, _I, _P, _I, _P, _I, _P, _P,
-                                          _P, _P, _P, _F, _F, _F])},
+                                          _P, _P, _P, _F, _F, _F]),
+     "psfed_batch_orders": (ctypes.c_int, [_I, _I, _I, _P, _P, _I, _I, _P])},
     cflags=("-O3", "-march=native", "-ffp-contract=fast", "-fno-exceptions", "-fno-rtti"),
 )
 
@@ -186,3 +193,26 @@ def mlp_sgd(spec: MLPSpec, w: Tensor, mom: Tensor, x: Tensor, ids: Tensor, label
     bad = [c for c in codes if c != 0]
     if bad:
         raise ValueError(f"mlp_sgd: {_ERRORS.get(bad[0], f'error {bad[0]}')}")
+
+
+def batch_orders(pos: Tensor, counts: np.ndarray, seeds: np.ndarray, epochs: int,
+                 local_steps: int) -> None:
+    """Fill ``pos`` ``[rows, steps, b]`` (int64, zeros) with each row's shuffled positions:
+    row ``i`` draws from a torch CPU generator seeded ``seeds[i]`` ``torch.randperm(counts[i])``
+    once per epoch (written from slot ``e * ceil(n / b) * b``), or once per step with
+    ``local_steps > 0`` (its first ``min(b, n)`` entries)."""
+    lib = load()
+    if lib is None:
+        raise RuntimeError("the compiled NN kernel is not available")
+    _check("pos", pos, torch.int64)
+    rows, steps, b = pos.shape
+    cnt = np.ascontiguousarray(counts, dtype=np.int64)
+    sd = np.ascontiguousarray(seeds, dtype=np.uint64)
+    if cnt.shape != (rows,) or sd.shape != (rows,):
+        raise ValueError(f"batch_orders: counts and seeds must have {rows} entries, got "
+                         f"{cnt.shape} and {sd.shape}")
+    rc = lib.psfed_batch_orders(rows, steps, b, cnt.ctypes.data, sd.ctypes.data, int(epochs),
+                                int(local_steps), pos.data_ptr())
+    if rc != 0:
+        raise ValueError(f"batch_orders: sizes out of range (rows {rows}, steps {steps}, batch "
+                         f"{b}, epochs {epochs}, local steps {local_steps})")

@@ -115,8 +115,13 @@ def _batch_seed(run_seed: int, client: int, tail: bytes) -> int:
 def batch_plan(
     counts: Sequence[int], run_seeds: Sequence[int], client_ids: Sequence[int], round_num: int,
     *, batch_size: int, local_epochs: int, local_steps: int, shuffle: bool,
+    compiled: bool = True,
 ) -> BatchPlan:
-    """The round's batch order of rows with ``counts[i]`` examples (see the module docstring)."""
+    """The round's batch order of rows with ``counts[i]`` examples (see the module docstring).
+
+    ``compiled``: draw the permutations with :func:`psfed_robust.nn.kernels.batch_orders` (the
+    same integers as ``torch.randperm``, without a torch call per row) when it is available.
+    """
     n_rows = len(counts)
     bs = batch_size
     if local_steps > 0:
@@ -134,10 +139,18 @@ def batch_plan(
     else:  # step s of row i is step s % per_epoch of epoch s // per_epoch
         per_epoch = -(-cnt // bs)
         s_idx = np.arange(steps).reshape(1, steps, 1)
-        in_epoch = (s_idx % per_epoch) * bs + np.arange(bs) < cnt
+        # (a client without examples has no epoch steps: modulo 1, never valid)
+        in_epoch = (s_idx % np.maximum(per_epoch, 1)) * bs + np.arange(bs) < cnt
         on = s_idx < local_epochs * per_epoch
         valid = in_epoch & on
         active = on[:, :, 0]
+    if shuffle and compiled and kernels.available():
+        seeds = np.fromiter((_batch_seed(int(rs), int(k), tail)
+                             for rs, k in zip(run_seeds, client_ids, strict=True)),
+                            dtype=np.uint64, count=n_rows)
+        kernels.batch_orders(pos, cnt.reshape(-1), seeds, local_epochs, local_steps)
+        return BatchPlan(pos, torch.from_numpy(np.ascontiguousarray(valid)),
+                         torch.from_numpy(np.ascontiguousarray(active)))
     for i, (n, rs, k) in enumerate(zip(counts, run_seeds, client_ids, strict=True)):
         n = int(n)
         gen.manual_seed(_batch_seed(int(rs), int(k), tail))
