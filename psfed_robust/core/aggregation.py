@@ -182,7 +182,8 @@ def _indexed_weights(lead: torch.Size, weights: Tensor | None, participants: Ten
         return server_weights(part, "participants", dtype=dtype)
     if weights.shape != lead:
         raise ValueError(f"weights shape {tuple(weights.shape)} must be {tuple(lead)}")
-    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+    # one pass: NaN and -inf fail ``>= 0``, +inf fails ``< inf``
+    if not bool(((weights >= 0) & (weights < float("inf"))).all()):
         raise ValueError("weights must be finite and non-negative")
     w = weights.to(dtype)
     if participants is not None:
@@ -197,6 +198,14 @@ def _check_indexed(values: Tensor, index: Tensor, global_model: Tensor) -> None:
     if global_model.shape[:-1] != values.shape[:-2]:
         raise ValueError(f"global_model shape {tuple(global_model.shape)} does not match "
                          f"values {tuple(values.shape)}")
+
+
+def _shared_columns(index: Tensor) -> Tensor | None:
+    """The ``[..., M]`` coordinates of a stacked index ``[..., K, M]`` that is one row expanded
+    over the clients (stride 0 along ``K``: coordinated masks), else ``None``."""
+    if index.dim() < 2 or index.shape[-2] < 1 or index.shape[-1] < 1 or index.stride(-2) != 0:
+        return None
+    return index[..., 0, :].long()
 
 
 def psofed_server_step_indexed(
@@ -221,12 +230,27 @@ def psofed_server_step_indexed(
         _check_indexed(values, index, global_model)
         lead = values.shape[:-1]
         w = _indexed_weights(lead, weights, participants, values.dtype, values.device)
-        idx = index.long().reshape(*lead[:-1], -1)
-        diff = values - global_model.gather(-1, idx).view(values.shape)
+        shared = _shared_columns(index)
+        if shared is not None:  # every client sent the same coordinates
+            diff = values - global_model.gather(-1, shared).unsqueeze(-2)
+            idx = shared
+        else:
+            idx = index.long().reshape(*lead[:-1], -1)
+            diff = values - global_model.gather(-1, idx).view(values.shape)
         if participants is not None:  # padding slots: never read (0 * inf would be NaN)
             diff = diff.masked_fill_(~participants.to(torch.bool).unsqueeze(-1), 0.0)
         diff.mul_(w.unsqueeze(-1))
-        acc = torch.zeros_like(global_model).scatter_add_(-1, idx, diff.reshape(idx.shape))
+        if shared is not None:
+            # the clients' terms summed column by column in client order (index_add_ adds
+            # slice after slice), the order in which scatter_add_ adds them on the CPU: the
+            # same sums without a [..., K·M] index
+            k = values.dim() - 2
+            to_first = torch.zeros(values.shape[-2], dtype=torch.long, device=values.device)
+            total = torch.zeros((*lead[:-1], 1, values.shape[-1]), dtype=diff.dtype,
+                                device=diff.device).index_add_(k, to_first, diff).squeeze(k)
+            acc = torch.zeros_like(global_model).scatter_add_(-1, idx, total)
+        else:
+            acc = torch.zeros_like(global_model).scatter_add_(-1, idx, diff.reshape(idx.shape))
         return global_model + acc
     vals = list(values)
     idxs = list(index)
