@@ -33,6 +33,7 @@ order), so both engines draw the same split, start model, masks and batches for 
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -240,10 +241,17 @@ def _lap(phases: dict[str, float], name: str, since: float) -> float:
     return now
 
 
+_ACTIVATIONS: dict[tuple[Any, ...], int] = {}
+
+
 def _chunk_rows(cfg: NNConfig, fm: FunctionalModel, shape: tuple[int, int, int],
-                rows: int) -> tuple[int, int]:
+                rows: int, num_classes: int) -> tuple[int, int]:
     """``(rows per vmap call, bytes per row)`` under ``memory_budget_mb``."""
-    act = fm.activation_numel(shape)
+    # the activation count is the architecture's (a forward pass with hooks: cached)
+    arch = (cfg.model, tuple(shape), num_classes, cfg.hidden)
+    act = _ACTIVATIONS.get(arch)
+    if act is None:
+        act = _ACTIVATIONS[arch] = fm.activation_numel(shape)
     per_row = 4 * (8 * fm.num_parameters + cfg.batch_size * (4 * act + 2 * int(np.prod(shape))))
     chunk = max(1, int(cfg.memory_budget_mb * 2**20 // per_row))
     if cfg.max_chunk:
@@ -338,7 +346,7 @@ def _run(config: NNConfig, task: ImageTask | None, progress: bool) -> NNResult:
     W = G.unsqueeze(1).repeat(1, K, 1)
     Wf = W.view(B * K, P)
     momentum_state = torch.zeros_like(Wf) if cfg.momentum_scope == "persistent" else None
-    chunk, row_bytes = _chunk_rows(cfg, fm, shape, B * K)
+    chunk, row_bytes = _chunk_rows(cfg, fm, shape, B * K, C)
 
     sels = [make_selector(cfg.selector, cfg.fraction,
                           stable_seed("experiments.flower.masks", rs) % (1 << 31)) for rs in seeds]
@@ -375,6 +383,8 @@ def _run(config: NNConfig, task: ImageTask | None, progress: bool) -> NNResult:
     # PSO-Fed's weights 1/|K_n|: one tensor for every round when every client takes part
     full_weights = server_weights(torch.ones((B, K), dtype=torch.bool, device=dev),
                                   "participants", dtype=G.dtype) if full_part else None
+    fresh_buf: Tensor | None = None  # engine-owned workspaces, reused across rounds
+    cur_buf: Tensor | None = None
     phases: dict[str, float] = {"masks_merge": 0.0, "train": 0.0, "attack": 0.0, "server": 0.0,
                                 "evaluate": 0.0}
     iterator: Any = range(1, cfg.rounds + 1)
@@ -425,8 +435,11 @@ def _run(config: NNConfig, task: ImageTask | None, progress: bool) -> NNResult:
         tick = _lap(phases, "masks_merge", tick)
 
         # 3. local training
-        if momentum_state is None:
-            buf = torch.zeros_like(sub)
+        if momentum_state is None:  # fresh momentum each round, in one reused buffer (a
+            # new [rows, P] zero tensor each round costs page faults)
+            if fresh_buf is None or fresh_buf.shape != sub.shape:
+                fresh_buf = torch.zeros_like(sub)
+            buf = fresh_buf.zero_()
         else:
             buf = momentum_state if full_part else momentum_state.index_select(0, rows_d)
         plan = batch_plan(count[rows].tolist(), [seeds[int(b)] for b in row_run[rows]],
@@ -440,7 +453,7 @@ def _run(config: NNConfig, task: ImageTask | None, progress: bool) -> NNResult:
                                  mal.view(-1).index_select(0, rows_d), attack, C, gen)
         else:
             y_rows = labels.index_select(0, rows_d) if labels is not None else y_train
-        train_rows(
+        train_path = train_rows(
             fm, sub, buf, x_train, y_rows, table.index_select(0, rows_d), plan,
             lr=cfg.lr_at(n), momentum=cfg.momentum, weight_decay=cfg.weight_decay,
             chunk=chunk, fused=fz)
@@ -454,8 +467,10 @@ def _run(config: NNConfig, task: ImageTask | None, progress: bool) -> NNResult:
         # 4. uplink deltas and the attack seam
         if idx is None:
             ref, cur, amasks = G, W, None
-        elif not masks.per_client:
-            ref, cur, amasks = g_cols[:, 0], W.gather(-1, idx), None
+        elif not masks.per_client:  # the clients' values on the masks, into a reused buffer
+            if cur_buf is None or cur_buf.shape != idx.shape:
+                cur_buf = torch.empty(idx.shape, dtype=W.dtype, device=dev)
+            ref, cur, amasks = g_cols[:, 0], torch.gather(W, -1, idx, out=cur_buf), None
         else:
             dense = torch.zeros((B, K, P), dtype=torch.bool, device=dev)
             dense.scatter_(-1, idx, True)
@@ -503,13 +518,13 @@ def _run(config: NNConfig, task: ImageTask | None, progress: bool) -> NNResult:
             new_g = shared_columns_step(defense, values, G, index=index, **kw)
         else:
             new_g = server_step(defense, values, G, index=index, **kw)
-        # a run whose new model is not finite keeps its model (max |x| is NaN or inf exactly
-        # when some x is not finite: one reduction instead of isfinite's four kernels)
-        finite = new_g.abs().amax(-1, keepdim=True) < float("inf")
-        if dev.type == "cpu" and bool(finite.all()):  # (no device sync for the check)
-            G = new_g
+        # a run whose new model is not finite keeps its model. On the CPU a finite sum of all
+        # the new models shows that every value is finite (an inf or NaN would make it inf
+        # or NaN); only otherwise (or an overflowing sum) are the runs checked one by one
+        if dev.type != "cpu" or not math.isfinite(float(new_g.sum())):
+            G = torch.where(torch.isfinite(new_g).all(-1, keepdim=True), new_g, G)
         else:
-            G = torch.where(finite, new_g, G)
+            G = new_g
 
         tick = _lap(phases, "server", tick)
 
@@ -525,7 +540,7 @@ def _run(config: NNConfig, task: ImageTask | None, progress: bool) -> NNResult:
         "train_examples": len(data.y_train), "test_examples": len(data.y_test),
         "chunk_rows": chunk, "train_bytes_per_row": row_bytes,
         "state_bytes_per_client": state_bytes, "seconds": round(seconds, 3),
-        "train_path": "fused" if fz is not None else "vmap",
+        "train_path": train_path,
         "phase_seconds": {k: round(v, 3) for k, v in phases.items()},
     }
     final = G.detach().cpu()
