@@ -127,10 +127,11 @@ def test_softmax_gradient_by_hand() -> None:
     w[0, -3:] = b
     mom = torch.zeros_like(w)
     x = torch.randn((4, 16))
-    ids = torch.tensor([[[2]]])
-    y = torch.tensor([[[1]]])
-    kernels.mlp_sgd(spec, w, mom, x, ids, y, torch.ones((1, 1, 1)), torch.ones((1, 1),
-                    dtype=torch.bool), torch.tensor([1]), lr=1.0, momentum=0.0,
+    table = torch.tensor([[3, 2]])  # the row's examples; position 1 is example 2
+    pos = torch.tensor([[[1]]])
+    y = torch.tensor([0, 0, 1, 0])  # example 2 has label 1
+    kernels.mlp_sgd(spec, w, mom, x, table, pos, torch.ones((1, 1, 1), dtype=torch.bool), y,
+                    torch.ones((1, 1), dtype=torch.bool), lr=1.0, momentum=0.0,
                     weight_decay=0.0)
     p = np.exp(b.numpy() - b.numpy().max())
     p /= p.sum()
@@ -149,23 +150,29 @@ def test_bad_inputs_are_refused_with_the_reason() -> None:
     w = torch.zeros((2, fz.num_parameters))
     mom = torch.zeros_like(w)
     x = torch.randn((5, 16))
-    ids = torch.zeros((2, 1, 4), dtype=torch.long)
-    y = torch.zeros((2, 1, 4), dtype=torch.long)
-    sc = torch.full((2, 1, 4), 0.25)
+    table = torch.zeros((2, 3), dtype=torch.long)
+    pos = torch.zeros((2, 1, 4), dtype=torch.long)
+    val = torch.ones((2, 1, 4), dtype=torch.bool)
+    y = torch.zeros(5, dtype=torch.long)
     act = torch.ones((2, 1), dtype=torch.bool)
-    wid = torch.tensor([4])
     kw: dict[str, Any] = {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0}
     with pytest.raises(ValueError, match="label"):
-        kernels.mlp_sgd(spec, w, mom, x, ids, y + 3, sc, act, wid, **kw)
+        kernels.mlp_sgd(spec, w, mom, x, table, pos, val, y + 3, act, **kw)
+    with pytest.raises(ValueError, match="label"):  # per-row labels by table position
+        kernels.mlp_sgd(spec, w, mom, x, table, pos, val, torch.full((2, 3), 7), act, **kw)
     with pytest.raises(ValueError, match="example id"):
-        kernels.mlp_sgd(spec, w, mom, x, ids + 5, y, sc, act, wid, **kw)
+        kernels.mlp_sgd(spec, w, mom, x, table + 5, pos, val, y, act, **kw)
+    with pytest.raises(ValueError, match="batch position"):
+        kernels.mlp_sgd(spec, w, mom, x, table, pos + 3, val, y, act, **kw)
     assert float(w.abs().max()) == 0.0  # refused before any row trained
     with pytest.raises(ValueError, match="float32"):
-        kernels.mlp_sgd(spec, w.double(), mom, x, ids, y, sc, act, wid, **kw)
+        kernels.mlp_sgd(spec, w.double(), mom, x, table, pos, val, y, act, **kw)
     with pytest.raises(ValueError, match="x must be"):
-        kernels.mlp_sgd(spec, w, mom, x[:, :8].contiguous(), ids, y, sc, act, wid, **kw)
+        kernels.mlp_sgd(spec, w, mom, x[:, :8].contiguous(), table, pos, val, y, act, **kw)
     with pytest.raises(ValueError, match="parameters per row"):
-        kernels.mlp_sgd(spec, w[:, 1:], mom, x, ids, y, sc, act, wid, **kw)
+        kernels.mlp_sgd(spec, w[:, 1:], mom, x, table, pos, val, y, act, **kw)
+    with pytest.raises(ValueError, match="valid"):
+        kernels.mlp_sgd(spec, w, mom, x, table, pos, val.float(), y, act, **kw)
 
 
 def test_spec_covers_mlps_only() -> None:

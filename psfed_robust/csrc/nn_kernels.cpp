@@ -25,6 +25,8 @@
 // (psfed_robust._cpp.CLibrary): the call releases the GIL; the Python side splits rows across
 // threads (rows are independent, so the result does not depend on the split).
 
+#include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -310,60 +312,42 @@ static void loss_grad(float* ZT, int64_t C, int64_t nb, const int64_t* y, const 
 
 static inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
-// One round of local SGD for `rows` client rows (see the header). Returns 0; -1 for sizes out of
-// range or no memory; -2 when an example id is outside [0, n_examples); -3 when a label is
-// outside [0, classes) (checked for every active step before any row is touched).
-//   layers: nl entries of (in, out, w_off, b_off, relu) as int64 [nl, 5]; dims chain and the
-//           first layer's `in` is the example size; the last layer's `out` is the class count.
-//   w, mom: [rows, P] with row strides w_stride, m_stride (momentum in/out).
-//   x: [n_examples, in0]; ids, labels, scale: [rows, steps, bs]; active: uint8 [rows, steps];
-//   widths: [steps] examples processed at each step (<= bs).
-extern "C" int psfed_mlp_sgd_f32(int64_t rows, int64_t steps, int64_t bs, int64_t nl,
-                                 const int64_t* layer_spec, int64_t P, float* w,
-                                 int64_t w_stride, float* mom, int64_t m_stride, const float* x,
-                                 int64_t n_examples, const int64_t* ids, const int64_t* labels,
-                                 const float* scale, const uint8_t* active,
-                                 const int64_t* widths, float lr, float mu, float wd_coef) {
-  if (nl < 1 || nl > MAX_LAYERS || rows < 0 || steps < 0 || bs < 1 || P < 1) return -1;
-  Layer L[MAX_LAYERS];
-  int64_t maxdim = 0;
-  for (int64_t l = 0; l < nl; ++l) {
-    const int64_t* s = layer_spec + 5 * l;
-    L[l].in = s[0];
-    L[l].out = s[1];
-    L[l].w_off = s[2];
-    L[l].b_off = s[3];
-    L[l].relu = (int)s[4];
-    if (L[l].in < 1 || L[l].out < 1 || L[l].w_off < 0 || L[l].w_off + L[l].in * L[l].out > P ||
-        L[l].b_off + L[l].out > P || (l > 0 && L[l].in != L[l - 1].out))
-      return -1;
-    if (L[l].in > maxdim) maxdim = L[l].in;
-    if (L[l].out > maxdim) maxdim = L[l].out;
-  }
-  for (int64_t s = 0; s < steps; ++s)
-    if (widths[s] < 0 || widths[s] > bs) return -1;
+struct Job {
+  const Layer* L;
+  int64_t nl, maxdim, r0, r1, steps, bs, P, w_stride, m_stride, n_examples, t_stride, y_stride;
+  float *w, *mom;
+  const float* x;
+  const int64_t *table, *pos, *y, *widths;
+  const uint8_t *valid, *active;
+  float lr, mu, wd_coef;
+  int rc;
+};
+
+// Trains rows [r0, r1) of a validated job; its own scratch (rows never share memory).
+static void* train_part(void* arg) {
+  Job* J = (Job*)arg;
+  const Layer* L = J->L;
+  const int64_t nl = J->nl, maxdim = J->maxdim, steps = J->steps, bs = J->bs, P = J->P;
   const int64_t C = L[nl - 1].out, in0 = L[0].in;
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t s = 0; s < steps; ++s) {
-      if (!active[r * steps + s]) continue;
-      const int64_t* id = ids + (r * steps + s) * bs;
-      const int64_t* y = labels + (r * steps + s) * bs;
-      for (int64_t i = 0; i < (widths[s] > 0 ? widths[s] : 1); ++i) {
-        if (id[i] < 0 || id[i] >= n_examples) return -2;
-        if (y[i] < 0 || y[i] >= C) return -3;
-      }
-    }
+  const float* x = J->x;
+  const int64_t *table = J->table, *pos = J->pos, *ylab = J->y, *widths = J->widths;
+  const uint8_t *valid = J->valid, *active = J->active;
+  const float lr = J->lr, mu = J->mu, wd_coef = J->wd_coef;
   const int64_t nb_max = round_up(bs, VL);
   // scratch: per layer its output (transposed) and, for hidden outputs, the example-major copy;
-  // two gradient buffers; the input transposed; the gradient vector; the scale column
-  int64_t total = in0 * nb_max + 2 * maxdim * nb_max + P + nb_max;
+  // two gradient buffers; the input transposed; the gradient vector; the scale column and the
+  // example weights (the batch's example ids and labels: `idy`)
+  int64_t total = in0 * nb_max + 2 * maxdim * nb_max + P + 2 * nb_max;
   for (int64_t l = 0; l < nl; ++l) total += L[l].out * nb_max * (l + 1 < nl ? 2 : 1);
   float* mem = (float*)aligned_alloc(64, (size_t)round_up(total * 4, 64));
   const float** rowp = (const float**)malloc(sizeof(float*) * (size_t)bs);
-  if (!mem || !rowp) {
+  int64_t* idy = (int64_t*)malloc(sizeof(int64_t) * 2 * (size_t)nb_max);
+  if (!mem || !rowp || !idy) {
     free(mem);
     free(rowp);
-    return -1;
+    free(idy);
+    J->rc = -1;
+    return nullptr;
   }
   memset(mem, 0, (size_t)total * 4);
   float* XT = mem;
@@ -371,9 +355,12 @@ extern "C" int psfed_mlp_sgd_f32(int64_t rows, int64_t steps, int64_t bs, int64_
   float* dB = dA + maxdim * nb_max;
   float* grad = dB + maxdim * nb_max;
   float* scol = grad + P;
+  float* sc = scol + nb_max;
+  int64_t* id = idy;
+  int64_t* y = idy + nb_max;
   float* ZT[MAX_LAYERS];
   float* Hrow[MAX_LAYERS];
-  float* p = scol + nb_max;
+  float* p = sc + nb_max;
   for (int64_t l = 0; l < nl; ++l) {
     ZT[l] = p;
     p += L[l].out * nb_max;
@@ -383,16 +370,26 @@ extern "C" int psfed_mlp_sgd_f32(int64_t rows, int64_t steps, int64_t bs, int64_
       p += L[l].out * nb_max;
     }
   }
-  for (int64_t r = 0; r < rows; ++r) {
-    float* wr = w + r * w_stride;
-    float* br = mom + r * m_stride;
+  for (int64_t r = J->r0; r < J->r1; ++r) {
+    float* wr = J->w + r * J->w_stride;
+    float* br = J->mom + r * J->m_stride;
     for (int64_t s = 0; s < steps; ++s) {
       if (!active[r * steps + s]) continue;
       const int64_t wd = widths[s] > 0 ? widths[s] : 1;
       const int64_t nb = round_up(wd, VL);
-      const int64_t* id = ids + (r * steps + s) * bs;
-      const int64_t* y = labels + (r * steps + s) * bs;
-      // the batch: example-major rows in place, feature-major copy padded with zeros
+      // the batch: ids table[r, pos], labels by id (or by position: per-row labels), weights
+      // valid / max(1, count) (FusedModel's example_scale)
+      const int64_t* ps = pos + (r * steps + s) * bs;
+      const uint8_t* vs = valid + (r * steps + s) * bs;
+      int64_t cnt = 0;
+      for (int64_t i = 0; i < bs; ++i) cnt += vs[i] != 0;
+      const float inv = 1.0f / (float)(cnt > 1 ? cnt : 1);
+      for (int64_t i = 0; i < wd; ++i) {
+        id[i] = table[r * J->t_stride + ps[i]];
+        y[i] = J->y_stride ? ylab[r * J->y_stride + ps[i]] : ylab[id[i]];
+        sc[i] = vs[i] ? inv : 0.0f;
+      }
+      // example-major rows in place, feature-major copy padded with zeros
       for (int64_t i = 0; i < wd; ++i) rowp[i] = x + id[i] * in0;
       const int64_t in16 = in0 / VL * VL;
       for (int64_t i0 = 0; i0 < nb; i0 += VL)
@@ -410,7 +407,7 @@ extern "C" int psfed_mlp_sgd_f32(int64_t rows, int64_t steps, int64_t bs, int64_
         AT = ZT[l];
       }
       // backward
-      loss_grad(ZT[nl - 1], C, nb, y, scale + (r * steps + s) * bs, wd, scol);
+      loss_grad(ZT[nl - 1], C, nb, y, sc, wd, scol);
       float* dZ = ZT[nl - 1];
       for (int64_t l = nl - 1; l >= 0; --l) {
         const float* const* arows = rowp;
@@ -468,9 +465,168 @@ extern "C" int psfed_mlp_sgd_f32(int64_t rows, int64_t steps, int64_t bs, int64_
       }
     }
   }
+  free(idy);
   free(rowp);
   free(mem);
-  return 0;
+  J->rc = 0;
+  return nullptr;
+}
+
+// Running the parts in an OpenMP team: torch's CPU ops run in libgomp's thread pool, whose idle
+// threads spin for a while after each parallel region; threads of our own would compete with them
+// for the cores, so when the caller passes libgomp's entry points (GOMP_parallel, the ABI of
+// `#pragma omp parallel`, and omp_get_thread_num) the parts run on that same team.
+typedef void (*GompParallel)(void (*)(void*), void*, unsigned, unsigned);
+typedef int (*OmpThreadNum)(void);
+struct Team {
+  Job* jobs;
+  OmpThreadNum thread_num;
+  int64_t parts;
+};
+
+static void team_part(void* arg) {
+  Team* T = (Team*)arg;
+  const int t = T->thread_num();
+  if (t >= 0 && t < T->parts) train_part(&T->jobs[t]);
+}
+
+// One round of local SGD for `rows` client rows (see the header). Returns 0; -1 for sizes or a
+// batch position out of range, or no memory; -2 when an example id is outside [0, n_examples);
+// -3 when a label is outside [0, classes) (checked for every active step before any row is
+// touched).
+//   layers: nl entries of (in, out, w_off, b_off, relu) as int64 [nl, 5]; dims chain and the
+//           first layer's `in` is the example size; the last layer's `out` is the class count.
+//   w, mom: [rows, P] with row strides w_stride, m_stride (momentum in/out).
+//   x: [n_examples, in0]; table: each row's example ids [rows, n_tab] (row stride t_stride);
+//   pos, valid: [rows, steps, bs] batch positions in the row's table and real-example flags
+//   (uint8); ylab: labels by example id [n_examples] (y_stride 0) or per row by table position
+//   [rows, n_tab] (row stride y_stride); active: uint8 [rows, steps]. Each step processes the
+//   first `width` slots, width = the last real slot of the step in any row (at least 1).
+extern "C" int psfed_mlp_sgd_f32(int64_t rows, int64_t steps, int64_t bs, int64_t nl,
+                                 const int64_t* layer_spec, int64_t P, float* w,
+                                 int64_t w_stride, float* mom, int64_t m_stride, const float* x,
+                                 int64_t n_examples, const int64_t* table, int64_t t_stride,
+                                 int64_t n_tab, const int64_t* pos, const uint8_t* valid,
+                                 const int64_t* ylab, int64_t y_stride, const uint8_t* active,
+                                 float lr, float mu, float wd_coef, int64_t threads,
+                                 void* gomp_parallel, void* omp_thread_num) {
+  if (nl < 1 || nl > MAX_LAYERS || rows < 0 || steps < 0 || bs < 1 || P < 1 || n_tab < 1 ||
+      t_stride < n_tab || (y_stride != 0 && y_stride < n_tab))
+    return -1;
+  Layer L[MAX_LAYERS];
+  int64_t maxdim = 0;
+  for (int64_t l = 0; l < nl; ++l) {
+    const int64_t* s = layer_spec + 5 * l;
+    L[l].in = s[0];
+    L[l].out = s[1];
+    L[l].w_off = s[2];
+    L[l].b_off = s[3];
+    L[l].relu = (int)s[4];
+    if (L[l].in < 1 || L[l].out < 1 || L[l].w_off < 0 || L[l].w_off + L[l].in * L[l].out > P ||
+        L[l].b_off + L[l].out > P || (l > 0 && L[l].in != L[l - 1].out))
+      return -1;
+    if (L[l].in > maxdim) maxdim = L[l].in;
+    if (L[l].out > maxdim) maxdim = L[l].out;
+  }
+  // each step's batch is cut after its last real example in any row (the torch path's cut)
+  int64_t* widths = (int64_t*)malloc(sizeof(int64_t) * (size_t)(steps > 0 ? steps : 1));
+  if (!widths) return -1;
+  for (int64_t s = 0; s < steps; ++s) {
+    int64_t last = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const uint8_t* vs = valid + (r * steps + s) * bs;
+      for (int64_t i = bs; i > last; --i)
+        if (vs[i - 1]) {
+          last = i;
+          break;
+        }
+    }
+    widths[s] = last > 0 ? last : 1;
+  }
+  const int64_t C = L[nl - 1].out;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t s = 0; s < steps; ++s) {
+      if (!active[r * steps + s]) continue;
+      const int64_t* ps = pos + (r * steps + s) * bs;
+      for (int64_t i = 0; i < widths[s]; ++i) {
+        int rc = 0;
+        if (ps[i] < 0 || ps[i] >= n_tab) {
+          rc = -1;
+        } else {
+          const int64_t e = table[r * t_stride + ps[i]];
+          if (e < 0 || e >= n_examples) {
+            rc = -2;
+          } else {
+            const int64_t yl = y_stride ? ylab[r * y_stride + ps[i]] : ylab[e];
+            if (yl < 0 || yl >= C) rc = -3;
+          }
+        }
+        if (rc) {
+          free(widths);
+          return rc;
+        }
+      }
+    }
+  if (threads < 1) threads = 1;
+  if (threads > rows) threads = rows > 0 ? rows : 1;
+  if (threads > 64) threads = 64;
+  Job jobs[64];
+  pthread_t tid[64];
+  for (int64_t t = 0; t < threads; ++t) {
+    Job& J = jobs[t];
+    J.L = L;
+    J.nl = nl;
+    J.maxdim = maxdim;
+    J.r0 = rows * t / threads;
+    J.r1 = rows * (t + 1) / threads;
+    J.steps = steps;
+    J.bs = bs;
+    J.P = P;
+    J.w = w;
+    J.w_stride = w_stride;
+    J.mom = mom;
+    J.m_stride = m_stride;
+    J.x = x;
+    J.n_examples = n_examples;
+    J.table = table;
+    J.t_stride = t_stride;
+    J.pos = pos;
+    J.valid = valid;
+    J.y = ylab;
+    J.y_stride = y_stride;
+    J.active = active;
+    J.widths = widths;
+    J.lr = lr;
+    J.mu = mu;
+    J.wd_coef = wd_coef;
+    J.rc = -9;  // not run yet
+  }
+  if (threads > 1 && gomp_parallel && omp_thread_num) {  // in the OpenMP team torch uses
+    Team team = {jobs, (OmpThreadNum)omp_thread_num, threads};
+    ((GompParallel)gomp_parallel)(team_part, &team, (unsigned)threads, 0u);
+    int rc = 0;
+    for (int64_t t = 0; t < threads; ++t) {
+      if (jobs[t].rc == -9) train_part(&jobs[t]);  // a part no team thread took
+      if (jobs[t].rc != 0) rc = jobs[t].rc;
+    }
+    free(widths);
+    return rc;
+  }
+  // the calling thread takes part 0; a part whose thread cannot start runs here after it
+  int started[64] = {0};
+  for (int64_t t = 1; t < threads; ++t)
+    started[t] = pthread_create(&tid[t], nullptr, train_part, &jobs[t]) == 0;
+  train_part(&jobs[0]);
+  int rc = jobs[0].rc;
+  for (int64_t t = 1; t < threads; ++t) {
+    if (started[t])
+      pthread_join(tid[t], nullptr);
+    else
+      train_part(&jobs[t]);
+    if (jobs[t].rc != 0) rc = jobs[t].rc;
+  }
+  free(widths);
+  return rc;
 }
 
 // ------------------------------------------------------------------ batch orders
@@ -561,5 +717,99 @@ extern "C" int psfed_batch_orders(int64_t rows, int64_t steps, int64_t bs, const
   }
   free(tmp);
   free(g);
+  return 0;
+}
+
+// ------------------------------------------------------------------ evaluation
+// Test-set sums of `models` MLPs (rows of w) on n examples x [n, in0] with labels y: out [models,
+// 3] float64 = (sum of cross-entropy losses, correct predictions, predictions equal to aimed[i]),
+// as psfed_robust.nn.engine's torch evaluation: loss_i = log sum_c exp(z_c - max z) + max z -
+// z_{y_i} (NaN when a logit is NaN or +Inf), prediction = the first maximum (a NaN logit is the
+// maximum, as torch.max). aimed: the label-flip target per example, -1 where none (never equal).
+// Returns 0, -1 for sizes out of range or no memory, -3 for a label outside [0, classes).
+extern "C" int psfed_mlp_eval_f32(int64_t models, int64_t nl, const int64_t* layer_spec,
+                                  int64_t P, const float* w, int64_t w_stride, const float* x,
+                                  int64_t n, const int64_t* y, const int64_t* aimed, double* out) {
+  if (nl < 1 || nl > MAX_LAYERS || models < 0 || n < 0 || P < 1) return -1;
+  Layer L[MAX_LAYERS];
+  int64_t total = 0;
+  const int64_t NB = 2 * VL;
+  for (int64_t l = 0; l < nl; ++l) {
+    const int64_t* s = layer_spec + 5 * l;
+    L[l].in = s[0];
+    L[l].out = s[1];
+    L[l].w_off = s[2];
+    L[l].b_off = s[3];
+    L[l].relu = (int)s[4];
+    if (L[l].in < 1 || L[l].out < 1 || L[l].w_off < 0 || L[l].w_off + L[l].in * L[l].out > P ||
+        L[l].b_off + L[l].out > P || (l > 0 && L[l].in != L[l - 1].out))
+      return -1;
+    total += L[l].out * NB;
+  }
+  const int64_t C = L[nl - 1].out, in0 = L[0].in;
+  for (int64_t i = 0; i < n; ++i)
+    if (y[i] < 0 || y[i] >= C) return -3;
+  total += in0 * NB;
+  float* mem = (float*)aligned_alloc(64, (size_t)round_up(total * 4, 64));
+  if (!mem) return -1;
+  float* XT = mem;
+  float* ZT[MAX_LAYERS];
+  float* p = XT + in0 * NB;
+  for (int64_t l = 0; l < nl; ++l) {
+    ZT[l] = p;
+    p += L[l].out * NB;
+  }
+  const float* rowp[2 * VL];
+  const int64_t in16 = in0 / VL * VL;
+  for (int64_t b = 0; b < models; ++b) {
+    const float* wb = w + b * w_stride;
+    double loss = 0.0, hits = 0.0, flips = 0.0;
+    for (int64_t i0 = 0; i0 < n; i0 += NB) {
+      const int64_t wd = n - i0 < NB ? n - i0 : NB;
+      for (int64_t i = 0; i < wd; ++i) rowp[i] = x + (i0 + i) * in0;
+      for (int64_t c0 = 0; c0 < NB; c0 += VL)
+        for (int64_t k0 = 0; k0 < in16; k0 += VL)
+          gather_block(rowp + c0, wd - c0, k0, XT + k0 * NB + c0, NB);
+      for (int64_t k = in16; k < in0; ++k) {
+        for (int64_t i = 0; i < wd; ++i) XT[k * NB + i] = rowp[i][k];
+        for (int64_t i = wd; i < NB; ++i) XT[k * NB + i] = 0.0f;
+      }
+      const float* AT = XT;
+      for (int64_t l = 0; l < nl; ++l) {
+        forward(L[l], wb, AT, NB, ZT[l]);
+        AT = ZT[l];
+      }
+      const float* Z = ZT[nl - 1];
+      for (int64_t c0 = 0; c0 < NB; c0 += VL) {  // log-sum-exp per example, 16 at a time
+        v16 m = ld(Z + c0);
+        for (int64_t c = 1; c < C; ++c) {
+          const v16 z = ld(Z + c * NB + c0);
+          m = (z > m) | (z != z) ? z : m;
+        }
+        v16 s = splat(0.0f);
+        for (int64_t c = 0; c < C; ++c) s += vexp(ld(Z + c * NB + c0) - m);
+        for (int64_t j = 0; j < VL && c0 + j < wd; ++j) {
+          const int64_t i = c0 + j;
+          const float lse = logf(s[j]) + m[j];
+          loss += (double)(lse - Z[y[i0 + i] * NB + i]);
+          int64_t best = 0;
+          float bv = Z[i];
+          for (int64_t c = 1; c < C && bv == bv; ++c) {  // first maximum; a NaN wins
+            const float z = Z[c * NB + i];
+            if (z > bv || z != z) {
+              bv = z;
+              best = c;
+            }
+          }
+          hits += best == y[i0 + i];
+          flips += best == aimed[i0 + i];
+        }
+      }
+    }
+    out[3 * b] = loss;
+    out[3 * b + 1] = hits;
+    out[3 * b + 2] = flips;
+  }
+  free(mem);
   return 0;
 }

@@ -53,6 +53,7 @@ from psfed_robust.core.selectors import (  # make_selector re-exported: the scen
     StructuredMaskSelector,
     make_selector,
 )
+from psfed_robust.nn import kernels
 from psfed_robust.nn.config import NNConfig
 from psfed_robust.nn.data import ImageTask, client_table, load_task, split
 from psfed_robust.nn.fused import FusedModel, supports
@@ -123,10 +124,22 @@ class _Evaluator:
         self.flips = flips
         self.n_flip = max(1.0, float(flippable.sum())) if flips else 1.0
         self._labels: dict[int, list[Tensor]] = {}
+        # an MLP on the CPU in float32: the compiled kernel's sums (same forward pass)
+        spec = kernels.mlp_spec(fm) if isinstance(fm, FusedModel) else None
+        self.spec = spec if spec is not None and x.device.type == "cpu" and \
+            x.dtype == torch.float32 and kernels.available() else None
+        if self.spec is not None:
+            self.x_flat = x.reshape(len(y), -1).contiguous()
+            self.y, self.aimed = y.contiguous(), aimed.contiguous()
 
     def __call__(self, g: Tensor) -> Tensor:
         """``[3, B]`` float64 (``[2, B]`` without flips): loss, accuracy, flip success."""
         B = g.shape[0]
+        if self.spec is not None and g.dtype == torch.float32 and g.device.type == "cpu":
+            sums = kernels.mlp_eval(self.spec, g, self.x_flat, self.y, self.aimed).T
+            sums[:2].div_(self.n)
+            sums[2].div_(self.n_flip)
+            return sums if self.flips else sums[:2]
         labels = self._labels.get(B)
         if labels is None:  # each chunk's labels expanded over the B models (views)
             labels = self._labels[B] = [yb.expand(B, -1) for _, yb, _ in self.chunks]

@@ -10,23 +10,26 @@ with its weights, momentum and batch in cache, which on small models removes the
 of ~25 torch kernel launches (``benchmarks/nn_engine.py`` times it against the torch path; it
 must earn at least 3x to stay).
 
+:func:`mlp_eval` sums the engine's test metrics of global models (cross-entropy, correct and
+label-flip-aimed predictions) with the same forward pass, behind the engine's torch evaluation.
 :func:`batch_orders` draws :func:`~psfed_robust.nn.train.batch_plan`'s shuffled batch positions:
 the same integers as ``torch.randperm`` with a generator seeded per row (torch's CPU generator
 is MT19937 on the seed's low 32 bits, and its ``randperm`` a Fisher-Yates shuffle; tests compare
 the two), without one torch call per row and epoch.
 
-Rows are independent: they are split across ``threads`` (the call releases the GIL), and the
-result does not depend on the split. The library is plain C-style C++ loaded with
-:mod:`ctypes` (about a second to build, cached by source, compiler and CPU); a failed build
-leaves it unavailable and training runs the torch path. ``PSFED_NO_CPP_KERNEL=1`` disables it.
+Rows are independent: they are split across ``threads`` threads (torch's own OpenMP team when
+torch runs on GNU OpenMP, else threads of the library; the call releases the GIL), and the
+result does not depend on the split. The library is plain C-style
+C++ loaded with :mod:`ctypes` (about a second to build, cached by source, compiler and CPU); a
+failed build leaves it unavailable and training runs the torch path. ``PSFED_NO_CPP_KERNEL=1``
+disables it.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +40,7 @@ from torch import Tensor
 from psfed_robust._cpp import CLibrary, source
 from psfed_robust.nn.fused import FusedModel
 
-__all__ = ["MLPSpec", "available", "batch_orders", "load", "mlp_sgd", "mlp_spec"]
+__all__ = ["MLPSpec", "available", "batch_orders", "load", "mlp_eval", "mlp_sgd", "mlp_spec"]
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -47,26 +50,43 @@ _LIB = CLibrary(
     "psfed_nn_kernels",
     source("nn_kernels.cpp"),
     {"psfed_mlp_sgd_f32": (ctypes.c_int, [_I, _I, _I, _I, _P, _I, _P, _I, _P, _I, _P, _I, _P, _P,
-                                          _P, _P, _P, _F, _F, _F]),
-     "psfed_batch_orders": (ctypes.c_int, [_I, _I, _I, _P, _P, _I, _I, _P])},
-    cflags=("-O3", "-march=native", "-ffp-contract=fast", "-fno-exceptions", "-fno-rtti"),
+                                          _I, _P, _P, _P, _I, _P, _F, _F, _F, _I, _P, _P]),
+     "psfed_batch_orders": (ctypes.c_int, [_I, _I, _I, _P, _P, _I, _I, _P]),
+     "psfed_mlp_eval_f32": (ctypes.c_int, [_I, _I, _P, _I, _P, _I, _P, _I, _P, _P, _P])},
+    cflags=("-O3", "-march=native", "-ffp-contract=fast", "-fno-exceptions", "-fno-rtti",
+            "-pthread"),
 )
 
-_POOL: list[ThreadPoolExecutor] = []  # one shared worker pool (an execution resource, no state)
-_POOL_LOCK = threading.Lock()
-
-
-def _pool() -> ThreadPoolExecutor:
-    with _POOL_LOCK:
-        if not _POOL:
-            _POOL.append(ThreadPoolExecutor(os.cpu_count() or 1,
-                                            thread_name_prefix="psfed-nn-kernel"))
-        return _POOL[0]
-
-
-_ERRORS = {-1: "sizes out of range or out of memory",
+_ERRORS = {-1: "sizes or a batch position out of range, or out of memory",
            -2: "an example id is outside the training set",
            -3: "a label is outside [0, classes)"}
+
+
+@functools.lru_cache(maxsize=1)
+def _openmp_entry_points() -> tuple[int | None, int | None]:
+    """``(GOMP_parallel, omp_get_thread_num)`` of the GNU OpenMP runtime torch runs its CPU
+    ops on (its thread pool), or ``(None, None)`` where there is none (another backend, another
+    platform): the kernel's row parts then run in threads of its own. Found among the loaded
+    libraries, in torch's folders (torch ships its libgomp under its own name on some builds)."""
+    if not torch.__config__.parallel_info().count("ATen parallel backend: OpenMP"):
+        return None, None
+    # torch's own copy (its lib/ folder, or torch.libs/ in auditwheel builds): other packages
+    # load libgomp copies of their own (scikit-learn does), whose teams are other pools
+    site = os.path.dirname(os.path.dirname(os.path.abspath(torch.__file__)))
+    homes = (os.path.join(site, "torch", "lib") + os.sep, os.path.join(site, "torch.libs") + os.sep)
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as fh:
+            paths = {line.split()[-1] for line in fh if "libgomp" in line}
+        for path in sorted(paths):
+            if os.path.basename(path).startswith("libgomp") and path.startswith(homes) \
+                    and os.path.isfile(path):
+                lib = ctypes.CDLL(path)  # the loaded instance: the same runtime and pool
+                par = ctypes.cast(lib.GOMP_parallel, ctypes.c_void_p).value
+                num = ctypes.cast(lib.omp_get_thread_num, ctypes.c_void_p).value
+                return par, num
+    except (OSError, AttributeError):
+        pass
+    return None, None
 
 
 def load() -> Any:
@@ -136,27 +156,29 @@ def _check(name: str, t: Tensor, dtype: torch.dtype, shape: tuple[int, ...] | No
                          f"{t.dtype} {tuple(t.shape)} on {t.device}")
 
 
-def mlp_sgd(spec: MLPSpec, w: Tensor, mom: Tensor, x: Tensor, ids: Tensor, labels: Tensor,
-            scale: Tensor, active: Tensor, widths: Tensor, *, lr: float, momentum: float,
+def mlp_sgd(spec: MLPSpec, w: Tensor, mom: Tensor, x: Tensor, table: Tensor, pos: Tensor,
+            valid: Tensor, y: Tensor, active: Tensor, *, lr: float, momentum: float,
             weight_decay: float, threads: int = 1) -> None:
     """Train rows ``w`` ``[N, P]`` in place, momentum ``mom`` ``[N, P]`` in place (its values at
     the call are the rows' momentum buffers).
 
-    ``x`` ``[n, in]``: the training examples; ``ids``/``labels``/``scale`` ``[N, S, b]``: each
-    row's example id, label and loss weight per step and batch slot (weight 0: padding);
-    ``active`` bool ``[N, S]``: the steps a row trains; ``widths`` int64 ``[S]``: the batch
-    slots processed at each step (the torch path's cut after the last real example).
-    ``threads``: rows are split into this many parts run in parallel.
+    ``x`` ``[n, in]``: the training examples; ``table`` ``[N, n_tab]``: each row's example ids
+    (rows may be strided); ``pos``/``valid`` ``[N, S, b]``: each step's batch positions in the
+    row's table and its real examples (bool; weights ``valid / max(1, Σ valid)``); ``y``: labels
+    by example id ``[n]``, or per row by table position ``[N, >= n_tab]`` (poisoned labels);
+    ``active`` bool ``[N, S]``: the steps a row trains. Each step processes the batch slots up to
+    its last real example in any row (the torch path's cut).
+    ``threads``: rows are split into this many parts trained in parallel, on the OpenMP team
+    torch's CPU ops use when torch runs on GNU OpenMP (threads of the library would compete with
+    that team's spinning idle threads), else on POSIX threads of the library.
 
-    Raises ``ValueError`` for an example id or label out of range (the run cannot go on: some
-    rows may already be trained).
+    Raises ``ValueError`` for a position, example id or label out of range (checked for every
+    row before any row trains).
     """
     lib = load()
     if lib is None:
         raise RuntimeError("the compiled NN kernel is not available")
     N, P = w.shape
-    S = int(widths.shape[0])
-    b = int(ids.shape[-1]) if ids.dim() == 3 else 0
     if P != spec.num_parameters:
         raise ValueError(f"mlp_sgd: w has {P} parameters per row, the model {spec.num_parameters}")
     _check("w", w, torch.float32, rowwise=True)
@@ -165,34 +187,32 @@ def mlp_sgd(spec: MLPSpec, w: Tensor, mom: Tensor, x: Tensor, ids: Tensor, label
     if x.dim() != 2 or x.shape[1] != spec.in_features:
         raise ValueError(f"mlp_sgd: x must be [examples, {spec.in_features}], got "
                          f"{tuple(x.shape)}")
-    _check("ids", ids, torch.int64, (N, S, b))
-    _check("labels", labels, torch.int64, (N, S, b))
-    _check("scale", scale, torch.float32, (N, S, b))
+    _check("table", table, torch.int64, rowwise=True)
+    if table.shape[0] != N or table.shape[1] < 1:
+        raise ValueError(f"mlp_sgd: table must be [{N}, >= 1], got {tuple(table.shape)}")
+    S, b = (int(pos.shape[1]), int(pos.shape[2])) if pos.dim() == 3 else (0, 0)
+    _check("pos", pos, torch.int64, (N, S, b))
+    _check("valid", valid, torch.bool, (N, S, b))
     _check("active", active, torch.bool, (N, S))
-    _check("widths", widths, torch.int64, (S,))
+    if y.dim() == 2:  # by table position: at least the table's columns
+        _check("y", y, torch.int64, rowwise=True)
+        if y.shape[0] != N or y.shape[1] < table.shape[1]:
+            raise ValueError(f"mlp_sgd: per-row labels y must be [{N}, >= {table.shape[1]}], "
+                             f"got {tuple(y.shape)}")
+        y_stride = max(1, int(y.stride(0)))
+    else:
+        _check("y", y, torch.int64, (int(x.shape[0]),))
+        y_stride = 0
     if N == 0 or S == 0:
         return
-    layers = spec.layers
-
-    def call(r0: int, r1: int) -> int:
-        rc: int = lib.psfed_mlp_sgd_f32(
-            r1 - r0, S, b, layers.shape[0], layers.data_ptr(), P,
-            w.data_ptr() + r0 * w.stride(0) * 4, w.stride(0),
-            mom.data_ptr() + r0 * mom.stride(0) * 4, mom.stride(0), x.data_ptr(), x.shape[0],
-            ids[r0].data_ptr(), labels[r0].data_ptr(), scale[r0].data_ptr(),
-            active[r0].data_ptr(), widths.data_ptr(), float(lr), float(momentum),
-            float(weight_decay))
-        return rc
-
-    parts = max(1, min(int(threads), N))
-    if parts == 1:
-        codes = [call(0, N)]
-    else:
-        bounds = [N * i // parts for i in range(parts + 1)]
-        codes = list(_pool().map(call, bounds[:-1], bounds[1:]))
-    bad = [c for c in codes if c != 0]
-    if bad:
-        raise ValueError(f"mlp_sgd: {_ERRORS.get(bad[0], f'error {bad[0]}')}")
+    rc = lib.psfed_mlp_sgd_f32(
+        N, S, b, spec.layers.shape[0], spec.layers.data_ptr(), P, w.data_ptr(), w.stride(0),
+        mom.data_ptr(), mom.stride(0), x.data_ptr(), x.shape[0], table.data_ptr(),
+        max(1, int(table.stride(0))), table.shape[1], pos.data_ptr(), valid.data_ptr(),
+        y.data_ptr(), y_stride, active.data_ptr(), float(lr), float(momentum),
+        float(weight_decay), max(1, int(threads)), *_openmp_entry_points())
+    if rc != 0:
+        raise ValueError(f"mlp_sgd: {_ERRORS.get(rc, f'error {rc}')}")
 
 
 def batch_orders(pos: Tensor, counts: np.ndarray, seeds: np.ndarray, epochs: int,
@@ -216,3 +236,31 @@ def batch_orders(pos: Tensor, counts: np.ndarray, seeds: np.ndarray, epochs: int
     if rc != 0:
         raise ValueError(f"batch_orders: sizes out of range (rows {rows}, steps {steps}, batch "
                          f"{b}, epochs {epochs}, local steps {local_steps})")
+
+
+def mlp_eval(spec: MLPSpec, g: Tensor, x: Tensor, y: Tensor, aimed: Tensor) -> Tensor:
+    """``[B, 3]`` float64 sums over the test set of models ``g`` ``[B, P]``: cross-entropy
+    loss, correct predictions (first maximum), predictions equal to ``aimed`` (the label-flip
+    target per example, -1 where none). ``x`` ``[n, in]`` float32, ``y``/``aimed`` int64 ``[n]``.
+    """
+    lib = load()
+    if lib is None:
+        raise RuntimeError("the compiled NN kernel is not available")
+    B, P = g.shape
+    if P != spec.num_parameters:
+        raise ValueError(f"mlp_eval: g has {P} parameters per row, the model {spec.num_parameters}")
+    _check("g", g, torch.float32, rowwise=True)
+    _check("x", x, torch.float32)
+    n = int(x.shape[0])
+    if x.dim() != 2 or x.shape[1] != spec.in_features:
+        raise ValueError(f"mlp_eval: x must be [examples, {spec.in_features}], got "
+                         f"{tuple(x.shape)}")
+    _check("y", y, torch.int64, (n,))
+    _check("aimed", aimed, torch.int64, (n,))
+    out = torch.empty((B, 3), dtype=torch.float64)
+    rc = lib.psfed_mlp_eval_f32(B, spec.layers.shape[0], spec.layers.data_ptr(), P, g.data_ptr(),
+                                g.stride(0), x.data_ptr(), n, y.data_ptr(), aimed.data_ptr(),
+                                out.data_ptr())
+    if rc != 0:
+        raise ValueError(f"mlp_eval: {_ERRORS.get(rc, f'error {rc}')}")
+    return out

@@ -226,6 +226,12 @@ def train_rows(
         c1 = min(n_rows, c0 + chunk)
         wc, bc = w[c0:c1], buf[c0:c1]
         tab = table[c0:c1]
+        if spec is not None:  # the compiled kernel: every step of the chunk in one call
+            kernels.mlp_sgd(spec, wc, bc, x_rows, tab, plan.positions[c0:c1],
+                            plan.valid[c0:c1], y[c0:c1] if per_row_labels else y,
+                            plan.active[c0:c1], lr=lr, momentum=momentum,
+                            weight_decay=weight_decay, threads=torch.get_num_threads())
+            continue
         pos = plan.positions[c0:c1].to(dev)
         val = plan.valid[c0:c1].to(dev)
         act = plan.active[c0:c1]
@@ -235,15 +241,6 @@ def train_rows(
         # a step's batch is cut after its last real example in any row (the short last batch
         # of an epoch: padding has weight 0, so dropping it changes no gradient)
         last = (val * torch.arange(1, bs + 1, device=dev)).amax(2).amax(0)  # [steps]
-        if spec is not None:  # the compiled kernel: every step of the chunk in one call
-            flat_pos = pos.view(rows, steps * bs)
-            ids = tab.gather(1, flat_pos)
-            ys_k = y[c0:c1].gather(1, flat_pos) if per_row_labels else y[ids]
-            kernels.mlp_sgd(spec, wc, bc, x_rows, ids.view(rows, steps, bs),
-                            ys_k.view(rows, steps, bs), example_scale(val, w.dtype), act,
-                            last.clamp_min(1), lr=lr, momentum=momentum,
-                            weight_decay=weight_decay, threads=torch.get_num_threads())
-            continue
         widths = last.clamp_min(1).tolist()
         scale = example_scale(val, w.dtype) if fused is not None else val.to(w.dtype)
         scale = scale.transpose(0, 1).contiguous()  # [steps, rows, batch]
