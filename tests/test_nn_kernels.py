@@ -227,3 +227,38 @@ def test_batch_orders_draw_torch_randperm(counts: list[int], batch: int, epochs:
     with pytest.raises(ValueError, match="sizes out of range"):
         kernels.batch_orders(torch.zeros((1, 1, 4), dtype=torch.long), np.array([9]),
                              np.array([1], dtype=np.uint64), 1, 0)
+
+
+@pytest.mark.parametrize("own_threads", [False, True])
+def test_thread_split_changes_no_bit_on_either_thread_kind(own_threads: bool,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # parts run on torch's OpenMP team, or (no GNU OpenMP found) on the library's own threads
+    if own_threads:
+        monkeypatch.setattr(kernels, "_openmp_entry_points", lambda: (None, None))
+    model = _mlp([64, 32, 10])
+    one = _round(model, rows=11, compiled=True, threads=1)
+    for threads in (2, 3):
+        many = _round(model, rows=11, compiled=True, threads=threads)
+        assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
+
+
+def test_evaluation_sums_equal_the_torch_evaluation(monkeypatch: pytest.MonkeyPatch) -> None:
+    from psfed_robust.nn.engine import evaluate
+
+    gen = torch.Generator().manual_seed(8)
+    model = _mlp([37, 20, 7])
+    fz = FusedModel(model)
+    g = fz.flat.flatten().repeat(4, 1) + 0.5 * torch.randn((4, fz.num_parameters), generator=gen)
+    g[2, 3] = float("nan")  # a NaN model: NaN loss, as torch
+    x = torch.randn((101, 37), generator=gen)  # not a multiple of the kernel's 32-example chunk
+    y = torch.randint(0, 7, (101,), generator=gen)
+    got = evaluate(fz, g, x, y, 7)
+    monkeypatch.setenv("PSFED_NO_CPP_KERNEL", "1")
+    ref = evaluate(fz, g, x, y, 7)
+    loss, acc, flip = got
+    assert flip is not None and ref[2] is not None
+    assert torch.equal(torch.isnan(loss), torch.isnan(ref[0])) and bool(torch.isnan(loss[2]))
+    fin = ~torch.isnan(ref[0])
+    torch.testing.assert_close(loss[fin], ref[0][fin], rtol=1e-5, atol=1e-6)
+    assert torch.equal(acc, ref[1]) and torch.equal(flip, ref[2])
+    assert 0.0 < float(acc[0]) < 1.0 and float(flip.max()) > 0.0
