@@ -383,6 +383,7 @@ def _run(config: NNConfig, task: ImageTask | None, progress: bool) -> NNResult:
     row_run = torch.arange(B * K) // K
     row_client = torch.arange(B * K) % K
     full_part = cfg.num_participants == K
+    row_lists: tuple[list[int], list[int], list[int], Tensor] | None = None  # fixed when full
     recorded: list[int] = []
     evaluator = _Evaluator(fz if fz is not None else fm, x_test, y_test, C, flips=data_attack)
     scores: list[Tensor] = []  # per recorded round: [3 | 2, B] (loss, accuracy, flip success)
@@ -455,10 +456,12 @@ def _run(config: NNConfig, task: ImageTask | None, progress: bool) -> NNResult:
             buf = fresh_buf.zero_()
         else:
             buf = momentum_state if full_part else momentum_state.index_select(0, rows_d)
-        plan = batch_plan(count[rows].tolist(), [seeds[int(b)] for b in row_run[rows]],
-                          row_client[rows].tolist(), n, batch_size=cfg.batch_size,
-                          local_epochs=cfg.local_epochs, local_steps=cfg.local_steps,
-                          shuffle=cfg.shuffle)
+        if not full_part or row_lists is None:  # the rows' counts, run seeds and clients
+            row_lists = (count[rows].tolist(), [seeds[b] for b in row_run[rows].tolist()],
+                         row_client[rows].tolist(), table.index_select(0, rows_d))
+        plan = batch_plan(row_lists[0], row_lists[1], row_lists[2], n,
+                          batch_size=cfg.batch_size, local_epochs=cfg.local_epochs,
+                          local_steps=cfg.local_steps, shuffle=cfg.shuffle)
         if data_attack and not poison:
             assert labels is not None
             gen = torch_generator("nn.label_flip", cfg.seed, n, device=dev)
@@ -467,7 +470,7 @@ def _run(config: NNConfig, task: ImageTask | None, progress: bool) -> NNResult:
         else:
             y_rows = labels.index_select(0, rows_d) if labels is not None else y_train
         train_path = train_rows(
-            fm, sub, buf, x_train, y_rows, table.index_select(0, rows_d), plan,
+            fm, sub, buf, x_train, y_rows, row_lists[3], plan,
             lr=cfg.lr_at(n), momentum=cfg.momentum, weight_decay=cfg.weight_decay,
             chunk=chunk, fused=fz)
         if not full_part:
