@@ -85,7 +85,8 @@ class FunctionalModel:
 @dataclass(frozen=True)
 class BatchPlan:
     """One round's batches for ``N`` rows: ``positions [N, S, B]`` index each row's example
-    table, ``valid [N, S, B]`` marks real examples, ``active [N, S]`` the steps a row trains."""
+    table, ``valid [N, S, B]`` marks real examples, ``active [N, S]`` the steps a row trains
+    (``valid`` and ``active`` are shared by every round of the same rows: read-only)."""
 
     positions: Tensor
     valid: Tensor
@@ -112,6 +113,30 @@ def _batch_seed(run_seed: int, client: int, tail: bytes) -> int:
     return int.from_bytes(h.digest()[:8], "little") & ((1 << 63) - 1)
 
 
+@functools.lru_cache(maxsize=64)
+def _plan_layout(counts: tuple[int, ...], bs: int, local_epochs: int, local_steps: int
+                 ) -> tuple[int, Tensor, Tensor]:
+    """``(steps, valid [N, S, b], active [N, S])`` of rows with ``counts`` examples: the same
+    every round for the same rows (cached; the tensors are shared, never written)."""
+    n_rows = len(counts)
+    cnt = np.asarray(counts, dtype=np.int64).reshape(n_rows, 1, 1)
+    if local_steps > 0:
+        steps = local_steps
+        valid = np.broadcast_to(np.arange(bs) < np.minimum(cnt, bs), (n_rows, steps, bs))
+        active = np.ones((n_rows, steps), dtype=np.bool_)
+    else:  # step s of row i is step s % per_epoch of epoch s // per_epoch
+        steps = local_epochs * max(-(-c // bs) for c in counts)
+        per_epoch = -(-cnt // bs)
+        s_idx = np.arange(steps).reshape(1, steps, 1)
+        # (a client without examples has no epoch steps: modulo 1, never valid)
+        in_epoch = (s_idx % np.maximum(per_epoch, 1)) * bs + np.arange(bs) < cnt
+        on = s_idx < local_epochs * per_epoch
+        valid = in_epoch & on
+        active = on[:, :, 0]
+    return (steps, torch.from_numpy(np.ascontiguousarray(valid)),
+            torch.from_numpy(np.ascontiguousarray(active)))
+
+
 def batch_plan(
     counts: Sequence[int], run_seeds: Sequence[int], client_ids: Sequence[int], round_num: int,
     *, batch_size: int, local_epochs: int, local_steps: int, shuffle: bool,
@@ -124,33 +149,19 @@ def batch_plan(
     """
     n_rows = len(counts)
     bs = batch_size
-    if local_steps > 0:
-        steps = local_steps
-    else:
-        steps = local_epochs * max(-(-int(c) // bs) for c in counts)
+    steps, valid_t, active_t = _plan_layout(tuple(int(c) for c in counts), bs, local_epochs,
+                                            local_steps)
     pos = torch.zeros((n_rows, steps, bs), dtype=torch.long)
     flat = pos.view(-1)
     tail = _encode_part(int(round_num)) + _SEP
     gen = torch.Generator()  # re-seeded per row: the same draws as a fresh generator
-    cnt = np.asarray(counts, dtype=np.int64).reshape(n_rows, 1, 1)
-    if local_steps > 0:
-        valid = np.broadcast_to(np.arange(bs) < np.minimum(cnt, bs), (n_rows, steps, bs))
-        active = np.ones((n_rows, steps), dtype=np.bool_)
-    else:  # step s of row i is step s % per_epoch of epoch s // per_epoch
-        per_epoch = -(-cnt // bs)
-        s_idx = np.arange(steps).reshape(1, steps, 1)
-        # (a client without examples has no epoch steps: modulo 1, never valid)
-        in_epoch = (s_idx % np.maximum(per_epoch, 1)) * bs + np.arange(bs) < cnt
-        on = s_idx < local_epochs * per_epoch
-        valid = in_epoch & on
-        active = on[:, :, 0]
     if shuffle and compiled and kernels.available():
         seeds = np.fromiter((_batch_seed(int(rs), int(k), tail)
                              for rs, k in zip(run_seeds, client_ids, strict=True)),
                             dtype=np.uint64, count=n_rows)
-        kernels.batch_orders(pos, cnt.reshape(-1), seeds, local_epochs, local_steps)
-        return BatchPlan(pos, torch.from_numpy(np.ascontiguousarray(valid)),
-                         torch.from_numpy(np.ascontiguousarray(active)))
+        kernels.batch_orders(pos, np.asarray(counts, dtype=np.int64), seeds, local_epochs,
+                             local_steps)
+        return BatchPlan(pos, valid_t, active_t)
     for i, (n, rs, k) in enumerate(zip(counts, run_seeds, client_ids, strict=True)):
         n = int(n)
         gen.manual_seed(_batch_seed(int(rs), int(k), tail))
@@ -167,8 +178,7 @@ def batch_plan(
                 torch.randperm(n, generator=gen, out=flat[start : start + n])
             else:
                 torch.arange(n, out=flat[start : start + n])
-    return BatchPlan(pos, torch.from_numpy(np.ascontiguousarray(valid)),
-                     torch.from_numpy(np.ascontiguousarray(active)))
+    return BatchPlan(pos, valid_t, active_t)
 
 
 @functools.lru_cache(maxsize=8)
