@@ -205,7 +205,7 @@ def test_engine_with_the_kernel_equals_the_torch_path(kw: dict[str, Any],
 
 @pytest.mark.parametrize(("counts", "batch", "epochs", "local_steps"), [
     ([144, 143, 7, 1, 0, 33], 32, 1, 0), ([20, 5, 64], 8, 3, 0), ([20, 5, 1, 0], 8, 1, 4),
-    ([1000, 17], 64, 2, 0)])
+    ([1000, 17], 64, 2, 0), ([300, 228, 229], 16, 1, 3)])
 def test_batch_orders_draw_torch_randperm(counts: list[int], batch: int, epochs: int,
                                           local_steps: int) -> None:
     # the compiled draws equal the torch loop's (torch.randperm with a generator seeded per
@@ -262,3 +262,46 @@ def test_evaluation_sums_equal_the_torch_evaluation(monkeypatch: pytest.MonkeyPa
     torch.testing.assert_close(loss[fin], ref[0][fin], rtol=1e-5, atol=1e-6)
     assert torch.equal(acc, ref[1]) and torch.equal(flip, ref[2])
     assert 0.0 < float(acc[0]) < 1.0 and float(flip.max()) > 0.0
+
+
+def test_evaluation_sums_do_not_depend_on_threads() -> None:
+    gen = torch.Generator().manual_seed(9)
+    model = _mlp([64, 48, 10])
+    fz = FusedModel(model)
+    spec = kernels.mlp_spec(fz)
+    assert spec is not None
+    g = fz.flat.flatten().repeat(3, 1) + 0.3 * torch.randn((3, fz.num_parameters), generator=gen)
+    x = torch.randn((333, 64), generator=gen)
+    y = torch.randint(0, 10, (333,), generator=gen)
+    aimed = torch.where(9 - y != y, 9 - y, torch.full_like(y, -1))
+    one = kernels.mlp_eval(spec, g, x, y, aimed, threads=1)
+    for t in (2, 3, 16):
+        assert torch.equal(kernels.mlp_eval(spec, g, x, y, aimed, threads=t), one)
+    with pytest.raises(ValueError, match="label"):
+        kernels.mlp_eval(spec, g, x, y + 10, aimed)
+
+
+def test_batch_seeds_equal_stable_seed_and_threads_change_no_draw() -> None:
+    from psfed_robust.core.seeding import _encode_part, stable_seed
+
+    name = "experiments.flower.batches"
+    prefix = _encode_part(name) + b"\x1e"
+    runs = [0, 1, 9, 10, 2**63 - 1, 123456789012345678, -5]
+    clients = [0, 3, 99, 100, 7, 12345, 2]
+    for rnd in (0, 1, 15, 10**9):
+        got = kernels.batch_seeds(prefix, runs, clients, rnd)
+        assert got.tolist() == [stable_seed(name, r, k, rnd) for r, k in zip(runs, clients)]
+    long_name = "x" * 300  # a message over two SHA-256 blocks
+    got = kernels.batch_seeds(_encode_part(long_name) + b"\x1e", [1], [2], 3)
+    assert got.tolist() == [stable_seed(long_name, 1, 2, 3)]
+    counts = [144, 143, 7, 1, 0, 33, 90, 12, 55]
+    kw: dict[str, Any] = {"batch_size": 16, "local_epochs": 2, "local_steps": 0,
+                          "shuffle": True}
+    ref = batch_plan(counts, [5] * 9, list(range(9)), 4, compiled=False, **kw).positions
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        try:
+            got_pos = batch_plan(counts, [5] * 9, list(range(9)), 4, **kw).positions
+        finally:
+            torch.set_num_threads(1)
+        assert torch.equal(got_pos, ref)

@@ -102,6 +102,70 @@ static inline void gather_block(const float* const* rows, int64_t n, int64_t k0,
   for (int k = 0; k < 16; ++k) st(dst + k * ld_dst, r[k]);
 }
 
+// ------------------------------------------------------------------ parallel parts
+// run_parts(fn, ctx, parts, ...) calls fn(ctx, p) for p < parts, in parallel. torch's CPU ops run
+// in libgomp's thread pool, whose idle threads spin for a while after each parallel region;
+// threads of our own would compete with them for the cores, so when the caller passes libgomp's
+// entry points (GOMP_parallel, the ABI of `#pragma omp parallel`, and omp_get_thread_num) the
+// parts run on that same team; otherwise on POSIX threads (the calling thread takes part 0). A
+// part no thread could take runs on the calling thread afterwards. Parts never share memory, so
+// results do not depend on how they are spread.
+typedef void (*PartFn)(void*, int64_t);
+typedef void (*GompParallel)(void (*)(void*), void*, unsigned, unsigned);
+typedef int (*OmpThreadNum)(void);
+#define MAX_PARTS 64
+
+struct PartCall {
+  PartFn fn;
+  void* ctx;
+  int64_t part;
+  int done;
+};
+
+struct TeamCall {
+  PartCall* calls;
+  OmpThreadNum thread_num;
+  int64_t parts;
+};
+
+static void team_call(void* arg) {
+  TeamCall* T = (TeamCall*)arg;
+  const int t = T->thread_num();
+  if (t >= 0 && t < T->parts) {
+    PartCall* c = &T->calls[t];
+    c->fn(c->ctx, c->part);
+    c->done = 1;
+  }
+}
+
+static void* thread_call(void* arg) {
+  PartCall* c = (PartCall*)arg;
+  c->fn(c->ctx, c->part);
+  c->done = 1;
+  return nullptr;
+}
+
+static void run_parts(PartFn fn, void* ctx, int64_t parts, void* gomp_parallel,
+                      void* omp_thread_num) {
+  if (parts > MAX_PARTS) parts = MAX_PARTS;
+  PartCall calls[MAX_PARTS];
+  for (int64_t p = 0; p < parts; ++p) calls[p] = PartCall{fn, ctx, p, 0};
+  if (parts > 1 && gomp_parallel && omp_thread_num) {
+    TeamCall team = {calls, (OmpThreadNum)omp_thread_num, parts};
+    ((GompParallel)gomp_parallel)(team_call, &team, (unsigned)parts, 0u);
+  } else if (parts > 1) {
+    pthread_t tid[MAX_PARTS];
+    int started[MAX_PARTS] = {0};
+    for (int64_t p = 1; p < parts; ++p)
+      started[p] = pthread_create(&tid[p], nullptr, thread_call, &calls[p]) == 0;
+    thread_call(&calls[0]);
+    for (int64_t p = 1; p < parts; ++p)
+      if (started[p]) pthread_join(tid[p], nullptr);
+  }
+  for (int64_t p = 0; p < parts; ++p)
+    if (!calls[p].done) thread_call(&calls[p]);
+}
+
 struct Layer {
   int64_t in, out, w_off, b_off;  // b_off < 0: no bias
   int relu;                        // ReLU after this layer's output
@@ -324,8 +388,7 @@ struct Job {
 };
 
 // Trains rows [r0, r1) of a validated job; its own scratch (rows never share memory).
-static void* train_part(void* arg) {
-  Job* J = (Job*)arg;
+static void train_part(Job* J) {
   const Layer* L = J->L;
   const int64_t nl = J->nl, maxdim = J->maxdim, steps = J->steps, bs = J->bs, P = J->P;
   const int64_t C = L[nl - 1].out, in0 = L[0].in;
@@ -347,7 +410,7 @@ static void* train_part(void* arg) {
     free(rowp);
     free(idy);
     J->rc = -1;
-    return nullptr;
+    return;
   }
   memset(mem, 0, (size_t)total * 4);
   float* XT = mem;
@@ -469,26 +532,9 @@ static void* train_part(void* arg) {
   free(rowp);
   free(mem);
   J->rc = 0;
-  return nullptr;
 }
 
-// Running the parts in an OpenMP team: torch's CPU ops run in libgomp's thread pool, whose idle
-// threads spin for a while after each parallel region; threads of our own would compete with them
-// for the cores, so when the caller passes libgomp's entry points (GOMP_parallel, the ABI of
-// `#pragma omp parallel`, and omp_get_thread_num) the parts run on that same team.
-typedef void (*GompParallel)(void (*)(void*), void*, unsigned, unsigned);
-typedef int (*OmpThreadNum)(void);
-struct Team {
-  Job* jobs;
-  OmpThreadNum thread_num;
-  int64_t parts;
-};
-
-static void team_part(void* arg) {
-  Team* T = (Team*)arg;
-  const int t = T->thread_num();
-  if (t >= 0 && t < T->parts) train_part(&T->jobs[t]);
-}
+static void train_part_fn(void* ctx, int64_t part) { train_part((Job*)ctx + part); }
 
 // One round of local SGD for `rows` client rows (see the header). Returns 0; -1 for sizes or a
 // batch position out of range, or no memory; -2 when an example id is outside [0, n_examples);
@@ -569,9 +615,8 @@ extern "C" int psfed_mlp_sgd_f32(int64_t rows, int64_t steps, int64_t bs, int64_
     }
   if (threads < 1) threads = 1;
   if (threads > rows) threads = rows > 0 ? rows : 1;
-  if (threads > 64) threads = 64;
-  Job jobs[64];
-  pthread_t tid[64];
+  if (threads > MAX_PARTS) threads = MAX_PARTS;
+  Job jobs[MAX_PARTS];
   for (int64_t t = 0; t < threads; ++t) {
     Job& J = jobs[t];
     J.L = L;
@@ -599,32 +644,12 @@ extern "C" int psfed_mlp_sgd_f32(int64_t rows, int64_t steps, int64_t bs, int64_
     J.lr = lr;
     J.mu = mu;
     J.wd_coef = wd_coef;
-    J.rc = -9;  // not run yet
+    J.rc = 0;
   }
-  if (threads > 1 && gomp_parallel && omp_thread_num) {  // in the OpenMP team torch uses
-    Team team = {jobs, (OmpThreadNum)omp_thread_num, threads};
-    ((GompParallel)gomp_parallel)(team_part, &team, (unsigned)threads, 0u);
-    int rc = 0;
-    for (int64_t t = 0; t < threads; ++t) {
-      if (jobs[t].rc == -9) train_part(&jobs[t]);  // a part no team thread took
-      if (jobs[t].rc != 0) rc = jobs[t].rc;
-    }
-    free(widths);
-    return rc;
-  }
-  // the calling thread takes part 0; a part whose thread cannot start runs here after it
-  int started[64] = {0};
-  for (int64_t t = 1; t < threads; ++t)
-    started[t] = pthread_create(&tid[t], nullptr, train_part, &jobs[t]) == 0;
-  train_part(&jobs[0]);
-  int rc = jobs[0].rc;
-  for (int64_t t = 1; t < threads; ++t) {
-    if (started[t])
-      pthread_join(tid[t], nullptr);
-    else
-      train_part(&jobs[t]);
+  run_parts(train_part_fn, jobs, threads, gomp_parallel, omp_thread_num);
+  int rc = 0;
+  for (int64_t t = 0; t < threads; ++t)
     if (jobs[t].rc != 0) rc = jobs[t].rc;
-  }
   free(widths);
   return rc;
 }
@@ -637,29 +662,40 @@ extern "C" int psfed_mlp_sgd_f32(int64_t rows, int64_t steps, int64_t bs, int64_
 struct Mt19937 {
   uint32_t s[624];
   int next, left;
+  int lazy;   // the first twist not yet applied: outputs j < 227 come from the initial state
+  int ready;  // initial state entries computed so far
 };
-
-static void mt_seed(Mt19937* g, uint64_t seed) {
-  g->s[0] = (uint32_t)(seed & 0xffffffffu);
-  for (uint32_t j = 1; j < 624; ++j) g->s[j] = 1812433253u * (g->s[j - 1] ^ (g->s[j - 1] >> 30)) + j;
-  g->left = 1;
-  g->next = 0;
-}
 
 static inline uint32_t mt_twist(uint32_t u, uint32_t v) {
   return (((u & 0x80000000u) | (v & 0x7fffffffu)) >> 1) ^ ((v & 1u) ? 0x9908b0dfu : 0u);
 }
 
-static uint32_t mt_next(Mt19937* g) {
-  if (--g->left == 0) {
-    uint32_t* p = g->s;
-    g->left = 624;
-    g->next = 0;
-    for (int j = 624 - 397 + 1; --j; p++) *p = p[397] ^ mt_twist(p[0], p[1]);
-    for (int j = 397; --j; p++) *p = p[397 - 624] ^ mt_twist(p[0], p[1]);
-    *p = p[397 - 624] ^ mt_twist(p[0], g->s[0]);
-  }
-  uint32_t y = g->s[g->next++];
+static inline void mt_init_to(Mt19937* g, int upto) {  // initial state entries [ready, upto)
+  for (int j = g->ready; j < upto; ++j)
+    g->s[j] = 1812433253u * (g->s[j - 1] ^ (g->s[j - 1] >> 30)) + (uint32_t)j;
+  if (upto > g->ready) g->ready = upto;
+}
+
+// Seeded as at::mt19937(seed); `draws`: how many outputs the caller expects (the state is
+// computed lazily: the first twist's output j < 227 needs only initial entries j, j+1, j+397).
+static void mt_seed(Mt19937* g, uint64_t seed, int64_t draws) {
+  g->s[0] = (uint32_t)(seed & 0xffffffffu);
+  g->ready = 1;
+  g->next = 0;
+  g->left = 624;
+  g->lazy = 1;
+  mt_init_to(g, draws < 227 ? (int)draws + 397 + 1 : 624);
+}
+
+static void mt_full_twist(Mt19937* g) {
+  uint32_t* p = g->s;
+  g->left = 624;
+  for (int j = 624 - 397 + 1; --j; p++) *p = p[397] ^ mt_twist(p[0], p[1]);
+  for (int j = 397; --j; p++) *p = p[397 - 624] ^ mt_twist(p[0], p[1]);
+  *p = p[397 - 624] ^ mt_twist(p[0], g->s[0]);
+}
+
+static inline uint32_t mt_temper(uint32_t y) {
   y ^= (y >> 11);
   y ^= (y << 7) & 0x9d2c5680u;
   y ^= (y << 15) & 0xefc60000u;
@@ -667,10 +703,31 @@ static uint32_t mt_next(Mt19937* g) {
   return y;
 }
 
+static inline uint32_t mt_next(Mt19937* g) {
+  if (g->lazy) {
+    const int j = g->next;
+    if (j < 227 && j + 398 <= g->ready) {
+      g->next = j + 1;
+      return mt_temper(g->s[j + 397] ^ mt_twist(g->s[j], g->s[j + 1]));
+    }
+    mt_init_to(g, 624);  // more outputs than planned: apply the whole first twist
+    mt_full_twist(g);
+    g->lazy = 0;
+    g->left = 624 - j;  // outputs 0..j-1 were already handed out
+  }
+  if (g->left == 0) {
+    mt_full_twist(g);
+    g->next = 0;
+  }
+  --g->left;
+  return mt_temper(g->s[g->next++]);
+}
+
 static void mt_randperm(Mt19937* g, int64_t n, int64_t* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = i;
   for (int64_t i = 0; i + 1 < n; ++i) {
-    const int64_t z = (int64_t)(mt_next(g) % (uint64_t)(n - i));
+    const uint64_t r = mt_next(g), m = (uint64_t)(n - i);
+    const int64_t z = (int64_t)(m <= 0xffffffffu ? (uint32_t)r % (uint32_t)m : r % m);
     const int64_t t = out[i];
     out[i] = out[z + i];
     out[z + i] = t;
@@ -703,7 +760,8 @@ extern "C" int psfed_batch_orders(int64_t rows, int64_t steps, int64_t bs, const
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t n = counts[i];
     int64_t* row = pos + i * steps * bs;
-    mt_seed(g, seeds[i]);
+    mt_seed(g, seeds[i], local_steps > 0 ? local_steps * (n > 1 ? n - 1 : 0)
+                                          : epochs * (n > 1 ? n - 1 : 0));
     if (local_steps > 0) {
       const int64_t take = n < bs ? n : bs;
       for (int64_t s = 0; s < local_steps; ++s) {
@@ -720,20 +778,267 @@ extern "C" int psfed_batch_orders(int64_t rows, int64_t steps, int64_t bs, const
   return 0;
 }
 
+// ------------------------------------------------------------------ batch seeds
+// psfed_robust.core.seeding.stable_seed("experiments.flower.batches", run_seed, client, round):
+// SHA-256 (FIPS 180-4) of the parts' encoding — `prefix` (the encoded name and separator, from
+// Python), then "i<decimal>" + 0x1e for each integer — its first 8 bytes little-endian, top bit
+// cleared. tests/test_nn_kernels.py compares it with stable_seed.
+static const uint32_t SHA_K[64] = {
+    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+    0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+    0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+    0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+    0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+    0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+    0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2};
+
+static inline uint32_t rotr(uint32_t x, int n) { return (x >> n) | (x << (32 - n)); }
+
+static void sha256_block(uint32_t h[8], const uint8_t* p) {
+  uint32_t w[64];
+  for (int i = 0; i < 16; ++i)
+    w[i] = (uint32_t)p[4 * i] << 24 | (uint32_t)p[4 * i + 1] << 16 | (uint32_t)p[4 * i + 2] << 8 |
+           (uint32_t)p[4 * i + 3];
+  for (int i = 16; i < 64; ++i) {
+    const uint32_t s0 = rotr(w[i - 15], 7) ^ rotr(w[i - 15], 18) ^ (w[i - 15] >> 3);
+    const uint32_t s1 = rotr(w[i - 2], 17) ^ rotr(w[i - 2], 19) ^ (w[i - 2] >> 10);
+    w[i] = w[i - 16] + s0 + w[i - 7] + s1;
+  }
+  uint32_t a = h[0], b = h[1], c = h[2], d = h[3], e = h[4], f = h[5], g = h[6], hh = h[7];
+  for (int i = 0; i < 64; ++i) {
+    const uint32_t t1 = hh + (rotr(e, 6) ^ rotr(e, 11) ^ rotr(e, 25)) + ((e & f) ^ (~e & g)) +
+                        SHA_K[i] + w[i];
+    const uint32_t t2 = (rotr(a, 2) ^ rotr(a, 13) ^ rotr(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
+    hh = g;
+    g = f;
+    f = e;
+    e = d + t1;
+    d = c;
+    c = b;
+    b = a;
+    a = t1 + t2;
+  }
+  h[0] += a;
+  h[1] += b;
+  h[2] += c;
+  h[3] += d;
+  h[4] += e;
+  h[5] += f;
+  h[6] += g;
+  h[7] += hh;
+}
+
+// The first 8 digest bytes of SHA-256(msg[0:n]), little-endian.
+static uint64_t sha256_head(const uint8_t* msg, int64_t n) {
+  uint32_t h[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
+                   0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
+  int64_t off = 0;
+  for (; off + 64 <= n; off += 64) sha256_block(h, msg + off);
+  uint8_t tail[128];
+  const int64_t rest = n - off;
+  memcpy(tail, msg + off, (size_t)rest);
+  tail[rest] = 0x80;
+  const int64_t len = rest + 1 + 8 <= 64 ? 64 : 128;
+  memset(tail + rest + 1, 0, (size_t)(len - rest - 1));
+  const uint64_t bits = (uint64_t)n * 8;
+  for (int i = 0; i < 8; ++i) tail[len - 1 - i] = (uint8_t)(bits >> (8 * i));
+  sha256_block(h, tail);
+  if (len == 128) sha256_block(h, tail + 64);
+  uint64_t out = 0;  // digest bytes 0..7 = h[0], h[1] big-endian; read little-endian
+  for (int i = 0; i < 4; ++i) out |= (uint64_t)((h[0] >> (24 - 8 * i)) & 0xff) << (8 * i);
+  for (int i = 0; i < 4; ++i) out |= (uint64_t)((h[1] >> (24 - 8 * i)) & 0xff) << (8 * (4 + i));
+  return out;
+}
+
+static int64_t put_int(uint8_t* dst, int64_t v) {  // "i" + str(v) + "\x1e"
+  int64_t n = 0;
+  dst[n++] = 'i';
+  uint64_t u = (uint64_t)v;
+  if (v < 0) {
+    dst[n++] = '-';
+    u = (uint64_t)0 - u;
+  }
+  char buf[24];
+  int k = 0;
+  do {
+    buf[k++] = (char)('0' + u % 10);
+    u /= 10;
+  } while (u);
+  while (k) dst[n++] = (uint8_t)buf[--k];
+  dst[n++] = 0x1e;
+  return n;
+}
+
+// seeds[i] = stable_seed(<prefix part>, run_seeds[i], clients[i], round) for i < rows.
+extern "C" int psfed_batch_seeds(int64_t rows, const uint8_t* prefix, int64_t prefix_len,
+                                 const int64_t* run_seeds, const int64_t* clients, int64_t round,
+                                 uint64_t* seeds) {
+  if (rows < 0 || prefix_len < 0 || prefix_len > 512) return -1;
+  uint8_t msg[512 + 3 * 24];
+  memcpy(msg, prefix, (size_t)prefix_len);
+  for (int64_t i = 0; i < rows; ++i) {
+    int64_t n = prefix_len;
+    n += put_int(msg + n, run_seeds[i]);
+    n += put_int(msg + n, clients[i]);
+    n += put_int(msg + n, round);
+    seeds[i] = sha256_head(msg, n) & 0x7fffffffffffffffULL;
+  }
+  return 0;
+}
+
+// batch_plan's positions in one call: the rows' seeds as psfed_batch_seeds derives them, then
+// the draws of psfed_batch_orders, rows spread over `threads` parts (as the training kernel).
+struct PlanJob {
+  int64_t rows, steps, bs, prefix_len, round, epochs, local_steps, parts;
+  const int64_t *counts, *run_seeds, *clients;
+  const uint8_t* prefix;
+  uint64_t* seeds;
+  int64_t* pos;
+  int rc[MAX_PARTS];
+};
+
+static void plan_part(void* ctx, int64_t part) {
+  PlanJob* J = (PlanJob*)ctx;
+  const int64_t r0 = J->rows * part / J->parts, r1 = J->rows * (part + 1) / J->parts;
+  int rc = psfed_batch_seeds(r1 - r0, J->prefix, J->prefix_len, J->run_seeds + r0,
+                             J->clients + r0, J->round, J->seeds + r0);
+  if (rc == 0)
+    rc = psfed_batch_orders(r1 - r0, J->steps, J->bs, J->counts + r0, J->seeds + r0, J->epochs,
+                            J->local_steps, J->pos + r0 * J->steps * J->bs);
+  J->rc[part] = rc;
+}
+
+extern "C" int psfed_batch_plan(int64_t rows, int64_t steps, int64_t bs, const int64_t* counts,
+                                const uint8_t* prefix, int64_t prefix_len,
+                                const int64_t* run_seeds, const int64_t* clients, int64_t round,
+                                int64_t epochs, int64_t local_steps, int64_t* pos,
+                                int64_t threads, void* gomp_parallel, void* omp_thread_num) {
+  if (rows < 0) return -1;
+  uint64_t* seeds = (uint64_t*)malloc(sizeof(uint64_t) * (size_t)(rows > 0 ? rows : 1));
+  if (!seeds) return -1;
+  if (threads < 1) threads = 1;
+  if (threads > rows) threads = rows > 0 ? rows : 1;
+  if (threads > MAX_PARTS) threads = MAX_PARTS;
+  PlanJob J;
+  J.rows = rows;
+  J.steps = steps;
+  J.bs = bs;
+  J.prefix_len = prefix_len;
+  J.round = round;
+  J.epochs = epochs;
+  J.local_steps = local_steps;
+  J.parts = threads;
+  J.counts = counts;
+  J.run_seeds = run_seeds;
+  J.clients = clients;
+  J.prefix = prefix;
+  J.seeds = seeds;
+  J.pos = pos;
+  run_parts(plan_part, &J, threads, gomp_parallel, omp_thread_num);
+  int rc = 0;
+  for (int64_t p = 0; p < threads; ++p)
+    if (J.rc[p] != 0) rc = J.rc[p];
+  free(seeds);
+  return rc;
+}
+
 // ------------------------------------------------------------------ evaluation
 // Test-set sums of `models` MLPs (rows of w) on n examples x [n, in0] with labels y: out [models,
 // 3] float64 = (sum of cross-entropy losses, correct predictions, predictions equal to aimed[i]),
 // as psfed_robust.nn.engine's torch evaluation: loss_i = log sum_c exp(z_c - max z) + max z -
 // z_{y_i} (NaN when a logit is NaN or +Inf), prediction = the first maximum (a NaN logit is the
 // maximum, as torch.max). aimed: the label-flip target per example, -1 where none (never equal).
-// Returns 0, -1 for sizes out of range or no memory, -3 for a label outside [0, classes).
+// Examples go in chunks of 32 (each transposed once for every model); chunks are spread over
+// `threads` parts and their per-chunk sums added in chunk order, so the result does not depend
+// on the thread count. Returns 0, -1 for sizes out of range or no memory, -3 for a label outside
+// [0, classes).
+#define EVAL_NB (2 * VL)
+
+struct EvalJob {
+  const Layer* L;
+  int64_t nl, models, P, w_stride, n, chunks, parts;
+  const float *w, *x;
+  const int64_t *y, *aimed;
+  double* partial;  // [chunks, models, 3]
+  int rc;
+};
+
+static void eval_part(void* ctx, int64_t part) {
+  EvalJob* J = (EvalJob*)ctx;
+  const Layer* L = J->L;
+  const int64_t nl = J->nl, C = L[nl - 1].out, in0 = L[0].in, NB = EVAL_NB;
+  int64_t total = in0 * NB;
+  for (int64_t l = 0; l < nl; ++l) total += L[l].out * NB;
+  float* mem = (float*)aligned_alloc(64, (size_t)round_up(total * 4, 64));
+  if (!mem) {
+    J->rc = -1;
+    return;
+  }
+  float* XT = mem;
+  float* ZT[MAX_LAYERS];
+  float* p = XT + in0 * NB;
+  for (int64_t l = 0; l < nl; ++l) {
+    ZT[l] = p;
+    p += L[l].out * NB;
+  }
+  const float* rowp[EVAL_NB];
+  const int64_t in16 = in0 / VL * VL;
+  const int64_t k0 = J->chunks * part / J->parts, k1 = J->chunks * (part + 1) / J->parts;
+  for (int64_t ch = k0; ch < k1; ++ch) {
+    const int64_t i0 = ch * NB;
+    const int64_t wd = J->n - i0 < NB ? J->n - i0 : NB;
+    for (int64_t i = 0; i < wd; ++i) rowp[i] = J->x + (i0 + i) * in0;
+    for (int64_t c0 = 0; c0 < NB; c0 += VL)
+      for (int64_t f0 = 0; f0 < in16; f0 += VL)
+        gather_block(rowp + c0, wd - c0, f0, XT + f0 * NB + c0, NB);
+    for (int64_t f = in16; f < in0; ++f) {
+      for (int64_t i = 0; i < wd; ++i) XT[f * NB + i] = rowp[i][f];
+      for (int64_t i = wd; i < NB; ++i) XT[f * NB + i] = 0.0f;
+    }
+    for (int64_t b = 0; b < J->models; ++b) {
+      const float* wb = J->w + b * J->w_stride;
+      const float* AT = XT;
+      for (int64_t l = 0; l < nl; ++l) {
+        forward(L[l], wb, AT, NB, ZT[l]);
+        AT = ZT[l];
+      }
+      const float* Z = ZT[nl - 1];
+      double loss = 0.0, hits = 0.0, flips = 0.0;
+      for (int64_t c0 = 0; c0 < NB && c0 < wd; c0 += VL) {  // 16 examples at a time
+        v16 m = ld(Z + c0);
+        v16 best = splat(0.0f);  // class index of the first maximum (a NaN wins)
+        for (int64_t c = 1; c < C; ++c) {
+          const v16 z = ld(Z + c * NB + c0);
+          const auto take = (z > m) | ((z != z) & (m == m));
+          m = take ? z : m;
+          best = take ? splat((float)c) : best;
+        }
+        v16 s = splat(0.0f);
+        for (int64_t c = 0; c < C; ++c) s += vexp(ld(Z + c * NB + c0) - m);
+        for (int64_t j = 0; j < VL && c0 + j < wd; ++j) {
+          const int64_t i = c0 + j;
+          loss += (double)(logf(s[j]) + m[j] - Z[J->y[i0 + i] * NB + i]);
+          const int64_t pred = (int64_t)best[j];
+          hits += pred == J->y[i0 + i];
+          flips += pred == J->aimed[i0 + i];
+        }
+      }
+      double* o = J->partial + (ch * J->models + b) * 3;
+      o[0] = loss;
+      o[1] = hits;
+      o[2] = flips;
+    }
+  }
+  free(mem);
+}
+
 extern "C" int psfed_mlp_eval_f32(int64_t models, int64_t nl, const int64_t* layer_spec,
                                   int64_t P, const float* w, int64_t w_stride, const float* x,
-                                  int64_t n, const int64_t* y, const int64_t* aimed, double* out) {
+                                  int64_t n, const int64_t* y, const int64_t* aimed, double* out,
+                                  int64_t threads, void* gomp_parallel, void* omp_thread_num) {
   if (nl < 1 || nl > MAX_LAYERS || models < 0 || n < 0 || P < 1) return -1;
   Layer L[MAX_LAYERS];
-  int64_t total = 0;
-  const int64_t NB = 2 * VL;
   for (int64_t l = 0; l < nl; ++l) {
     const int64_t* s = layer_spec + 5 * l;
     L[l].in = s[0];
@@ -744,72 +1049,25 @@ extern "C" int psfed_mlp_eval_f32(int64_t models, int64_t nl, const int64_t* lay
     if (L[l].in < 1 || L[l].out < 1 || L[l].w_off < 0 || L[l].w_off + L[l].in * L[l].out > P ||
         L[l].b_off + L[l].out > P || (l > 0 && L[l].in != L[l - 1].out))
       return -1;
-    total += L[l].out * NB;
   }
-  const int64_t C = L[nl - 1].out, in0 = L[0].in;
+  const int64_t C = L[nl - 1].out;
   for (int64_t i = 0; i < n; ++i)
     if (y[i] < 0 || y[i] >= C) return -3;
-  total += in0 * NB;
-  float* mem = (float*)aligned_alloc(64, (size_t)round_up(total * 4, 64));
-  if (!mem) return -1;
-  float* XT = mem;
-  float* ZT[MAX_LAYERS];
-  float* p = XT + in0 * NB;
-  for (int64_t l = 0; l < nl; ++l) {
-    ZT[l] = p;
-    p += L[l].out * NB;
-  }
-  const float* rowp[2 * VL];
-  const int64_t in16 = in0 / VL * VL;
-  for (int64_t b = 0; b < models; ++b) {
-    const float* wb = w + b * w_stride;
-    double loss = 0.0, hits = 0.0, flips = 0.0;
-    for (int64_t i0 = 0; i0 < n; i0 += NB) {
-      const int64_t wd = n - i0 < NB ? n - i0 : NB;
-      for (int64_t i = 0; i < wd; ++i) rowp[i] = x + (i0 + i) * in0;
-      for (int64_t c0 = 0; c0 < NB; c0 += VL)
-        for (int64_t k0 = 0; k0 < in16; k0 += VL)
-          gather_block(rowp + c0, wd - c0, k0, XT + k0 * NB + c0, NB);
-      for (int64_t k = in16; k < in0; ++k) {
-        for (int64_t i = 0; i < wd; ++i) XT[k * NB + i] = rowp[i][k];
-        for (int64_t i = wd; i < NB; ++i) XT[k * NB + i] = 0.0f;
-      }
-      const float* AT = XT;
-      for (int64_t l = 0; l < nl; ++l) {
-        forward(L[l], wb, AT, NB, ZT[l]);
-        AT = ZT[l];
-      }
-      const float* Z = ZT[nl - 1];
-      for (int64_t c0 = 0; c0 < NB; c0 += VL) {  // log-sum-exp per example, 16 at a time
-        v16 m = ld(Z + c0);
-        for (int64_t c = 1; c < C; ++c) {
-          const v16 z = ld(Z + c * NB + c0);
-          m = (z > m) | (z != z) ? z : m;
-        }
-        v16 s = splat(0.0f);
-        for (int64_t c = 0; c < C; ++c) s += vexp(ld(Z + c * NB + c0) - m);
-        for (int64_t j = 0; j < VL && c0 + j < wd; ++j) {
-          const int64_t i = c0 + j;
-          const float lse = logf(s[j]) + m[j];
-          loss += (double)(lse - Z[y[i0 + i] * NB + i]);
-          int64_t best = 0;
-          float bv = Z[i];
-          for (int64_t c = 1; c < C && bv == bv; ++c) {  // first maximum; a NaN wins
-            const float z = Z[c * NB + i];
-            if (z > bv || z != z) {
-              bv = z;
-              best = c;
-            }
-          }
-          hits += best == y[i0 + i];
-          flips += best == aimed[i0 + i];
-        }
-      }
+  const int64_t chunks = (n + EVAL_NB - 1) / EVAL_NB;
+  double* partial = (double*)malloc(sizeof(double) * 3 * (size_t)(chunks * models + 1));
+  if (!partial) return -1;
+  if (threads < 1) threads = 1;
+  if (threads > chunks) threads = chunks > 0 ? chunks : 1;
+  if (threads > MAX_PARTS) threads = MAX_PARTS;
+  EvalJob J = {L, nl, models, P, w_stride, n, chunks, threads, w, x, y, aimed, partial, 0};
+  run_parts(eval_part, &J, threads, gomp_parallel, omp_thread_num);
+  if (J.rc == 0)
+    for (int64_t b = 0; b < models; ++b) {
+      double acc[3] = {0.0, 0.0, 0.0};
+      for (int64_t ch = 0; ch < chunks; ++ch)
+        for (int k = 0; k < 3; ++k) acc[k] += partial[(ch * models + b) * 3 + k];
+      for (int k = 0; k < 3; ++k) out[3 * b + k] = acc[k];
     }
-    out[3 * b] = loss;
-    out[3 * b + 1] = hits;
-    out[3 * b + 2] = flips;
-  }
-  free(mem);
-  return 0;
+  free(partial);
+  return J.rc;
 }

@@ -136,7 +136,8 @@ class _Evaluator:
         """``[3, B]`` float64 (``[2, B]`` without flips): loss, accuracy, flip success."""
         B = g.shape[0]
         if self.spec is not None and g.dtype == torch.float32 and g.device.type == "cpu":
-            sums = kernels.mlp_eval(self.spec, g, self.x_flat, self.y, self.aimed).T
+            sums = kernels.mlp_eval(self.spec, g, self.x_flat, self.y, self.aimed,
+                                    torch.get_num_threads()).T
             sums[:2].div_(self.n)
             sums[2].div_(self.n_flip)
             return sums if self.flips else sums[:2]

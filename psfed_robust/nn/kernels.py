@@ -15,7 +15,8 @@ label-flip-aimed predictions) with the same forward pass, behind the engine's to
 :func:`batch_orders` draws :func:`~psfed_robust.nn.train.batch_plan`'s shuffled batch positions:
 the same integers as ``torch.randperm`` with a generator seeded per row (torch's CPU generator
 is MT19937 on the seed's low 32 bits, and its ``randperm`` a Fisher-Yates shuffle; tests compare
-the two), without one torch call per row and epoch.
+the two), without one torch call per row and epoch; :func:`batch_seeds` derives the rows'
+generator seeds (:func:`~psfed_robust.core.seeding.stable_seed`'s SHA-256, in C).
 
 Rows are independent: they are split across ``threads`` threads (torch's own OpenMP team when
 torch runs on GNU OpenMP, else threads of the library; the call releases the GIL), and the
@@ -30,6 +31,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +42,8 @@ from torch import Tensor
 from psfed_robust._cpp import CLibrary, source
 from psfed_robust.nn.fused import FusedModel
 
-__all__ = ["MLPSpec", "available", "batch_orders", "load", "mlp_eval", "mlp_sgd", "mlp_spec"]
+__all__ = ["MLPSpec", "available", "batch_orders", "batch_positions", "batch_seeds", "load",
+           "mlp_eval", "mlp_sgd", "mlp_spec"]
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -52,7 +55,11 @@ _LIB = CLibrary(
     {"psfed_mlp_sgd_f32": (ctypes.c_int, [_I, _I, _I, _I, _P, _I, _P, _I, _P, _I, _P, _I, _P, _P,
                                           _I, _P, _P, _P, _I, _P, _F, _F, _F, _I, _P, _P]),
      "psfed_batch_orders": (ctypes.c_int, [_I, _I, _I, _P, _P, _I, _I, _P]),
-     "psfed_mlp_eval_f32": (ctypes.c_int, [_I, _I, _P, _I, _P, _I, _P, _I, _P, _P, _P])},
+     "psfed_mlp_eval_f32": (ctypes.c_int, [_I, _I, _P, _I, _P, _I, _P, _I, _P, _P, _P, _I, _P,
+                                           _P]),
+     "psfed_batch_seeds": (ctypes.c_int, [_I, _P, _I, _P, _P, _I, _P]),
+     "psfed_batch_plan": (ctypes.c_int, [_I, _I, _I, _P, _P, _I, _P, _P, _I, _I, _I, _P, _I, _P,
+                                         _P])},
     cflags=("-O3", "-march=native", "-ffp-contract=fast", "-fno-exceptions", "-fno-rtti",
             "-pthread"),
 )
@@ -238,10 +245,13 @@ def batch_orders(pos: Tensor, counts: np.ndarray, seeds: np.ndarray, epochs: int
                          f"{b}, epochs {epochs}, local steps {local_steps})")
 
 
-def mlp_eval(spec: MLPSpec, g: Tensor, x: Tensor, y: Tensor, aimed: Tensor) -> Tensor:
+def mlp_eval(spec: MLPSpec, g: Tensor, x: Tensor, y: Tensor, aimed: Tensor,
+             threads: int = 1) -> Tensor:
     """``[B, 3]`` float64 sums over the test set of models ``g`` ``[B, P]``: cross-entropy
     loss, correct predictions (first maximum), predictions equal to ``aimed`` (the label-flip
     target per example, -1 where none). ``x`` ``[n, in]`` float32, ``y``/``aimed`` int64 ``[n]``.
+    Chunks of 32 examples are spread over ``threads`` (as :func:`mlp_sgd`) and summed in chunk
+    order: the sums do not depend on the thread count.
     """
     lib = load()
     if lib is None:
@@ -260,7 +270,53 @@ def mlp_eval(spec: MLPSpec, g: Tensor, x: Tensor, y: Tensor, aimed: Tensor) -> T
     out = torch.empty((B, 3), dtype=torch.float64)
     rc = lib.psfed_mlp_eval_f32(B, spec.layers.shape[0], spec.layers.data_ptr(), P, g.data_ptr(),
                                 g.stride(0), x.data_ptr(), n, y.data_ptr(), aimed.data_ptr(),
-                                out.data_ptr())
+                                out.data_ptr(), max(1, int(threads)), *_openmp_entry_points())
     if rc != 0:
         raise ValueError(f"mlp_eval: {_ERRORS.get(rc, f'error {rc}')}")
     return out
+
+
+def batch_seeds(prefix: bytes, run_seeds: Sequence[int], clients: Sequence[int],
+                round_num: int) -> np.ndarray:
+    """``stable_seed(<name>, run_seeds[i], clients[i], round_num)`` for every row, uint64:
+    ``prefix`` is the encoded name part with its separator (``_encode_part(name) + b"\\x1e"``);
+    the integers are encoded as :func:`~psfed_robust.core.seeding.stable_seed` does."""
+    lib = load()
+    if lib is None:
+        raise RuntimeError("the compiled NN kernel is not available")
+    rs = np.asarray(run_seeds, dtype=np.int64)
+    cl = np.asarray(clients, dtype=np.int64)
+    if rs.shape != cl.shape or rs.ndim != 1:
+        raise ValueError(f"batch_seeds: run_seeds and clients must be equal-length lists, got "
+                         f"{rs.shape} and {cl.shape}")
+    out = np.empty(rs.shape[0], dtype=np.uint64)
+    rc = lib.psfed_batch_seeds(rs.shape[0], prefix, len(prefix), rs.ctypes.data, cl.ctypes.data,
+                               int(round_num), out.ctypes.data)
+    if rc != 0:
+        raise ValueError(f"batch_seeds: a name part of {len(prefix)} bytes is over 512")
+    return out
+
+
+def batch_positions(pos: Tensor, counts: Sequence[int], prefix: bytes, run_seeds: Sequence[int],
+                    clients: Sequence[int], round_num: int, epochs: int, local_steps: int,
+                    threads: int = 1) -> None:
+    """:func:`batch_seeds` then :func:`batch_orders` in one call (``batch_plan``'s draws), rows
+    spread over ``threads`` (as :func:`mlp_sgd`; each row's draws are its own)."""
+    lib = load()
+    if lib is None:
+        raise RuntimeError("the compiled NN kernel is not available")
+    _check("pos", pos, torch.int64)
+    rows, steps, b = pos.shape
+    cnt = np.asarray(counts, dtype=np.int64)
+    rs = np.asarray(run_seeds, dtype=np.int64)
+    cl = np.asarray(clients, dtype=np.int64)
+    if cnt.shape != (rows,) or rs.shape != (rows,) or cl.shape != (rows,):
+        raise ValueError(f"batch_positions: counts, run_seeds and clients must have {rows} "
+                         f"entries, got {cnt.shape}, {rs.shape} and {cl.shape}")
+    rc = lib.psfed_batch_plan(rows, steps, b, cnt.ctypes.data, prefix, len(prefix),
+                              rs.ctypes.data, cl.ctypes.data, int(round_num), int(epochs),
+                              int(local_steps), pos.data_ptr(), max(1, int(threads)),
+                              *_openmp_entry_points())
+    if rc != 0:
+        raise ValueError(f"batch_positions: sizes out of range (rows {rows}, steps {steps}, "
+                         f"batch {b}, epochs {epochs}, local steps {local_steps})")

@@ -94,6 +94,7 @@ class BatchPlan:
 
 
 _SEP = b"\x1e"
+_BATCH_PREFIX = _encode_part("experiments.flower.batches") + _SEP
 
 
 @functools.lru_cache(maxsize=65536)
@@ -156,11 +157,9 @@ def batch_plan(
     tail = _encode_part(int(round_num)) + _SEP
     gen = torch.Generator()  # re-seeded per row: the same draws as a fresh generator
     if shuffle and compiled and kernels.available():
-        seeds = np.fromiter((_batch_seed(int(rs), int(k), tail)
-                             for rs, k in zip(run_seeds, client_ids, strict=True)),
-                            dtype=np.uint64, count=n_rows)
-        kernels.batch_orders(pos, np.asarray(counts, dtype=np.int64), seeds, local_epochs,
-                             local_steps)
+        kernels.batch_positions(pos, counts, _BATCH_PREFIX, run_seeds, client_ids,
+                                int(round_num), local_epochs, local_steps,
+                                torch.get_num_threads())
         return BatchPlan(pos, valid_t, active_t)
     for i, (n, rs, k) in enumerate(zip(counts, run_seeds, client_ids, strict=True)):
         n = int(n)
