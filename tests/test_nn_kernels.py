@@ -45,7 +45,7 @@ def _round(model: nn.Module, *, rows: int = 7, batch: int = 8, epochs: int = 2,
     fm = FunctionalModel(model)
     P = fz.num_parameters
     in_dim = model[1].in_features  # type: ignore[index]
-    classes = [m for m in model if isinstance(m, nn.Linear)][-1].out_features
+    classes = [m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features
     n = 60
     if x is None:
         x = torch.randn((n, in_dim), generator=gen)
@@ -290,7 +290,8 @@ def test_batch_seeds_equal_stable_seed_and_threads_change_no_draw() -> None:
     clients = [0, 3, 99, 100, 7, 12345, 2]
     for rnd in (0, 1, 15, 10**9):
         got = kernels.batch_seeds(prefix, runs, clients, rnd)
-        assert got.tolist() == [stable_seed(name, r, k, rnd) for r, k in zip(runs, clients)]
+        want = [stable_seed(name, r, k, rnd) for r, k in zip(runs, clients, strict=True)]
+        assert got.tolist() == want
     long_name = "x" * 300  # a message over two SHA-256 blocks
     got = kernels.batch_seeds(_encode_part(long_name) + b"\x1e", [1], [2], 3)
     assert got.tolist() == [stable_seed(long_name, 1, 2, 3)]
