@@ -670,21 +670,13 @@ static inline uint32_t mt_twist(uint32_t u, uint32_t v) {
   return (((u & 0x80000000u) | (v & 0x7fffffffu)) >> 1) ^ ((v & 1u) ? 0x9908b0dfu : 0u);
 }
 
+// Seeded as at::mt19937(seed): s[0] = the seed's low 32 bits, s[j] = 1812433253 (s[j-1] ^
+// (s[j-1] >> 30)) + j, computed lazily (psfed_batch_orders seeds rows 8 at a time, up to what
+// their draws need: the first twist's output j < 227 needs only initial entries j, j+1, j+397).
 static inline void mt_init_to(Mt19937* g, int upto) {  // initial state entries [ready, upto)
   for (int j = g->ready; j < upto; ++j)
     g->s[j] = 1812433253u * (g->s[j - 1] ^ (g->s[j - 1] >> 30)) + (uint32_t)j;
   if (upto > g->ready) g->ready = upto;
-}
-
-// Seeded as at::mt19937(seed); `draws`: how many outputs the caller expects (the state is
-// computed lazily: the first twist's output j < 227 needs only initial entries j, j+1, j+397).
-static void mt_seed(Mt19937* g, uint64_t seed, int64_t draws) {
-  g->s[0] = (uint32_t)(seed & 0xffffffffu);
-  g->ready = 1;
-  g->next = 0;
-  g->left = 624;
-  g->lazy = 1;
-  mt_init_to(g, draws < 227 ? (int)draws + 397 + 1 : 624);
 }
 
 static void mt_full_twist(Mt19937* g) {
@@ -750,27 +742,47 @@ extern "C" int psfed_batch_orders(int64_t rows, int64_t steps, int64_t bs, const
     if (n > nmax) nmax = n;
   }
   if (local_steps > 0 && local_steps > steps) return -1;
-  Mt19937* g = (Mt19937*)malloc(sizeof(Mt19937));
+  const int G = 8;  // rows seeded together: 8 independent initialisation chains (latency-bound
+                   // alone: each state entry depends on the previous one)
+  Mt19937* g = (Mt19937*)malloc(sizeof(Mt19937) * G);
   int64_t* tmp = (int64_t*)malloc(sizeof(int64_t) * (size_t)(nmax > 0 ? nmax : 1));
   if (!g || !tmp) {
     free(g);
     free(tmp);
     return -1;
   }
-  for (int64_t i = 0; i < rows; ++i) {
-    const int64_t n = counts[i];
-    int64_t* row = pos + i * steps * bs;
-    mt_seed(g, seeds[i], local_steps > 0 ? local_steps * (n > 1 ? n - 1 : 0)
-                                          : epochs * (n > 1 ? n - 1 : 0));
-    if (local_steps > 0) {
-      const int64_t take = n < bs ? n : bs;
-      for (int64_t s = 0; s < local_steps; ++s) {
-        mt_randperm(g, n, tmp);
-        memcpy(row + s * bs, tmp, sizeof(int64_t) * (size_t)take);
+  for (int64_t i0 = 0; i0 < rows; i0 += G) {
+    const int m = rows - i0 < G ? (int)(rows - i0) : G;
+    int upto = 1;
+    for (int q = 0; q < G; ++q) {
+      const int64_t n = q < m ? counts[i0 + q] : 0;
+      const int64_t draws = local_steps > 0 ? local_steps * (n > 1 ? n - 1 : 0)
+                                            : epochs * (n > 1 ? n - 1 : 0);
+      const int need = draws < 227 ? (int)draws + 397 + 1 : 624;
+      if (need > upto) upto = need;
+      g[q].s[0] = (uint32_t)((q < m ? seeds[i0 + q] : 0) & 0xffffffffu);  // mt_seed's state,
+      g[q].next = 0;                                                     // initialised below
+      g[q].left = 624;
+      g[q].lazy = 1;
+    }
+    for (int j = 1; j < upto; ++j)
+#pragma GCC unroll 8
+      for (int q = 0; q < G; ++q)
+        g[q].s[j] = 1812433253u * (g[q].s[j - 1] ^ (g[q].s[j - 1] >> 30)) + (uint32_t)j;
+    for (int q = 0; q < m; ++q) {
+      g[q].ready = upto;
+      const int64_t n = counts[i0 + q];
+      int64_t* row = pos + (i0 + q) * steps * bs;
+      if (local_steps > 0) {
+        const int64_t take = n < bs ? n : bs;
+        for (int64_t s = 0; s < local_steps; ++s) {
+          mt_randperm(&g[q], n, tmp);
+          memcpy(row + s * bs, tmp, sizeof(int64_t) * (size_t)take);
+        }
+      } else {
+        const int64_t per_epoch = (n + bs - 1) / bs;
+        for (int64_t e = 0; e < epochs; ++e) mt_randperm(&g[q], n, row + e * per_epoch * bs);
       }
-    } else {
-      const int64_t per_epoch = (n + bs - 1) / bs;
-      for (int64_t e = 0; e < epochs; ++e) mt_randperm(g, n, row + e * per_epoch * bs);
     }
   }
   free(tmp);
@@ -944,8 +956,9 @@ extern "C" int psfed_batch_plan(int64_t rows, int64_t steps, int64_t bs, const i
 }
 
 // ------------------------------------------------------------------ evaluation
-// Test-set sums of `models` MLPs (rows of w) on n examples x [n, in0] with labels y: out [models,
-// 3] float64 = (sum of cross-entropy losses, correct predictions, predictions equal to aimed[i]),
+// Test-set sums of `models` MLPs (rows of w) on n examples x [n, in0] with labels y: out [3,
+// models] float64 = (sum of cross-entropy losses, correct predictions, predictions equal to
+// aimed[i]) divided by (div_loss, div_hits, div_flips),
 // as psfed_robust.nn.engine's torch evaluation: loss_i = log sum_c exp(z_c - max z) + max z -
 // z_{y_i} (NaN when a logit is NaN or +Inf), prediction = the first maximum (a NaN logit is the
 // maximum, as torch.max). aimed: the label-flip target per example, -1 where none (never equal).
@@ -1036,6 +1049,7 @@ static void eval_part(void* ctx, int64_t part) {
 extern "C" int psfed_mlp_eval_f32(int64_t models, int64_t nl, const int64_t* layer_spec,
                                   int64_t P, const float* w, int64_t w_stride, const float* x,
                                   int64_t n, const int64_t* y, const int64_t* aimed, double* out,
+                                  double div_loss, double div_hits, double div_flips,
                                   int64_t threads, void* gomp_parallel, void* omp_thread_num) {
   if (nl < 1 || nl > MAX_LAYERS || models < 0 || n < 0 || P < 1) return -1;
   Layer L[MAX_LAYERS];
@@ -1066,7 +1080,9 @@ extern "C" int psfed_mlp_eval_f32(int64_t models, int64_t nl, const int64_t* lay
       double acc[3] = {0.0, 0.0, 0.0};
       for (int64_t ch = 0; ch < chunks; ++ch)
         for (int k = 0; k < 3; ++k) acc[k] += partial[(ch * models + b) * 3 + k];
-      for (int k = 0; k < 3; ++k) out[3 * b + k] = acc[k];
+      out[b] = acc[0] / div_loss;  // [3, models]: the engine's layout, divided as it divides
+      out[models + b] = acc[1] / div_hits;
+      out[2 * models + b] = acc[2] / div_flips;
     }
   free(partial);
   return J.rc;

@@ -128,18 +128,15 @@ class _Evaluator:
         spec = kernels.mlp_spec(fm) if isinstance(fm, FusedModel) else None
         self.spec = spec if spec is not None and x.device.type == "cpu" and \
             x.dtype == torch.float32 and kernels.available() else None
-        if self.spec is not None:
-            self.x_flat = x.reshape(len(y), -1).contiguous()
-            self.y, self.aimed = y.contiguous(), aimed.contiguous()
+        self.compiled = kernels.MLPEvaluator(
+            self.spec, x.reshape(len(y), -1).contiguous(), y.contiguous(),
+            aimed.contiguous()) if self.spec is not None else None
 
     def __call__(self, g: Tensor) -> Tensor:
         """``[3, B]`` float64 (``[2, B]`` without flips): loss, accuracy, flip success."""
         B = g.shape[0]
-        if self.spec is not None and g.dtype == torch.float32 and g.device.type == "cpu":
-            sums = kernels.mlp_eval(self.spec, g, self.x_flat, self.y, self.aimed,
-                                    torch.get_num_threads()).T
-            sums[:2].div_(self.n)
-            sums[2].div_(self.n_flip)
+        if self.compiled is not None and g.dtype == torch.float32 and g.device.type == "cpu":
+            sums = self.compiled(g, torch.get_num_threads(), (self.n, self.n, self.n_flip))
             return sums if self.flips else sums[:2]
         labels = self._labels.get(B)
         if labels is None:  # each chunk's labels expanded over the B models (views)

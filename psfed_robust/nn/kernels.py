@@ -42,12 +42,13 @@ from torch import Tensor
 from psfed_robust._cpp import CLibrary, source
 from psfed_robust.nn.fused import FusedModel
 
-__all__ = ["MLPSpec", "available", "batch_orders", "batch_positions", "batch_seeds", "load",
-           "mlp_eval", "mlp_sgd", "mlp_spec"]
+__all__ = ["MLPEvaluator", "MLPSpec", "available", "batch_orders", "batch_positions",
+           "batch_seeds", "load", "mlp_eval", "mlp_sgd", "mlp_spec"]
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
 _F = ctypes.c_float
+_D = ctypes.c_double
 
 _LIB = CLibrary(
     "psfed_nn_kernels",
@@ -55,8 +56,8 @@ _LIB = CLibrary(
     {"psfed_mlp_sgd_f32": (ctypes.c_int, [_I, _I, _I, _I, _P, _I, _P, _I, _P, _I, _P, _I, _P, _P,
                                           _I, _P, _P, _P, _I, _P, _F, _F, _F, _I, _P, _P]),
      "psfed_batch_orders": (ctypes.c_int, [_I, _I, _I, _P, _P, _I, _I, _P]),
-     "psfed_mlp_eval_f32": (ctypes.c_int, [_I, _I, _P, _I, _P, _I, _P, _I, _P, _P, _P, _I, _P,
-                                           _P]),
+     "psfed_mlp_eval_f32": (ctypes.c_int, [_I, _I, _P, _I, _P, _I, _P, _I, _P, _P, _P, _D, _D,
+                                           _D, _I, _P, _P]),
      "psfed_batch_seeds": (ctypes.c_int, [_I, _P, _I, _P, _P, _I, _P]),
      "psfed_batch_plan": (ctypes.c_int, [_I, _I, _I, _P, _P, _I, _P, _P, _I, _I, _I, _P, _I, _P,
                                          _P])},
@@ -245,35 +246,55 @@ def batch_orders(pos: Tensor, counts: np.ndarray, seeds: np.ndarray, epochs: int
                          f"{b}, epochs {epochs}, local steps {local_steps})")
 
 
+class MLPEvaluator:
+    """:func:`mlp_eval` bound to one test set (checked once): the engine evaluates the global
+    models on the same examples every recorded round, where per-call checks would cost as much
+    as the small models' arithmetic."""
+
+    def __init__(self, spec: MLPSpec, x: Tensor, y: Tensor, aimed: Tensor) -> None:
+        n = int(x.shape[0])
+        _check("x", x, torch.float32)
+        if x.dim() != 2 or x.shape[1] != spec.in_features:
+            raise ValueError(f"mlp_eval: x must be [examples, {spec.in_features}], got "
+                             f"{tuple(x.shape)}")
+        _check("y", y, torch.int64, (n,))
+        _check("aimed", aimed, torch.int64, (n,))
+        if n and (int(y.min()) < 0 or int(y.max()) >= spec.classes):
+            raise ValueError("mlp_eval: a label is outside [0, classes)")
+        self.spec, self.x, self.y, self.aimed = spec, x, y, aimed
+        self._static = (spec.layers.shape[0], spec.layers.data_ptr(), spec.num_parameters)
+        self._data = (x.data_ptr(), n, y.data_ptr(), aimed.data_ptr())
+
+    def __call__(self, g: Tensor, threads: int = 1,
+                 divisors: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> Tensor:
+        """``[3, B]`` float64 sums of models ``g`` ``[B, P]`` (see :func:`mlp_eval`), each
+        divided by its ``divisors`` entry (the engine's means)."""
+        lib = load()
+        if lib is None:
+            raise RuntimeError("the compiled NN kernel is not available")
+        B, P = g.shape
+        if P != self.spec.num_parameters:
+            raise ValueError(f"mlp_eval: g has {P} parameters per row, the model "
+                             f"{self.spec.num_parameters}")
+        _check("g", g, torch.float32, rowwise=True)
+        out = torch.empty((3, B), dtype=torch.float64)
+        rc = lib.psfed_mlp_eval_f32(B, *self._static, g.data_ptr(), g.stride(0), *self._data,
+                                    out.data_ptr(), *divisors, max(1, int(threads)),
+                                    *_openmp_entry_points())
+        if rc != 0:
+            raise ValueError(f"mlp_eval: {_ERRORS.get(rc, f'error {rc}')}")
+        return out
+
+
 def mlp_eval(spec: MLPSpec, g: Tensor, x: Tensor, y: Tensor, aimed: Tensor,
              threads: int = 1) -> Tensor:
-    """``[B, 3]`` float64 sums over the test set of models ``g`` ``[B, P]``: cross-entropy
+    """``[3, B]`` float64 sums over the test set of models ``g`` ``[B, P]``: cross-entropy
     loss, correct predictions (first maximum), predictions equal to ``aimed`` (the label-flip
     target per example, -1 where none). ``x`` ``[n, in]`` float32, ``y``/``aimed`` int64 ``[n]``.
     Chunks of 32 examples are spread over ``threads`` (as :func:`mlp_sgd`) and summed in chunk
     order: the sums do not depend on the thread count.
     """
-    lib = load()
-    if lib is None:
-        raise RuntimeError("the compiled NN kernel is not available")
-    B, P = g.shape
-    if P != spec.num_parameters:
-        raise ValueError(f"mlp_eval: g has {P} parameters per row, the model {spec.num_parameters}")
-    _check("g", g, torch.float32, rowwise=True)
-    _check("x", x, torch.float32)
-    n = int(x.shape[0])
-    if x.dim() != 2 or x.shape[1] != spec.in_features:
-        raise ValueError(f"mlp_eval: x must be [examples, {spec.in_features}], got "
-                         f"{tuple(x.shape)}")
-    _check("y", y, torch.int64, (n,))
-    _check("aimed", aimed, torch.int64, (n,))
-    out = torch.empty((B, 3), dtype=torch.float64)
-    rc = lib.psfed_mlp_eval_f32(B, spec.layers.shape[0], spec.layers.data_ptr(), P, g.data_ptr(),
-                                g.stride(0), x.data_ptr(), n, y.data_ptr(), aimed.data_ptr(),
-                                out.data_ptr(), max(1, int(threads)), *_openmp_entry_points())
-    if rc != 0:
-        raise ValueError(f"mlp_eval: {_ERRORS.get(rc, f'error {rc}')}")
-    return out
+    return MLPEvaluator(spec, x, y, aimed)(g, threads)
 
 
 def batch_seeds(prefix: bytes, run_seeds: Sequence[int], clients: Sequence[int],

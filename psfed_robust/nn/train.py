@@ -150,17 +150,17 @@ def batch_plan(
     """
     n_rows = len(counts)
     bs = batch_size
-    steps, valid_t, active_t = _plan_layout(tuple(int(c) for c in counts), bs, local_epochs,
+    steps, valid_t, active_t = _plan_layout(tuple(map(int, counts)), bs, local_epochs,
                                             local_steps)
     pos = torch.zeros((n_rows, steps, bs), dtype=torch.long)
-    flat = pos.view(-1)
-    tail = _encode_part(int(round_num)) + _SEP
-    gen = torch.Generator()  # re-seeded per row: the same draws as a fresh generator
     if shuffle and compiled and kernels.available():
         kernels.batch_positions(pos, counts, _BATCH_PREFIX, run_seeds, client_ids,
                                 int(round_num), local_epochs, local_steps,
                                 torch.get_num_threads())
         return BatchPlan(pos, valid_t, active_t)
+    flat = pos.view(-1)
+    tail = _encode_part(int(round_num)) + _SEP
+    gen = torch.Generator()  # re-seeded per row: the same draws as a fresh generator
     for i, (n, rs, k) in enumerate(zip(counts, run_seeds, client_ids, strict=True)):
         n = int(n)
         gen.manual_seed(_batch_seed(int(rs), int(k), tail))
