@@ -14,6 +14,7 @@ may serve several run blocks at once.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Collection
 from typing import Any, ClassVar, Generic, TypeVar
@@ -32,8 +33,11 @@ T = TypeVar("T", bound="Registrable")
 Obj = TypeVar("Obj")
 
 
+@functools.lru_cache(maxsize=1024)
 def keyword_params(init: Callable[..., Any]) -> tuple[str, ...]:
-    """Names of the keyword parameters of a constructor (``self``, ``*args``, ``**kw`` excluded)."""
+    """Names of the keyword parameters of a constructor (``self``, ``*args``, ``**kw`` excluded;
+    cached: ``inspect.signature`` of a class without its own ``__init__`` parses the builtin's
+    text signature, ~0.3 ms per registry lookup)."""
     sig = inspect.signature(init)
     return tuple(
         p.name
