@@ -38,7 +38,9 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# (no OMP_WAIT_POLICY here: at 2 threads its PASSIVE setting makes every parallel torch op wake
+# sleeping threads, 2x slower small ops for the torch paths and the Flower engine alike, which
+# would flatter the ratios; the policy in effect is printed)
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(
     os.path.abspath(__file__))]
@@ -229,7 +231,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     load = os.getloadavg()
     print(f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} cores, "
-          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, OMP_WAIT_POLICY "
+          f"{os.environ.get('OMP_WAIT_POLICY', '(default)')}")
     out: dict[str, Any] = {}
 
     # ---------------------------------------------------------------- 1. digits_flower setting

@@ -715,11 +715,32 @@ static inline uint32_t mt_next(Mt19937* g) {
   return mt_temper(g->s[g->next++]);
 }
 
-static void mt_randperm(Mt19937* g, int64_t n, int64_t* out) {
+// r % m for 32-bit r and 1 <= m < 2^32 without a division: Lemire's fastmod with
+// M = 2^64 / m rounded up (exact for every 32-bit r); fm[m] holds M, shared by all rows.
+static inline uint32_t fastmod(uint32_t r, uint64_t M, uint32_t m) {
+  const uint64_t low = M * r;
+  return (uint32_t)(((unsigned __int128)low * m) >> 64);
+}
+
+static void mt_randperm(Mt19937* g, int64_t n, int64_t* out, const uint64_t* fm,
+                        uint32_t* words) {
   for (int64_t i = 0; i < n; ++i) out[i] = i;
-  for (int64_t i = 0; i + 1 < n; ++i) {
-    const uint64_t r = mt_next(g), m = (uint64_t)(n - i);
-    const int64_t z = (int64_t)(m <= 0xffffffffu ? (uint32_t)r % (uint32_t)m : r % m);
+  if (n < 2) return;
+  const int64_t d = n - 1;  // the shuffle's draws
+  int64_t k = 0;
+  if (g->lazy && g->next == 0 && d <= 227 && d + 397 < g->ready) {
+    // a fresh generator: the first d outputs in one vectorisable pass over the initial state
+    const uint32_t* s = g->s;
+    for (int64_t j = 0; j < d; ++j) words[j] = mt_temper(s[j + 397] ^ mt_twist(s[j], s[j + 1]));
+    g->next = (int)d;
+    k = d;
+  }
+  for (int64_t j = k; j < d; ++j) words[j] = mt_next(g);
+  for (int64_t i = 0; i < d; ++i) {
+    const uint32_t r = words[i];
+    const int64_t m = n - i;
+    const int64_t z = fm ? (int64_t)fastmod(r, fm[m], (uint32_t)m)
+                         : (int64_t)((uint64_t)r % (uint64_t)m);
     const int64_t t = out[i];
     out[i] = out[z + i];
     out[z + i] = t;
@@ -746,10 +767,20 @@ extern "C" int psfed_batch_orders(int64_t rows, int64_t steps, int64_t bs, const
                    // alone: each state entry depends on the previous one)
   Mt19937* g = (Mt19937*)malloc(sizeof(Mt19937) * G);
   int64_t* tmp = (int64_t*)malloc(sizeof(int64_t) * (size_t)(nmax > 0 ? nmax : 1));
-  if (!g || !tmp) {
+  uint32_t* words = (uint32_t*)malloc(sizeof(uint32_t) * (size_t)(nmax > 0 ? nmax : 1));
+  // fastmod constants for every modulus a row's shuffle uses (n - i <= nmax), if 32-bit
+  uint64_t* fm = nmax < 0xffffffffLL ? (uint64_t*)malloc(sizeof(uint64_t) * (size_t)(nmax + 1))
+                                     : nullptr;
+  if (!g || !tmp || !words || (nmax < 0xffffffffLL && !fm)) {
     free(g);
     free(tmp);
+    free(words);
+    free(fm);
     return -1;
+  }
+  if (fm) {
+    fm[0] = 0;
+    for (int64_t m = 1; m <= nmax; ++m) fm[m] = UINT64_MAX / (uint64_t)m + 1;
   }
   for (int64_t i0 = 0; i0 < rows; i0 += G) {
     const int m = rows - i0 < G ? (int)(rows - i0) : G;
@@ -776,15 +807,18 @@ extern "C" int psfed_batch_orders(int64_t rows, int64_t steps, int64_t bs, const
       if (local_steps > 0) {
         const int64_t take = n < bs ? n : bs;
         for (int64_t s = 0; s < local_steps; ++s) {
-          mt_randperm(&g[q], n, tmp);
+          mt_randperm(&g[q], n, tmp, fm, words);
           memcpy(row + s * bs, tmp, sizeof(int64_t) * (size_t)take);
         }
       } else {
         const int64_t per_epoch = (n + bs - 1) / bs;
-        for (int64_t e = 0; e < epochs; ++e) mt_randperm(&g[q], n, row + e * per_epoch * bs);
+        for (int64_t e = 0; e < epochs; ++e)
+          mt_randperm(&g[q], n, row + e * per_epoch * bs, fm, words);
       }
     }
   }
+  free(fm);
+  free(words);
   free(tmp);
   free(g);
   return 0;
