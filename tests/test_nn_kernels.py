@@ -221,12 +221,15 @@ def test_batch_orders_draw_torch_randperm(counts: list[int], batch: int, epochs:
         assert torch.equal(got.positions, ref.positions)
         assert torch.equal(got.valid, ref.valid) and torch.equal(got.active, ref.active)
     g = torch.Generator().manual_seed(2**63 - 1)  # the generator's seed range, by hand
+    lib = kernels.load()
     pos = torch.zeros((1, 1, 10), dtype=torch.long)
-    kernels.batch_orders(pos, np.array([10]), np.array([2**63 - 1], dtype=np.uint64), 1, 0)
+    seed, n = np.array([2**63 - 1], dtype=np.uint64), np.array([10])
+    assert lib.psfed_batch_orders(1, 1, 10, n.ctypes.data, seed.ctypes.data, 1, 0,
+                                  pos.data_ptr()) == 0
     assert pos[0, 0].tolist() == torch.randperm(10, generator=g).tolist()
-    with pytest.raises(ValueError, match="sizes out of range"):
-        kernels.batch_orders(torch.zeros((1, 1, 4), dtype=torch.long), np.array([9]),
-                             np.array([1], dtype=np.uint64), 1, 0)
+    with pytest.raises(ValueError, match="sizes out of range"):  # 9 examples need 3 steps of 4
+        kernels.batch_positions(torch.zeros((1, 1, 4), dtype=torch.long), [9], b"s\x1e", [1],
+                                [0], 1, 1, 0)
 
 
 @pytest.mark.parametrize("own_threads", [False, True])

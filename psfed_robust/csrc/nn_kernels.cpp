@@ -171,6 +171,27 @@ struct Layer {
   int relu;                        // ReLU after this layer's output
 };
 
+// The layers of an int64 [nl, 5] spec (in, out, weight offset, bias offset or -1, ReLU after),
+// checked against P parameters and chained; returns the largest width, or -1 when invalid.
+static int64_t parse_layers(int64_t nl, const int64_t* spec, int64_t P, Layer* L) {
+  if (nl < 1 || nl > MAX_LAYERS) return -1;
+  int64_t maxdim = 0;
+  for (int64_t l = 0; l < nl; ++l) {
+    const int64_t* s = spec + 5 * l;
+    L[l].in = s[0];
+    L[l].out = s[1];
+    L[l].w_off = s[2];
+    L[l].b_off = s[3];
+    L[l].relu = (int)s[4];
+    if (L[l].in < 1 || L[l].out < 1 || L[l].w_off < 0 || L[l].w_off + L[l].in * L[l].out > P ||
+        L[l].b_off + L[l].out > P || (l > 0 && L[l].in != L[l - 1].out))
+      return -1;
+    if (L[l].in > maxdim) maxdim = L[l].in;
+    if (L[l].out > maxdim) maxdim = L[l].out;
+  }
+  return maxdim;
+}
+
 // ------------------------------------------------------------------ forward: ZT = W AT + b
 // AT [in x nb], ZT [out x nb]; OB outputs x CB lane-vectors per register block.
 template <int OB, int CB>
@@ -556,24 +577,12 @@ extern "C" int psfed_mlp_sgd_f32(int64_t rows, int64_t steps, int64_t bs, int64_
                                  const int64_t* ylab, int64_t y_stride, const uint8_t* active,
                                  float lr, float mu, float wd_coef, int64_t threads,
                                  void* gomp_parallel, void* omp_thread_num) {
-  if (nl < 1 || nl > MAX_LAYERS || rows < 0 || steps < 0 || bs < 1 || P < 1 || n_tab < 1 ||
-      t_stride < n_tab || (y_stride != 0 && y_stride < n_tab))
+  if (rows < 0 || steps < 0 || bs < 1 || P < 1 || n_tab < 1 || t_stride < n_tab ||
+      (y_stride != 0 && y_stride < n_tab))
     return -1;
   Layer L[MAX_LAYERS];
-  int64_t maxdim = 0;
-  for (int64_t l = 0; l < nl; ++l) {
-    const int64_t* s = layer_spec + 5 * l;
-    L[l].in = s[0];
-    L[l].out = s[1];
-    L[l].w_off = s[2];
-    L[l].b_off = s[3];
-    L[l].relu = (int)s[4];
-    if (L[l].in < 1 || L[l].out < 1 || L[l].w_off < 0 || L[l].w_off + L[l].in * L[l].out > P ||
-        L[l].b_off + L[l].out > P || (l > 0 && L[l].in != L[l - 1].out))
-      return -1;
-    if (L[l].in > maxdim) maxdim = L[l].in;
-    if (L[l].out > maxdim) maxdim = L[l].out;
-  }
+  const int64_t maxdim = parse_layers(nl, layer_spec, P, L);
+  if (maxdim < 0) return -1;
   // each step's batch is cut after its last real example in any row (the torch path's cut)
   int64_t* widths = (int64_t*)malloc(sizeof(int64_t) * (size_t)(steps > 0 ? steps : 1));
   if (!widths) return -1;
@@ -1085,19 +1094,9 @@ extern "C" int psfed_mlp_eval_f32(int64_t models, int64_t nl, const int64_t* lay
                                   int64_t n, const int64_t* y, const int64_t* aimed, double* out,
                                   double div_loss, double div_hits, double div_flips,
                                   int64_t threads, void* gomp_parallel, void* omp_thread_num) {
-  if (nl < 1 || nl > MAX_LAYERS || models < 0 || n < 0 || P < 1) return -1;
+  if (models < 0 || n < 0 || P < 1) return -1;
   Layer L[MAX_LAYERS];
-  for (int64_t l = 0; l < nl; ++l) {
-    const int64_t* s = layer_spec + 5 * l;
-    L[l].in = s[0];
-    L[l].out = s[1];
-    L[l].w_off = s[2];
-    L[l].b_off = s[3];
-    L[l].relu = (int)s[4];
-    if (L[l].in < 1 || L[l].out < 1 || L[l].w_off < 0 || L[l].w_off + L[l].in * L[l].out > P ||
-        L[l].b_off + L[l].out > P || (l > 0 && L[l].in != L[l - 1].out))
-      return -1;
-  }
+  if (parse_layers(nl, layer_spec, P, L) < 0) return -1;
   const int64_t C = L[nl - 1].out;
   for (int64_t i = 0; i < n; ++i)
     if (y[i] < 0 || y[i] >= C) return -3;

@@ -12,11 +12,11 @@ must earn at least 3x to stay).
 
 :func:`mlp_eval` sums the engine's test metrics of global models (cross-entropy, correct and
 label-flip-aimed predictions) with the same forward pass, behind the engine's torch evaluation.
-:func:`batch_orders` draws :func:`~psfed_robust.nn.train.batch_plan`'s shuffled batch positions:
-the same integers as ``torch.randperm`` with a generator seeded per row (torch's CPU generator
-is MT19937 on the seed's low 32 bits, and its ``randperm`` a Fisher-Yates shuffle; tests compare
-the two), without one torch call per row and epoch; :func:`batch_seeds` derives the rows'
-generator seeds (:func:`~psfed_robust.core.seeding.stable_seed`'s SHA-256, in C).
+:func:`batch_positions` draws :func:`~psfed_robust.nn.train.batch_plan`'s shuffled batch
+positions: the same integers as ``torch.randperm`` with a generator seeded per row (torch's CPU
+generator is MT19937 on the seed's low 32 bits, and its ``randperm`` a Fisher-Yates shuffle;
+tests compare the two), without one torch call per row and epoch; :func:`batch_seeds` derives
+the rows' generator seeds (:func:`~psfed_robust.core.seeding.stable_seed`'s SHA-256, in C).
 
 Rows are independent: they are split across ``threads`` threads (torch's own OpenMP team when
 torch runs on GNU OpenMP, else threads of the library; the call releases the GIL), and the
@@ -42,8 +42,8 @@ from torch import Tensor
 from psfed_robust._cpp import CLibrary, source
 from psfed_robust.nn.fused import FusedModel
 
-__all__ = ["MLPEvaluator", "MLPSpec", "available", "batch_orders", "batch_positions",
-           "batch_seeds", "load", "mlp_eval", "mlp_sgd", "mlp_spec"]
+__all__ = ["MLPEvaluator", "MLPSpec", "available", "batch_positions", "batch_seeds", "load",
+           "mlp_eval", "mlp_sgd", "mlp_spec"]
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -223,29 +223,6 @@ def mlp_sgd(spec: MLPSpec, w: Tensor, mom: Tensor, x: Tensor, table: Tensor, pos
         raise ValueError(f"mlp_sgd: {_ERRORS.get(rc, f'error {rc}')}")
 
 
-def batch_orders(pos: Tensor, counts: np.ndarray, seeds: np.ndarray, epochs: int,
-                 local_steps: int) -> None:
-    """Fill ``pos`` ``[rows, steps, b]`` (int64, zeros) with each row's shuffled positions:
-    row ``i`` draws from a torch CPU generator seeded ``seeds[i]`` ``torch.randperm(counts[i])``
-    once per epoch (written from slot ``e * ceil(n / b) * b``), or once per step with
-    ``local_steps > 0`` (its first ``min(b, n)`` entries)."""
-    lib = load()
-    if lib is None:
-        raise RuntimeError("the compiled NN kernel is not available")
-    _check("pos", pos, torch.int64)
-    rows, steps, b = pos.shape
-    cnt = np.ascontiguousarray(counts, dtype=np.int64)
-    sd = np.ascontiguousarray(seeds, dtype=np.uint64)
-    if cnt.shape != (rows,) or sd.shape != (rows,):
-        raise ValueError(f"batch_orders: counts and seeds must have {rows} entries, got "
-                         f"{cnt.shape} and {sd.shape}")
-    rc = lib.psfed_batch_orders(rows, steps, b, cnt.ctypes.data, sd.ctypes.data, int(epochs),
-                                int(local_steps), pos.data_ptr())
-    if rc != 0:
-        raise ValueError(f"batch_orders: sizes out of range (rows {rows}, steps {steps}, batch "
-                         f"{b}, epochs {epochs}, local steps {local_steps})")
-
-
 class MLPEvaluator:
     """:func:`mlp_eval` bound to one test set (checked once): the engine evaluates the global
     models on the same examples every recorded round, where per-call checks would cost as much
@@ -321,8 +298,11 @@ def batch_seeds(prefix: bytes, run_seeds: Sequence[int], clients: Sequence[int],
 def batch_positions(pos: Tensor, counts: Sequence[int], prefix: bytes, run_seeds: Sequence[int],
                     clients: Sequence[int], round_num: int, epochs: int, local_steps: int,
                     threads: int = 1) -> None:
-    """:func:`batch_seeds` then :func:`batch_orders` in one call (``batch_plan``'s draws), rows
-    spread over ``threads`` (as :func:`mlp_sgd`; each row's draws are its own)."""
+    """Fill ``pos`` ``[rows, steps, b]`` (int64, zeros) with ``batch_plan``'s draws: row ``i``
+    seeds a torch CPU generator with :func:`batch_seeds`'s seed and draws
+    ``torch.randperm(counts[i])`` once per epoch (written from slot ``e * ceil(n / b) * b``), or
+    once per step with ``local_steps > 0`` (its first ``min(b, n)`` entries); rows spread over
+    ``threads`` (as :func:`mlp_sgd`; each row's draws are its own)."""
     lib = load()
     if lib is None:
         raise RuntimeError("the compiled NN kernel is not available")

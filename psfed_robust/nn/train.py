@@ -145,7 +145,7 @@ def batch_plan(
 ) -> BatchPlan:
     """The round's batch order of rows with ``counts[i]`` examples (see the module docstring).
 
-    ``compiled``: draw the permutations with :func:`psfed_robust.nn.kernels.batch_orders` (the
+    ``compiled``: draw the permutations with :func:`psfed_robust.nn.kernels.batch_positions` (the
     same integers as ``torch.randperm``, without a torch call per row) when it is available.
     """
     n_rows = len(counts)
