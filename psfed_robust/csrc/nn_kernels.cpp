@@ -21,9 +21,13 @@
 // dW[o, :] = sum_i dZ[o, i] A[i, :] read the example-major activations (the input rows in place,
 // hidden activations transposed once per step).
 //
+// The same library evaluates MLPs on the test set (psfed_mlp_eval_f32) and draws the batch
+// orders of psfed_robust.nn.train.batch_plan exactly as torch.randperm does (psfed_batch_plan).
+//
 // Plain C-style C++ (no exceptions, no STL, no torch or Python headers) loaded with ctypes
-// (psfed_robust._cpp.CLibrary): the call releases the GIL; the Python side splits rows across
-// threads (rows are independent, so the result does not depend on the split).
+// (psfed_robust._cpp.CLibrary): the call releases the GIL; rows (and test chunks) are split into
+// parts run in parallel by run_parts below (independent, so the result does not depend on the
+// split).
 
 #include <math.h>
 #include <pthread.h>
@@ -100,6 +104,21 @@ static inline void gather_block(const float* const* rows, int64_t n, int64_t k0,
   transpose16(r);
 #pragma GCC unroll 16
   for (int k = 0; k < 16; ++k) st(dst + k * ld_dst, r[k]);
+}
+
+// dst[j * ld + i] = rows[i][j] for j < m and i < n_pad (rows past n read as zeros): 16 x 16
+// blocks through registers, scalar tails. The batch's feature-major copy (n examples padded to
+// n_pad lanes) and the hidden activations' example-major copy (n = n_pad features) both use it.
+static void transpose_rows(const float* const* rows, int64_t n, int64_t n_pad, int64_t m,
+                           float* dst, int64_t ld) {
+  const int64_t n16 = n_pad / VL * VL, m16 = m / VL * VL;
+  for (int64_t i0 = 0; i0 < n16; i0 += VL)
+    for (int64_t j0 = 0; j0 < m16; j0 += VL)
+      gather_block(rows + i0, n - i0, j0, dst + j0 * ld + i0, ld);
+  for (int64_t j = m16; j < m; ++j)
+    for (int64_t i = 0; i < n_pad; ++i) dst[j * ld + i] = i < n ? rows[i][j] : 0.0f;
+  for (int64_t i = n16; i < n_pad; ++i)
+    for (int64_t j = 0; j < m16; ++j) dst[j * ld + i] = i < n ? rows[i][j] : 0.0f;
 }
 
 // ------------------------------------------------------------------ parallel parts
@@ -374,9 +393,9 @@ static void dweight(const Layer& L, const float* dZT, int64_t nb, const float* c
 // ------------------------------------------------------------------ loss gradient
 // dZT[c, i] = (softmax(z_i)_c - [c == y_i]) * scale_i, as the torch path computes it:
 // e = exp(z - max z); dz = e * (scale / sum e); dz[y] -= scale.
+// sc: the example weights over all nb lanes (0 on padding lanes).
 static void loss_grad(float* ZT, int64_t C, int64_t nb, const int64_t* y, const float* sc,
-                      int64_t wd, float* scol) {
-  for (int64_t i = 0; i < nb; ++i) scol[i] = i < wd ? sc[i] : 0.0f;
+                      int64_t wd) {
   for (int64_t c0 = 0; c0 < nb; c0 += VL) {
     v16 m = ld(ZT + c0);
     for (int64_t c = 1; c < C; ++c) {
@@ -389,10 +408,10 @@ static void loss_grad(float* ZT, int64_t C, int64_t nb, const int64_t* y, const 
       st(ZT + c * nb + c0, e);
       s += e;
     }
-    const v16 r = ld(scol + c0) / s;
+    const v16 r = ld(sc + c0) / s;
     for (int64_t c = 0; c < C; ++c) st(ZT + c * nb + c0, ld(ZT + c * nb + c0) * r);
   }
-  for (int64_t i = 0; i < wd; ++i) ZT[y[i] * nb + i] -= scol[i];
+  for (int64_t i = 0; i < wd; ++i) ZT[y[i] * nb + i] -= sc[i];
 }
 
 static inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
@@ -419,12 +438,13 @@ static void train_part(Job* J) {
   const float lr = J->lr, mu = J->mu, wd_coef = J->wd_coef;
   const int64_t nb_max = round_up(bs, VL);
   // scratch: per layer its output (transposed) and, for hidden outputs, the example-major copy;
-  // two gradient buffers; the input transposed; the gradient vector; the scale column and the
-  // example weights (the batch's example ids and labels: `idy`)
-  int64_t total = in0 * nb_max + 2 * maxdim * nb_max + P + 2 * nb_max;
+  // two gradient buffers; the input transposed; the gradient vector; the example weights (the
+  // batch's example ids and labels: `idy`)
+  int64_t total = in0 * nb_max + 2 * maxdim * nb_max + P + nb_max;
   for (int64_t l = 0; l < nl; ++l) total += L[l].out * nb_max * (l + 1 < nl ? 2 : 1);
   float* mem = (float*)aligned_alloc(64, (size_t)round_up(total * 4, 64));
-  const float** rowp = (const float**)malloc(sizeof(float*) * (size_t)bs);
+  const float** rowp = (const float**)malloc(sizeof(float*) * (size_t)(bs + maxdim));
+  const float** hrows = rowp + bs;  // the hidden activations' rows (features)
   int64_t* idy = (int64_t*)malloc(sizeof(int64_t) * 2 * (size_t)nb_max);
   if (!mem || !rowp || !idy) {
     free(mem);
@@ -438,8 +458,7 @@ static void train_part(Job* J) {
   float* dA = XT + in0 * nb_max;
   float* dB = dA + maxdim * nb_max;
   float* grad = dB + maxdim * nb_max;
-  float* scol = grad + P;
-  float* sc = scol + nb_max;
+  float* sc = grad + P;
   int64_t* id = idy;
   int64_t* y = idy + nb_max;
   float* ZT[MAX_LAYERS];
@@ -473,17 +492,10 @@ static void train_part(Job* J) {
         y[i] = J->y_stride ? ylab[r * J->y_stride + ps[i]] : ylab[id[i]];
         sc[i] = vs[i] ? inv : 0.0f;
       }
+      for (int64_t i = wd; i < nb; ++i) sc[i] = 0.0f;  // padding lanes
       // example-major rows in place, feature-major copy padded with zeros
       for (int64_t i = 0; i < wd; ++i) rowp[i] = x + id[i] * in0;
-      const int64_t in16 = in0 / VL * VL;
-      for (int64_t i0 = 0; i0 < nb; i0 += VL)
-        for (int64_t k0 = 0; k0 < in16; k0 += VL)
-          gather_block(rowp + i0, wd - i0, k0, XT + k0 * nb + i0, nb);
-      for (int64_t k = in16; k < in0; ++k) {  // tail features (in0 not a multiple of 16)
-        float* dst = XT + k * nb;
-        for (int64_t i = 0; i < wd; ++i) dst[i] = rowp[i][k];
-        for (int64_t i = wd; i < nb; ++i) dst[i] = 0.0f;
-      }
+      transpose_rows(rowp, wd, nb, in0, XT, nb);
       // forward
       const float* AT = XT;
       for (int64_t l = 0; l < nl; ++l) {
@@ -491,23 +503,15 @@ static void train_part(Job* J) {
         AT = ZT[l];
       }
       // backward
-      loss_grad(ZT[nl - 1], C, nb, y, sc, wd, scol);
+      loss_grad(ZT[nl - 1], C, nb, y, sc, wd);
       float* dZ = ZT[nl - 1];
       for (int64_t l = nl - 1; l >= 0; --l) {
         const float* const* arows = rowp;
         if (l > 0) {  // the hidden input, example-major: Hrow[i, k] = ZT[l-1][k, i]
           const int64_t hin = L[l].in;
           float* H = Hrow[l - 1];
-          const float* HT = ZT[l - 1];
-          const int64_t h16 = hin / VL * VL;
-          for (int64_t k0 = 0; k0 < h16; k0 += VL)
-            for (int64_t i0 = 0; i0 < wd; i0 += VL) {
-              const float* cols[VL];
-              for (int j = 0; j < VL; ++j) cols[j] = HT + (k0 + j) * nb + i0 - k0;
-              gather_block(cols, VL, k0, H + i0 * hin + k0, hin);
-            }
-          for (int64_t k = h16; k < hin; ++k)
-            for (int64_t i = 0; i < wd; ++i) H[i * hin + k] = HT[k * nb + i];
+          for (int64_t k = 0; k < hin; ++k) hrows[k] = ZT[l - 1] + k * nb;
+          transpose_rows(hrows, hin, hin, wd, H, hin);
           for (int64_t i = 0; i < wd; ++i) rowp[i] = H + i * hin;
           arows = rowp;
         }
@@ -1039,19 +1043,12 @@ static void eval_part(void* ctx, int64_t part) {
     p += L[l].out * NB;
   }
   const float* rowp[EVAL_NB];
-  const int64_t in16 = in0 / VL * VL;
   const int64_t k0 = J->chunks * part / J->parts, k1 = J->chunks * (part + 1) / J->parts;
   for (int64_t ch = k0; ch < k1; ++ch) {
     const int64_t i0 = ch * NB;
     const int64_t wd = J->n - i0 < NB ? J->n - i0 : NB;
     for (int64_t i = 0; i < wd; ++i) rowp[i] = J->x + (i0 + i) * in0;
-    for (int64_t c0 = 0; c0 < NB; c0 += VL)
-      for (int64_t f0 = 0; f0 < in16; f0 += VL)
-        gather_block(rowp + c0, wd - c0, f0, XT + f0 * NB + c0, NB);
-    for (int64_t f = in16; f < in0; ++f) {
-      for (int64_t i = 0; i < wd; ++i) XT[f * NB + i] = rowp[i][f];
-      for (int64_t i = wd; i < NB; ++i) XT[f * NB + i] = 0.0f;
-    }
+    transpose_rows(rowp, wd, NB, in0, XT, NB);
     for (int64_t b = 0; b < J->models; ++b) {
       const float* wb = J->w + b * J->w_stride;
       const float* AT = XT;

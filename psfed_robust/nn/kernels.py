@@ -107,6 +107,14 @@ def available() -> bool:
     return load() is not None
 
 
+def _lib() -> Any:
+    """The loaded library; raises when it is not available."""
+    lib = load()
+    if lib is None:
+        raise RuntimeError("the compiled NN kernel is not available")
+    return lib
+
+
 @dataclass(frozen=True)
 class MLPSpec:
     """The kernel's view of an MLP: per linear layer ``(in, out, weight offset, bias offset or
@@ -118,10 +126,11 @@ class MLPSpec:
     classes: int
 
 
+@functools.lru_cache(maxsize=8)
 def mlp_spec(fused: FusedModel) -> MLPSpec | None:
     """The spec of ``fused``'s model when it is an MLP the kernel runs (optional leading
     ``Flatten``, then ``Linear`` layers with at most one ``ReLU`` between consecutive ones and
-    none after the last), else ``None``."""
+    none after the last), else ``None`` (cached per model: training asks every round)."""
     kinds = [layer.kind for layer in fused.layers]
     if kinds and kinds[0] == "flatten":
         kinds = kinds[1:]
@@ -148,8 +157,8 @@ def mlp_spec(fused: FusedModel) -> MLPSpec | None:
                    rows[-1][1])
 
 
-def _check(name: str, t: Tensor, dtype: torch.dtype, shape: tuple[int, ...] | None = None,
-           rowwise: bool = False) -> None:
+def _check(who: str, name: str, t: Tensor, dtype: torch.dtype,
+           shape: tuple[int, ...] | None = None, rowwise: bool = False) -> None:
     ok = t.dtype == dtype and t.device.type == "cpu"
     if rowwise:  # rows with a stride, contiguous within a row
         ok = ok and t.dim() == 2 and (t.shape[1] <= 1 or t.stride(1) == 1)
@@ -160,7 +169,7 @@ def _check(name: str, t: Tensor, dtype: torch.dtype, shape: tuple[int, ...] | No
     if not ok:
         layout = "row-contiguous" if rowwise else "contiguous"
         want = f" of shape {shape}" if shape else ""
-        raise ValueError(f"mlp_sgd: {name} must be a {layout} {dtype} CPU tensor{want}, got "
+        raise ValueError(f"{who}: {name} must be a {layout} {dtype} CPU tensor{want}, got "
                          f"{t.dtype} {tuple(t.shape)} on {t.device}")
 
 
@@ -183,33 +192,31 @@ def mlp_sgd(spec: MLPSpec, w: Tensor, mom: Tensor, x: Tensor, table: Tensor, pos
     Raises ``ValueError`` for a position, example id or label out of range (checked for every
     row before any row trains).
     """
-    lib = load()
-    if lib is None:
-        raise RuntimeError("the compiled NN kernel is not available")
+    lib = _lib()
     N, P = w.shape
     if P != spec.num_parameters:
         raise ValueError(f"mlp_sgd: w has {P} parameters per row, the model {spec.num_parameters}")
-    _check("w", w, torch.float32, rowwise=True)
-    _check("mom", mom, torch.float32, (N, P), rowwise=True)
-    _check("x", x, torch.float32)
+    _check("mlp_sgd", "w", w, torch.float32, rowwise=True)
+    _check("mlp_sgd", "mom", mom, torch.float32, (N, P), rowwise=True)
+    _check("mlp_sgd", "x", x, torch.float32)
     if x.dim() != 2 or x.shape[1] != spec.in_features:
         raise ValueError(f"mlp_sgd: x must be [examples, {spec.in_features}], got "
                          f"{tuple(x.shape)}")
-    _check("table", table, torch.int64, rowwise=True)
+    _check("mlp_sgd", "table", table, torch.int64, rowwise=True)
     if table.shape[0] != N or table.shape[1] < 1:
         raise ValueError(f"mlp_sgd: table must be [{N}, >= 1], got {tuple(table.shape)}")
     S, b = (int(pos.shape[1]), int(pos.shape[2])) if pos.dim() == 3 else (0, 0)
-    _check("pos", pos, torch.int64, (N, S, b))
-    _check("valid", valid, torch.bool, (N, S, b))
-    _check("active", active, torch.bool, (N, S))
+    _check("mlp_sgd", "pos", pos, torch.int64, (N, S, b))
+    _check("mlp_sgd", "valid", valid, torch.bool, (N, S, b))
+    _check("mlp_sgd", "active", active, torch.bool, (N, S))
     if y.dim() == 2:  # by table position: at least the table's columns
-        _check("y", y, torch.int64, rowwise=True)
+        _check("mlp_sgd", "y", y, torch.int64, rowwise=True)
         if y.shape[0] != N or y.shape[1] < table.shape[1]:
             raise ValueError(f"mlp_sgd: per-row labels y must be [{N}, >= {table.shape[1]}], "
                              f"got {tuple(y.shape)}")
         y_stride = max(1, int(y.stride(0)))
     else:
-        _check("y", y, torch.int64, (int(x.shape[0]),))
+        _check("mlp_sgd", "y", y, torch.int64, (int(x.shape[0]),))
         y_stride = 0
     if N == 0 or S == 0:
         return
@@ -230,12 +237,12 @@ class MLPEvaluator:
 
     def __init__(self, spec: MLPSpec, x: Tensor, y: Tensor, aimed: Tensor) -> None:
         n = int(x.shape[0])
-        _check("x", x, torch.float32)
+        _check("mlp_eval", "x", x, torch.float32)
         if x.dim() != 2 or x.shape[1] != spec.in_features:
             raise ValueError(f"mlp_eval: x must be [examples, {spec.in_features}], got "
                              f"{tuple(x.shape)}")
-        _check("y", y, torch.int64, (n,))
-        _check("aimed", aimed, torch.int64, (n,))
+        _check("mlp_eval", "y", y, torch.int64, (n,))
+        _check("mlp_eval", "aimed", aimed, torch.int64, (n,))
         if n and (int(y.min()) < 0 or int(y.max()) >= spec.classes):
             raise ValueError("mlp_eval: a label is outside [0, classes)")
         self.spec, self.x, self.y, self.aimed = spec, x, y, aimed
@@ -246,14 +253,12 @@ class MLPEvaluator:
                  divisors: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> Tensor:
         """``[3, B]`` float64 sums of models ``g`` ``[B, P]`` (see :func:`mlp_eval`), each
         divided by its ``divisors`` entry (the engine's means)."""
-        lib = load()
-        if lib is None:
-            raise RuntimeError("the compiled NN kernel is not available")
+        lib = _lib()
         B, P = g.shape
         if P != self.spec.num_parameters:
             raise ValueError(f"mlp_eval: g has {P} parameters per row, the model "
                              f"{self.spec.num_parameters}")
-        _check("g", g, torch.float32, rowwise=True)
+        _check("mlp_eval", "g", g, torch.float32, rowwise=True)
         out = torch.empty((3, B), dtype=torch.float64)
         rc = lib.psfed_mlp_eval_f32(B, *self._static, g.data_ptr(), g.stride(0), *self._data,
                                     out.data_ptr(), *divisors, max(1, int(threads)),
@@ -279,9 +284,7 @@ def batch_seeds(prefix: bytes, run_seeds: Sequence[int], clients: Sequence[int],
     """``stable_seed(<name>, run_seeds[i], clients[i], round_num)`` for every row, uint64:
     ``prefix`` is the encoded name part with its separator (``_encode_part(name) + b"\\x1e"``);
     the integers are encoded as :func:`~psfed_robust.core.seeding.stable_seed` does."""
-    lib = load()
-    if lib is None:
-        raise RuntimeError("the compiled NN kernel is not available")
+    lib = _lib()
     rs = np.asarray(run_seeds, dtype=np.int64)
     cl = np.asarray(clients, dtype=np.int64)
     if rs.shape != cl.shape or rs.ndim != 1:
@@ -303,10 +306,8 @@ def batch_positions(pos: Tensor, counts: Sequence[int], prefix: bytes, run_seeds
     ``torch.randperm(counts[i])`` once per epoch (written from slot ``e * ceil(n / b) * b``), or
     once per step with ``local_steps > 0`` (its first ``min(b, n)`` entries); rows spread over
     ``threads`` (as :func:`mlp_sgd`; each row's draws are its own)."""
-    lib = load()
-    if lib is None:
-        raise RuntimeError("the compiled NN kernel is not available")
-    _check("pos", pos, torch.int64)
+    lib = _lib()
+    _check("batch_positions", "pos", pos, torch.int64)
     rows, steps, b = pos.shape
     cnt = np.asarray(counts, dtype=np.int64)
     rs = np.asarray(run_seeds, dtype=np.int64)

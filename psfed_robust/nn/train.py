@@ -180,17 +180,12 @@ def batch_plan(
     return BatchPlan(pos, valid_t, active_t)
 
 
-@functools.lru_cache(maxsize=8)
-def _mlp_spec(fused: FusedModel) -> kernels.MLPSpec | None:
-    return kernels.mlp_spec(fused)
-
-
 def _kernel_spec(fused: FusedModel | None, w: Tensor, x: Tensor) -> kernels.MLPSpec | None:
     """The compiled kernel's spec when it can train these rows, else ``None``."""
     if fused is None or w.dtype != torch.float32 or x.dtype != torch.float32 \
             or w.device.type != "cpu" or x.device.type != "cpu":
         return None
-    spec = _mlp_spec(fused)
+    spec = kernels.mlp_spec(fused)
     return spec if spec is not None and kernels.available() else None
 
 
