@@ -211,6 +211,32 @@ static int64_t parse_layers(int64_t nl, const int64_t* spec, int64_t P, Layer* L
   return maxdim;
 }
 
+// The register-blocked core of the forward pass and the input gradient:
+// acc[q][c] += s[q * sq + t * st] * v[t * vs + c * 16 : +16] for t < T (OB scalars of a weight
+// matrix against CB lane-vectors of a feature-major activation row, per t).
+template <int OB, int CB>
+static inline __attribute__((always_inline)) void outer_acc(v16 (&acc)[OB][CB], const float* s,
+                                                            int64_t sq, int64_t st,
+                                                            const float* v, int64_t vs,
+                                                            int64_t T) {
+  for (int64_t t = 0; t < T; ++t) {
+    v16 a[CB];
+    const float* vp = v + t * vs;
+#pragma GCC unroll 4
+    for (int c = 0; c < CB; ++c) {
+      v16 x = ld(vp + c * VL);
+      in_register(x);
+      a[c] = x;
+    }
+#pragma GCC unroll 8
+    for (int q = 0; q < OB; ++q) {
+      const float wq = s[q * sq + t * st];
+#pragma GCC unroll 4
+      for (int c = 0; c < CB; ++c) acc[q][c] += wq * a[c];
+    }
+  }
+}
+
 // ------------------------------------------------------------------ forward: ZT = W AT + b
 // AT [in x nb], ZT [out x nb]; OB outputs x CB lane-vectors per register block.
 template <int OB, int CB>
@@ -223,23 +249,7 @@ static inline void fwd_block(const float* W, const float* bias, int64_t in, cons
 #pragma GCC unroll 4
     for (int c = 0; c < CB; ++c) acc[q][c] = splat(b);
   }
-  const float* w0 = W + o0 * in;
-  for (int64_t k = 0; k < in; ++k) {
-    v16 a[CB];
-    const float* ap = AT + k * nb + c0;
-#pragma GCC unroll 4
-    for (int c = 0; c < CB; ++c) {
-      v16 t = ld(ap + c * VL);
-      in_register(t);
-      a[c] = t;
-    }
-#pragma GCC unroll 8
-    for (int q = 0; q < OB; ++q) {
-      const float wq = w0[q * in + k];
-#pragma GCC unroll 4
-      for (int c = 0; c < CB; ++c) acc[q][c] += wq * a[c];
-    }
-  }
+  outer_acc<OB, CB>(acc, W + o0 * in, in, 1, AT + c0, nb, in);  // scalars W[o0 + q, t]
   const v16 zero = splat(0.0f);
 #pragma GCC unroll 8
   for (int q = 0; q < OB; ++q)
@@ -280,23 +290,7 @@ static inline void dinput_block(const float* W, int64_t in, int64_t out, const f
   for (int q = 0; q < KB; ++q)
 #pragma GCC unroll 4
     for (int c = 0; c < CB; ++c) acc[q][c] = splat(0.0f);
-  for (int64_t o = 0; o < out; ++o) {
-    v16 d[CB];
-    const float* dp = dZT + o * nb + c0;
-#pragma GCC unroll 4
-    for (int c = 0; c < CB; ++c) {
-      v16 t = ld(dp + c * VL);
-      in_register(t);
-      d[c] = t;
-    }
-    const float* wr = W + o * in + k0;
-#pragma GCC unroll 8
-    for (int q = 0; q < KB; ++q) {
-      const float wq = wr[q];
-#pragma GCC unroll 4
-      for (int c = 0; c < CB; ++c) acc[q][c] += wq * d[c];
-    }
-  }
+  outer_acc<KB, CB>(acc, W + k0, 1, in, dZT + c0, nb, out);  // scalars W[t, k0 + q]
   const v16 zero = splat(0.0f);
 #pragma GCC unroll 8
   for (int q = 0; q < KB; ++q)
