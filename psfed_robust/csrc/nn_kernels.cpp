@@ -330,6 +330,8 @@ static inline void dweight_block(const float* dZT, int64_t nb, const float* cons
   for (int q = 0; q < OB; ++q)
 #pragma GCC unroll 4
     for (int c = 0; c < KB; ++c) acc[q][c] = splat(0.0f);
+  // (outer_acc's loop with the example rows as its vectors: measured 3-4 % slower on the MLP
+  // point, so the weight gradient keeps its own)
   for (int64_t i = 0; i < wd; ++i) {
     v16 a[KB];
     const float* ap = rows[i] + k0;
